@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The one-command GPU check, for a fresh single-GPU machine with torch and triton preinstalled and
+# no network: installs fastencoder without dependencies, runs the gpu-marked tests, prints a summary.
+# Usage: benchmarks/gpu_check.sh RESULTS_DIR
+set -uo pipefail
+results=${1:?usage: benchmarks/gpu_check.sh RESULTS_DIR}
+mkdir -p "$results"
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TRITON_DEFAULT_FP_FUSION=1 PYTHONUNBUFFERED=1
+python=${PYTHON:-python3}
+
+if ! $python -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>"$results/install.log"; then
+    # no setuptools to build with: lay the packages out by hand
+    site=$(mktemp -d)
+    cp -r fastencoder "$site/" && cp -r kernels "$site/fastencoder/kernels"
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+{
+    date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/gpu: /'
+    $python -c "import sys, torch, triton; print(f'python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}')"
+    $python -c "import transformers; print(f'transformers {transformers.__version__}')" 2>/dev/null
+} | tee "$results/environment.txt"
+
+$python -m pytest -m gpu -q -p no:cacheprovider --junitxml="$results/gpu-tests.xml" tests 2>&1 | tee "$results/gpu-tests.log"
+status=${PIPESTATUS[0]}
+echo "== summary =="
+cat "$results/environment.txt"
+tail -n 3 "$results/gpu-tests.log"
+exit "$status"

@@ -1,0 +1,229 @@
+"""LayerNorm with a fused residual add: y = LN(x + residual) · weight + bias, over the last dim.
+
+BERT's post-LN "add & norm". Statistics are computed in fp32 whatever the input dtype, and eps is
+used exactly as given (BERT's 1e-12 included). Any hidden size: rows up to MAX_HIDDEN wide (every
+BERT-family model) run the Triton kernels, wider ones the PyTorch reference.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import backend
+from ._checks import check_float, check_like, check_shape, rows_view
+
+MAX_HIDDEN = 4096  # a row lives in registers; wider rows spill in the backward
+
+
+# Forward, BLOCK_M rows per program, each row whole in registers:
+#   z = x + r,  mean = Σz / N,  rstd = 1 / sqrt(Σ(z - mean)² / N + eps)
+#   y = (z - mean) · rstd · w + b          (mean and rstd are kept for the backward)
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X, R, W, B, Y, Mean, Rstd,
+    M, N, stride_x, stride_r, stride_y, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols < N)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    z = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        z += tl.load(R + rows64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(z, axis=1) / N
+    centered = tl.where(mask, z - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / N + eps)
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)
+    y = centered * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + rows, mean, mask=row_ok)
+    tl.store(Rstd + rows, rstd, mask=row_ok)
+
+
+# Backward. With ẑ = (z - mean) · rstd and g = dy · w:
+#   dz = rstd · (g - ẑ · mean(g · ẑ) - mean(g)),   dx = dresidual = dz
+#   dw = Σ_rows dy · ẑ,   db = Σ_rows dy
+# Each program walks a strided set of rows and writes its partial dw, db (fp32) to its own slot of
+# a [programs, N] buffer, summed afterwards: no atomics, deterministic.
+@triton.jit
+def _layer_norm_bwd_kernel(
+    X, R, W, DY, DZ, Mean, Rstd, DW_partial, DB_partial,
+    M, N, stride_x, stride_r, stride_dy, stride_dz,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for row in range(pid, M, tl.num_programs(0)):
+        row64 = tl.cast(row, tl.int64)
+        z = tl.load(X + row64 * stride_x + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            z += tl.load(R + row64 * stride_r + cols, mask=col_ok, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row64 * stride_dy + cols, mask=col_ok, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + row)
+        rstd = tl.load(Rstd + row)
+        z_hat = tl.where(col_ok, (z - mean) * rstd, 0.0)
+        # w is re-read per row (from L1) rather than held: wide rows run out of registers
+        g = dy * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+        dz = rstd * (g - z_hat * (tl.sum(g * z_hat, axis=0) / N) - tl.sum(g, axis=0) / N)
+        tl.store(DZ + row64 * stride_dz + cols, dz.to(DZ.dtype.element_ty), mask=col_ok)
+        dw += dy * z_hat
+        db += dy
+    tl.store(DW_partial + pid * N + cols, dw, mask=col_ok)
+    tl.store(DB_partial + pid * N + cols, db, mask=col_ok)
+
+
+def _fwd_launch_params(n):
+    block_n = triton.next_power_of_2(n)
+    block_m = max(1, 4096 // block_n)  # ~4K elements per program
+    num_warps = 4 if block_n <= 2048 else (8 if block_n <= 8192 else 16)
+    return block_m, block_n, num_warps
+
+
+def _bwd_launch_params(n):
+    block_n = triton.next_power_of_2(n)
+    return block_n, (4 if block_n <= 1024 else (8 if block_n <= 4096 else 16))
+
+
+def _bwd_programs(device, rows):
+    if device.type == "cuda":
+        return min(rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(rows, 8)  # the interpreter runs programs one by one: few, long ones are cheapest
+
+
+@torch.library.custom_op("fastencoder::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+    residual: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = x.shape[-1]
+    x2 = rows_view(x)
+    r2 = rows_view(residual) if residual is not None else x2
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    mean = torch.empty(m, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    block_m, block_n, num_warps = _fwd_launch_params(n)
+    _layer_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+        x2, r2, weight, bias, y, mean, rstd,
+        m, n, x2.stride(0), r2.stride(0), y.stride(0), eps,
+        HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return y.view(x.shape), mean, rstd
+
+
+@_layer_norm_fwd.register_fake
+def _(x, weight, bias, eps, residual):
+    rows = x.numel() // x.shape[-1]
+    stats = x.new_empty(rows, dtype=torch.float32)
+    return torch.empty_like(x), stats, stats.clone()
+
+
+@torch.library.custom_op("fastencoder::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd(
+    dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+    mean: torch.Tensor, rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = x.shape[-1]
+    x2 = rows_view(x)
+    r2 = rows_view(residual) if residual is not None else x2
+    dy2 = rows_view(dy)
+    m = x2.shape[0]
+    dz = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    programs = max(1, _bwd_programs(x.device, m))
+    dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
+    db_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
+    block_n, num_warps = _bwd_launch_params(n)
+    _layer_norm_bwd_kernel[(programs,)](
+        x2, r2, weight, dy2, dz, mean, rstd, dw_partial, db_partial,
+        m, n, x2.stride(0), r2.stride(0), dy2.stride(0), dz.stride(0),
+        HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return dz.view(x.shape), dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype)
+
+
+@_layer_norm_bwd.register_fake
+def _(dy, x, residual, weight, mean, rstd):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps, residual = inputs
+    _, mean, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(x, residual, weight, mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, residual, weight, mean, rstd = ctx.saved_tensors
+    dz, dweight, dbias = _layer_norm_bwd(dy, x, residual, weight, mean, rstd)
+    return dz, dweight, dbias, None, dz if ctx.has_residual else None
+
+
+_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def layer_norm_reference(x, weight, bias, eps, residual=None):
+    """PyTorch reference: statistics in fp32 (or in x's dtype when that is wider), result in x's dtype."""
+    z = x if residual is None else x + residual
+    compute = torch.promote_types(x.dtype, torch.float32)
+    y = torch.nn.functional.layer_norm(
+        z.to(compute), z.shape[-1:], weight.to(compute), bias.to(compute), eps
+    )
+    return y.to(x.dtype)
+
+
+def layer_norm(x, weight, bias, eps, residual=None):
+    """y = LayerNorm(x + residual) over the last dim, with affine weight and bias of shape [N]."""
+    check_float("x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dim, got shape {tuple(x.shape)}")
+    n = x.shape[-1]
+    for name, param in (("weight", weight), ("bias", bias)):
+        check_like(name, param, x, "x")
+        check_shape(name, param, (n,))
+    if residual is not None:
+        check_like("residual", residual, x, "x")
+        check_shape("residual", residual, x.shape)
+    if not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    if not backend.use_triton(x.device) or n > MAX_HIDDEN:
+        return layer_norm_reference(x, weight, bias, eps, residual)
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    return _layer_norm_fwd(x, weight, bias, float(eps), residual)[0]
+
+
+def compile_cases():
+    """Every compiled variant, for the static kernel report (kernels/report.py)."""
+    for n in (100, 384, 768, 1024, MAX_HIDDEN):
+        block_m, block_n, fwd_warps = _fwd_launch_params(n)
+        bwd_block_n, bwd_warps = _bwd_launch_params(n)
+        for dtype in ("fp16", "bf16", "fp32"):
+            for has_residual in (False, True):
+                variant = f"N={n} {dtype}{' +residual' if has_residual else ''}"
+                yield dict(
+                    name=f"layer_norm_fwd {variant}", fn=_layer_norm_fwd_kernel,
+                    signature=dict(
+                        X=f"*{dtype}", R=f"*{dtype}", W=f"*{dtype}", B=f"*{dtype}", Y=f"*{dtype}",
+                        Mean="*fp32", Rstd="*fp32", M="i32", N="i32",
+                        stride_x="i32", stride_r="i32", stride_y="i32", eps="fp32",
+                    ),
+                    constexprs=dict(HAS_RESIDUAL=has_residual, BLOCK_M=block_m, BLOCK_N=block_n),
+                    num_warps=fwd_warps, num_stages=1, matmul=False,
+                )
+                yield dict(
+                    name=f"layer_norm_bwd {variant}", fn=_layer_norm_bwd_kernel,
+                    signature=dict(
+                        X=f"*{dtype}", R=f"*{dtype}", W=f"*{dtype}", DY=f"*{dtype}", DZ=f"*{dtype}",
+                        Mean="*fp32", Rstd="*fp32", DW_partial="*fp32", DB_partial="*fp32",
+                        M="i32", N="i32", stride_x="i32", stride_r="i32", stride_dy="i32",
+                        stride_dz="i32",
+                    ),
+                    constexprs=dict(HAS_RESIDUAL=has_residual, BLOCK_N=bwd_block_n),
+                    num_warps=bwd_warps, num_stages=1, matmul=False,
+                )

@@ -1,0 +1,60 @@
+"""The backend switch: one place decides between the Triton kernels and the PyTorch reference."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastencoder
+from fastencoder.kernels import backend, layer_norm
+
+
+def test_set_backend_validates_and_round_trips(monkeypatch):
+    previous = fastencoder.get_backend()
+    try:
+        for name in ("torch", "triton", "auto"):
+            fastencoder.set_backend(name)
+            assert fastencoder.get_backend() == name
+        with pytest.raises(ValueError, match="unknown fastencoder backend 'cuda'"):
+            fastencoder.set_backend("cuda")
+    finally:
+        fastencoder.set_backend(previous)
+
+
+def test_environment_variable_is_the_default(monkeypatch):
+    monkeypatch.setattr(backend, "_backend", None)
+    monkeypatch.setenv("FASTENCODER_BACKEND", "torch")
+    assert fastencoder.get_backend() == "torch"
+    monkeypatch.setenv("FASTENCODER_BACKEND", "fast")
+    with pytest.raises(ValueError, match="unknown fastencoder backend 'fast'"):
+        fastencoder.get_backend()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="describes a machine without CUDA")
+def test_auto_on_cpu_runs_the_reference(monkeypatch, kernel_launches):
+    monkeypatch.setattr(backend, "_backend", "auto")
+    assert not backend.use_triton(torch.device("cpu"))
+    layer_norm(torch.randn(3, 8), torch.ones(8), torch.zeros(8), 1e-12)
+    assert kernel_launches == []
+
+
+def test_triton_on_cpu_without_interpreter_names_both_ways_out():
+    # a fresh interpreter: TRITON_INTERPRET must be unset when the kernel modules are imported
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FASTENCODER_BACKEND"] = "triton"
+    code = (
+        "import torch; from fastencoder.kernels import layer_norm\n"
+        "try:\n    layer_norm(torch.randn(2, 8), torch.ones(8), torch.zeros(8), 1e-12)\n"
+        "except RuntimeError as error:\n    print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "TRITON_INTERPRET=1" in result.stdout and "set_backend('torch')" in result.stdout
+
+
+def test_package_imports_without_a_gpu():
+    result = subprocess.run(
+        [sys.executable, "-c", "import fastencoder, fastencoder.kernels; print(fastencoder.get_backend())"],
+        capture_output=True, text=True, check=True,
+    )
+    assert result.stdout.strip() in backend.BACKENDS

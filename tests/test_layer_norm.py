@@ -1,0 +1,134 @@
+"""LayerNorm(+residual) kernels against a float64 reference, forward and backward."""
+import pytest
+import torch
+
+import fastencoder
+from fastencoder.kernels import layer_norm
+from fastencoder.kernels.layer_norm import layer_norm_reference
+from helpers import assert_close, float64_leaves, leaf
+
+# Inputs are rounded to the test dtype first; the reference then runs in fp64 on those values, so
+# the kernel's error is its fp32 arithmetic plus one rounding of each output to the dtype:
+# fp32 ~1e-6 relative; fp16 2^-11 ≈ 4.9e-4 relative; bf16 2^-8 ≈ 3.9e-3 relative. dweight/dbias are
+# sums over rows (fp32 accumulation, then one rounding).
+TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+# (rows, hidden): crossing the forward's row blocks (32 rows for N≤128, 4 rows for N=768/1024) and
+# a non-power-of-two hidden size that leaves most of the column block masked.
+SHAPES = [((37,), 100), ((3, 3), 768)]
+
+
+def _inputs(lead, n, dtype, device, with_residual=True):
+    x = torch.randn(*lead, n, device=device).to(dtype)
+    residual = torch.randn(*lead, n, device=device).to(dtype) if with_residual else None
+    weight = (1 + 0.5 * torch.randn(n, device=device)).to(dtype)
+    bias = (0.5 * torch.randn(n, device=device)).to(dtype)
+    return x, residual, weight, bias
+
+
+def _check_forward_and_backward(x, residual, weight, bias, eps):
+    atol, rtol = TOLERANCES[x.dtype]
+    inputs = [leaf(t) if t is not None else None for t in (x, residual, weight, bias)]
+    y = layer_norm(inputs[0], inputs[2], inputs[3], eps, residual=inputs[1])
+    reference_inputs = float64_leaves(x, residual, weight, bias)
+    expected = layer_norm_reference(reference_inputs[0], reference_inputs[2], reference_inputs[3], eps, reference_inputs[1])
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert_close(y, expected, atol, rtol, "y")
+
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    expected.backward(dy.double())
+    for name, got, want in zip(("dx", "dresidual", "dweight", "dbias"), inputs, reference_inputs):
+        if got is not None:
+            # gradients sum many terms: scale the absolute tolerance by the reference's magnitude
+            assert_close(got.grad, want.grad, atol * max(1.0, want.grad.abs().max().item()), rtol, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lead, n", SHAPES)
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_matches_float64_reference(dtype, lead, n, with_residual, device, triton_backend,
+                                   kernel_launches, poisoned_allocations):
+    x, residual, weight, bias = _inputs(lead, n, dtype, device, with_residual)
+    _check_forward_and_backward(x, residual, weight, bias, eps=1e-12)
+    assert kernel_launches.count("_layer_norm_fwd_kernel") == 1
+    assert kernel_launches.count("_layer_norm_bwd_kernel") == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n", [100, 768, 1024, 4096])
+def test_matches_float64_reference_on_gpu(dtype, n, device, triton_backend):
+    x, residual, weight, bias = _inputs((4096,), n, dtype, device)
+    _check_forward_and_backward(x, residual, weight, bias, eps=1e-12)
+
+
+def test_eps_is_used_exactly_as_given(device, triton_backend):
+    # rows whose variance (~1e-4) is comparable to eps: clamping or ignoring eps changes the result
+    x = 1e-2 * torch.randn(5, 64, device=device)
+    weight, bias = torch.ones(64, device=device), torch.zeros(64, device=device)
+    for eps in (1e-4, 1e-12):
+        expected = layer_norm_reference(x.double(), weight.double(), bias.double(), eps)
+        assert_close(layer_norm(x, weight, bias, eps), expected, 1e-5, 1e-5, f"eps={eps}")
+    assert not torch.allclose(layer_norm(x, weight, bias, 1e-4), layer_norm(x, weight, bias, 1e-12), atol=1e-3)
+
+
+def test_constant_rows_give_bias_not_nan(device, triton_backend):
+    x = torch.full((3, 100), 7.0, device=device)
+    bias = torch.randn(100, device=device)
+    y = layer_norm(x, torch.randn(100, device=device), bias, 1e-12)
+    assert_close(y, bias.expand(3, 100), 0, 0, "constant rows")
+
+
+def test_non_contiguous_input(device, triton_backend):
+    base = torch.randn(100, 9, device=device)
+    x = base.t()  # [9, 100] with column stride 9
+    weight, bias = torch.randn(100, device=device), torch.randn(100, device=device)
+    residual = torch.randn(18, 100, device=device)[::2]  # row stride 200
+    expected = layer_norm_reference(x.double(), weight.double(), bias.double(), 1e-12, residual.double())
+    assert_close(layer_norm(x, weight, bias, 1e-12, residual=residual), expected, 1e-5, 1e-5, "strided")
+
+
+def test_wider_rows_than_the_kernel_holds_use_the_reference(device, triton_backend, kernel_launches):
+    x, residual, weight, bias = _inputs((2,), 4097, torch.float32, device)
+    expected = layer_norm_reference(x.double(), weight.double(), bias.double(), 1e-12, residual.double())
+    assert_close(layer_norm(x, weight, bias, 1e-12, residual), expected, 1e-5, 1e-5, "wide")
+    assert kernel_launches == []
+
+
+def test_traceable_by_torch_compile(device, triton_backend):
+    x, residual, weight, bias = _inputs((4,), 100, torch.float32, device)
+    compiled = torch.compile(lambda *a: layer_norm(*a[:3], 1e-12, residual=a[3]), fullgraph=True, backend="aot_eager")
+    expected = layer_norm_reference(x.double(), weight.double(), bias.double(), 1e-12, residual.double())
+    assert_close(compiled(x, weight, bias, residual), expected, 1e-5, 1e-5, "compiled")
+
+
+def test_torch_backend_runs_the_reference_without_kernels(torch_backend, kernel_launches):
+    x, residual, weight, bias = _inputs((4,), 100, torch.float32, "cpu")
+    y = layer_norm(x, weight, bias, 1e-12, residual=residual)
+    torch.testing.assert_close(y, layer_norm_reference(x, weight, bias, 1e-12, residual))
+    assert kernel_launches == []
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (dict(weight=torch.ones(99)), ValueError, "weight must have shape"),
+        (dict(bias=torch.ones(100, dtype=torch.float16)), TypeError, "bias is torch.float16"),
+        (dict(x=torch.ones(4, 100, dtype=torch.int64)), TypeError, "x must be float16, bfloat16 or float32"),
+        (dict(residual=torch.ones(4, 99)), ValueError, "residual must have shape"),
+        (dict(weight=torch.ones(100, device="meta")), ValueError, "weight is on meta"),
+        (dict(eps=-1.0), ValueError, "eps must be a non-negative number"),
+        (dict(x=torch.ones(4, 0)), ValueError, "non-empty last dim"),
+    ],
+)
+def test_bad_input_is_refused_before_launch(change, error, message, triton_backend, kernel_launches):
+    args = dict(x=torch.ones(4, 100), weight=torch.ones(100), bias=torch.zeros(100), eps=1e-12, residual=None)
+    args.update(change)
+    with pytest.raises(error, match=message):
+        layer_norm(**args)
+    assert kernel_launches == []
+
+
+def test_public_api_is_reexported():
+    assert fastencoder.kernels.layer_norm is layer_norm

@@ -1,0 +1,155 @@
+"""Linear (+bias, GELU/ReLU, residual) kernels against a float64 reference, forward and backward."""
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from fastencoder.kernels import linear
+from fastencoder.kernels.linear import linear_reference
+from helpers import assert_close, float64_leaves, leaf
+
+# Inputs are rounded to the dtype first and the reference runs in fp64 on those values, so the error
+# is fp32 accumulation over K ≤ 100 terms plus one rounding of each output (fp16 2^-11, bf16 2^-8
+# relative); dx and dW are themselves products of rounded fp16 intermediates (dh), hence rtol 4e-3.
+TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
+ACTIVATIONS = [None, "gelu", "gelu_tanh", "relu"]
+
+
+def _inputs(m, k, n, dtype, device):
+    x = torch.randn(m, k, device=device).to(dtype)
+    weight = (torch.randn(n, k, device=device) / k**0.5).to(dtype)
+    bias = torch.randn(n, device=device).to(dtype)
+    residual = torch.randn(m, n, device=device).to(dtype)
+    return x, weight, bias, residual
+
+
+def _check(x, weight, bias, residual, activation, dtype):
+    atol, rtol = TOLERANCES[dtype]
+    inputs = [None if t is None else leaf(t) for t in (x, weight, bias, residual)]
+    y = linear(inputs[0], inputs[1], inputs[2], activation, inputs[3])
+    reference_inputs = float64_leaves(x, weight, bias, residual)
+    expected = linear_reference(*reference_inputs[:3], activation, reference_inputs[3])
+    assert y.shape == expected.shape and y.dtype == dtype
+    assert_close(y, expected, atol, rtol, "y")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    expected.backward(dy.double())
+    for name, got, want in zip(("dx", "dweight", "dbias", "dresidual"), inputs, reference_inputs):
+        if got is not None:
+            assert_close(got.grad, want.grad, atol * max(1.0, want.grad.abs().max().item()), rtol, name)
+
+
+# M=37, K=100, N=70 cross the interpreter's 32×32×32 tile on every edge, with ragged last tiles
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_matches_float64_reference(dtype, activation, device, triton_backend, kernel_launches, poisoned_allocations):
+    x, weight, bias, residual = _inputs(37, 100, 70, dtype, device)
+    _check(x, weight, bias, residual if activation is None else None, activation, dtype)
+    # forward, then the dx and dW products of the backward
+    assert kernel_launches.count("_linear_kernel") == 3
+
+
+@pytest.mark.parametrize("activation", ["gelu", None])
+def test_residual_bias_and_3d_input(activation, device, triton_backend):
+    x, weight, bias, residual = _inputs(2 * 19, 64, 48, torch.float32, device)
+    _check(x.view(2, 19, 64), weight, None, residual.view(2, 19, 48), activation, torch.float32)
+
+
+def test_non_contiguous_input(device, triton_backend):
+    x, weight, bias, _ = _inputs(37, 100, 70, torch.float32, device)
+    strided = torch.randn(100, 37, device=device).t()  # column stride 37
+    sliced = torch.randn(37, 200, device=device)[:, ::2]
+    for operand in (strided, sliced):
+        _check(operand, weight, bias, None, "gelu", torch.float32)
+
+
+def test_frozen_weight_only_input_gradient(device, triton_backend, kernel_launches):
+    x, weight, bias, _ = _inputs(37, 100, 70, torch.float32, device)
+    x = leaf(x)
+    linear(x, weight, bias, "gelu").sum().backward()
+    reference_x = x.detach().double().requires_grad_()
+    linear_reference(reference_x, weight.double(), bias.double(), "gelu").sum().backward()
+    assert_close(x.grad, reference_x.grad, 2e-5, 2e-5, "dx")
+    assert kernel_launches.count("_linear_kernel") == 2  # no dW product for a frozen weight
+
+
+def test_gradient_of_weight_alone_under_gelu(device, triton_backend):
+    x, weight, bias, _ = _inputs(37, 100, 70, torch.float32, device)
+    weight = leaf(weight)
+    linear(x, weight, bias, "gelu").square().sum().backward()
+    reference_weight = weight.detach().double().requires_grad_()
+    linear_reference(x.double(), reference_weight, bias.double(), "gelu").square().sum().backward()
+    assert_close(weight.grad, reference_weight.grad, 1e-4, 2e-5, "dweight")
+
+
+def test_gelu_flavours_follow_hugging_face():
+    # BERT's hidden_act="gelu" is the erf GELU, ALBERT's "gelu_new" the tanh approximation
+    h = torch.linspace(-6, 6, 1001, dtype=torch.float64)
+    eye = torch.eye(1, dtype=torch.float64)
+    as_linear = lambda activation: linear_reference(h[:, None], eye, None, activation)[:, 0]
+    torch.testing.assert_close(as_linear("gelu"), ACT2FN["gelu"](h))
+    torch.testing.assert_close(as_linear("gelu_tanh"), ACT2FN["gelu_new"](h))
+    assert (as_linear("gelu") - as_linear("gelu_tanh")).abs().max() > 1e-4
+
+
+def test_kernel_gelu_is_erf_not_tanh(device, triton_backend):
+    x, weight, bias, _ = _inputs(37, 100, 70, torch.float32, device)
+    y = linear(3 * x, weight, bias, "gelu")
+    erf = F.gelu(F.linear(3 * x.double(), weight.double(), bias.double()))
+    tanh = F.gelu(F.linear(3 * x.double(), weight.double(), bias.double()), approximate="tanh")
+    assert (y.double() - erf).abs().max() < 1e-5 < (y.double() - tanh).abs().max()
+
+
+def test_traceable_by_torch_compile(device, triton_backend):
+    x, weight, bias, residual = _inputs(37, 100, 70, torch.float32, device)
+    compiled = torch.compile(lambda *a: linear(*a, activation="gelu"), fullgraph=True, backend="aot_eager")
+    expected = linear_reference(x.double(), weight.double(), bias.double(), "gelu")
+    assert_close(compiled(x, weight, bias), expected, 2e-5, 2e-5, "compiled")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("m, k, n", [(4096, 768, 3072), (4096, 3072, 768), (127, 768, 2304), (300, 128, 768)])
+def test_bert_shapes_on_gpu(dtype, activation, m, k, n, device, triton_backend):
+    x, weight, bias, residual = _inputs(m, k, n, dtype, device)
+    atol, rtol = TOLERANCES[dtype]
+    y = linear(x, weight, bias, activation, residual)
+    expected = linear_reference(x.double(), weight.double(), bias.double(), activation, residual.double())
+    assert_close(y, expected, atol * 4, rtol, "y")  # K up to 3072: 4× the K=100 accumulation error
+
+
+@pytest.mark.gpu
+def test_fp32_uses_tf32_only_when_allowed(device, triton_backend):
+    x, weight, bias, _ = _inputs(512, 1024, 512, torch.float32, device)
+    expected = linear_reference(x.double(), weight.double(), bias.double())
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        exact = (linear(x, weight, bias).double() - expected).abs().max().item()
+        torch.backends.cuda.matmul.allow_tf32 = True
+        tf32 = (linear(x, weight, bias).double() - expected).abs().max().item()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    assert exact < 1e-4 < tf32
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (dict(weight=torch.ones(70, 99)), ValueError, "in_features 99"),
+        (dict(weight=torch.ones(70)), ValueError, "weight must be 2-D"),
+        (dict(bias=torch.ones(71)), ValueError, "bias must have shape"),
+        (dict(residual=torch.ones(37, 71)), ValueError, "residual must have shape"),
+        (dict(x=torch.ones(37, 100, dtype=torch.int32)), TypeError, "x must be float16, bfloat16 or float32"),
+        (dict(weight=torch.ones(70, 100, dtype=torch.float16)), TypeError, "weight is torch.float16"),
+        (dict(bias=torch.ones(70, device="meta")), ValueError, "bias is on meta"),
+        (dict(activation="swish"), ValueError, "activation must be one of"),
+    ],
+)
+def test_bad_input_is_refused_before_launch(change, error, message, triton_backend, kernel_launches):
+    args = dict(x=torch.ones(37, 100), weight=torch.ones(70, 100), bias=None, activation=None, residual=None)
+    args.update(change)
+    with pytest.raises(error, match=message):
+        linear(**args)
+    assert kernel_launches == []
