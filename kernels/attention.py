@@ -1,0 +1,785 @@
+"""Fused multi-head attention, FlashAttention-2 style: out = dropout(softmax(q·kᵀ·scale + mask)) · v.
+
+Two layouts:
+  * padded: q, k, v of shape [B, S, H, D] with any strides on B, S, H (e.g. views of one fused
+    [B, S, 3, H, D] QKV projection) and unit stride on D; an optional boolean key_padding_mask
+    [B, S] (True = real token) and/or an additive float bias broadcastable to [B, H, S, S].
+  * packed (padding-free): q, k, v of shape [T, H, D] holding B sequences back to back, described
+    by cu_seqlens (int32 [B + 1], cumulative lengths from 0) and max_seqlen; a sequence never
+    attends across its boundaries. A bias is indexed by positions within each sequence, so it
+    must broadcast to [B, H, max_seqlen, max_seqlen].
+
+Non-causal. Head dims 16, 32, 64, 80, 96, 128 in the kernels (the reference takes any). The
+softmax runs in fp32 whatever the input dtype; the S×S score matrix is never materialised. A query
+row whose keys are all masked (key_padding_mask False or bias -inf everywhere) gives zeros, in the
+kernels and the reference alike. float32 inputs run in the kernels too, with fp32 dot products
+("ieee"), or TF32 when torch.backends.cuda.matmul.allow_tf32 is set.
+
+Dropout (dropout_p > 0) is applied to the probabilities in the kernels with Philox random numbers
+(`tl.philox`): one 64-bit seed per call, drawn from torch's default CPU generator (so
+`torch.manual_seed` reproduces it); the backward regenerates the same mask from that seed.
+"""
+import inspect
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import backend
+from ._checks import check_float, check_like
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
+MAX_DROPOUT_SEQLEN = 46340  # i·S + j < 2³¹ for the dropout counters
+LOG2E = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x · log2 e), exp2 is cheaper
+
+
+# Scores of one [queries × keys] tile start as the dot product's accumulator: bias / scale, so
+# that s = (q·kᵀ + bias/scale) · scale · log2 e comes out of the dot already in the matmul's
+# register layout (adding a separately loaded bias tile afterwards made the compiler run the whole
+# softmax in the load's layout, and spill). The bias has unit stride over keys (scalar loads with
+# a runtime key stride spill too). fp32's finfo.min / scale or · log2 e would overflow to -inf,
+# turning "masked" (finite: a row masked everywhere averages uniformly, as in PyTorch) into
+# "no key" (zeros), hence the clamp. `q_idx` and `k_idx` are positions within the sequence, broadcast
+# against each other (a column and a row, either way round), so the same helpers serve the
+# forward (tiles of q·kᵀ) and the dK/dV backward (tiles of k·qᵀ).
+@triton.jit
+def _scores_init(q_idx, k_idx, seqlen, Bias, stride_bm, scale_log2, HAS_BIAS: tl.constexpr,
+                 ROWS: tl.constexpr, COLS: tl.constexpr):
+    if HAS_BIAS:
+        visible = (q_idx < seqlen) & (k_idx < seqlen)
+        bias = tl.load(Bias + q_idx * stride_bm + k_idx, mask=visible, other=0.0).to(tl.float32)
+        scale = scale_log2 / 1.4426950408889634
+        bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, -2.3e38 * tl.minimum(scale, 1.0)))
+        return bias / scale
+    return tl.zeros([ROWS, COLS], dtype=tl.float32)
+
+
+# The scores in base-2 units, -inf where a key must not be seen: outside the sequence, at padding
+# keys, or where the bias is -inf.
+@triton.jit
+def _scores_log2(qk, q_idx, k_idx, seqlen, KeyMask, stride_mk, scale_log2,
+                 HAS_KEY_MASK: tl.constexpr):
+    visible = (q_idx < seqlen) & (k_idx < seqlen)
+    if HAS_KEY_MASK:
+        real_key = tl.load(KeyMask + k_idx * stride_mk, mask=k_idx < seqlen, other=0)
+        visible &= real_key != 0
+    return tl.where(visible, qk * scale_log2, float("-inf"))
+
+
+# Dropout keep mask of one tile: Philox keyed by the seed, counter (i·S + j, b·H + h, 0, 0) for
+# query i and key j of sequence b, head h (S the padded or max length, at most MAX_DROPOUT_SEQLEN
+# so that i·S + j fits 32 bits: 32-bit counters keep the 10 Philox rounds in half the registers
+# of 64-bit ones). Element kept when its uniform draw is >= p. The forward, both backward kernels
+# and `_dropout_keep_mask` all draw it here.
+@triton.jit
+def _dropout_keep(seed, batch_head, q_idx, k_idx, max_seqlen, dropout_p):
+    position = (q_idx * max_seqlen + k_idx).to(tl.uint32, bitcast=True)
+    random, _, _, _ = tl.philox(seed, position, batch_head.to(tl.uint32, bitcast=True), 0, 0)
+    return tl.uint_to_uniform_float(random) >= dropout_p
+
+
+# Where sequence `b` starts (in tokens of the packed layout; 0 in the padded one) and its length.
+@triton.jit
+def _sequence(CuSeqlens, b, padded_len, PACKED: tl.constexpr):
+    if PACKED:
+        start = tl.load(CuSeqlens + b)
+        return start, tl.load(CuSeqlens + b + 1) - start
+    return 0, padded_len
+
+
+# Forward, one program per (block of BLOCK_M queries, batch·head), online softmax over key blocks:
+#   m = running max of s, l = Σ exp2(s - m), acc = Σ exp2(s - m) · keep/(1-p) · v
+#   (rescaled by exp2(m_old - m_new) when the max grows);  out = acc / l
+# The backward recomputes P = exp2(s - m) · (1/l) from the saved m and 1/l, as the forward computed
+# it. (A single logsumexp m + log2 l would be cheaper but loses log2 l when |m| is huge, e.g. a row
+# masked everywhere by a finfo.min bias, and P with it.) Rows with no visible key (l = 0) store
+# out = 0, m = 0 and 1/l = 0, so that their P is 0 in the backward.
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, Out, Stats, KeyMask, Bias, CuSeqlens, Seed,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
+    stride_mb, stride_mk, stride_bb, stride_bh, stride_bm,
+    num_heads, max_seqlen, scale_log2, dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, ALLOW_TF32: tl.constexpr,
+):
+    precision: tl.constexpr = "tf32" if ALLOW_TF32 else "ieee"
+    batch_head = tl.program_id(1)
+    b = batch_head // num_heads
+    h = batch_head % num_heads
+    start, seqlen = _sequence(CuSeqlens, b, max_seqlen, PACKED)
+    if tl.program_id(0) * BLOCK_M >= seqlen:
+        return
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    token0 = tl.cast(start, tl.int64)
+    Q += b64 * stride_qb + token0 * stride_qs + h64 * stride_qh
+    K += b64 * stride_kb + token0 * stride_ks + h64 * stride_kh
+    V += b64 * stride_vb + token0 * stride_vs + h64 * stride_vh
+    Out += b64 * stride_ob + token0 * stride_os + h64 * stride_oh
+    KeyMask += b64 * stride_mb
+    Bias += b64 * stride_bb + h64 * stride_bh
+
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    row_ok = rows < seqlen
+    q = tl.load(Q + rows[:, None] * stride_qs + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for key_start in range(0, seqlen, BLOCK_N):
+        cols = key_start + tl.arange(0, BLOCK_N)
+        kv_mask = (cols < seqlen)[:, None] & dim_ok[None, :]
+        k = tl.load(K + cols[:, None] * stride_ks + dims[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), _scores_init(rows[:, None], cols[None, :], seqlen, Bias,
+                                                  stride_bm, scale_log2, HAS_BIAS, BLOCK_M, BLOCK_N),
+                    input_precision=precision)
+        s = _scores_log2(qk, rows[:, None], cols[None, :], seqlen, KeyMask, stride_mk, scale_log2,
+                         HAS_KEY_MASK)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # while a row has seen no visible key its max is -inf; subtract 0 instead (-inf - -inf = nan)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, batch_head, rows[:, None], cols[None, :], max_seqlen, dropout_p)
+            p = tl.where(keep, p * keep_scale, 0.0)
+        v = tl.load(V + cols[:, None] * stride_vs + dims[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=precision)
+        m_i = m_new
+    has_keys = l_i > 0.0
+    out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
+    tl.store(Out + rows[:, None] * stride_os + dims[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & dim_ok[None, :])
+    Stats += batch_head.to(tl.int64) * 2 * max_seqlen
+    tl.store(Stats + rows, tl.where(has_keys, m_i, 0.0), mask=row_ok)
+    tl.store(Stats + max_seqlen + rows, tl.where(has_keys, 1.0 / tl.where(has_keys, l_i, 1.0), 0.0),
+             mask=row_ok)
+
+
+# Backward preprocess: delta_i = Σ_d dO_id · O_id  (= Σ_j P_ij · dP_ij, dropout included), per row.
+@triton.jit
+def _attention_bwd_delta_kernel(
+    Out, DO, Delta, CuSeqlens,
+    stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
+    num_heads, max_seqlen,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, PACKED: tl.constexpr,
+):
+    batch_head = tl.program_id(1)
+    b = batch_head // num_heads
+    h = batch_head % num_heads
+    start, seqlen = _sequence(CuSeqlens, b, max_seqlen, PACKED)
+    if tl.program_id(0) * BLOCK_M >= seqlen:
+        return
+    token0 = tl.cast(start, tl.int64)
+    Out += b.to(tl.int64) * stride_ob + token0 * stride_os + h.to(tl.int64) * stride_oh
+    DO += b.to(tl.int64) * stride_dob + token0 * stride_dos + h.to(tl.int64) * stride_doh
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (rows < seqlen)[:, None] & (dims < HEAD_DIM)[None, :]
+    o = tl.load(Out + rows[:, None] * stride_os + dims[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_dos + dims[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + batch_head.to(tl.int64) * max_seqlen + rows, delta, mask=rows < seqlen)
+
+
+# Backward for one block of BLOCK_N keys, looping over query blocks (P recomputed from the
+# forward's row max m and 1/l, Z = keep mask / (1 - p), D = delta):
+#   P = exp2(s - m) / l,  dV = Σ_i (P∘Z)ᵀ·dO,  dP = (dO·Vᵀ)∘Z,  dS = P∘(dP - D),
+#   dK = scale · Σ_i dSᵀ·Q
+# Tiles are kept transposed ([keys × queries]) so that no register tile needs transposing.
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, Stats, Delta, KeyMask, Bias, CuSeqlens, Seed,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+    stride_mb, stride_mk, stride_bb, stride_bh, stride_bm,
+    num_heads, max_seqlen, scale, scale_log2, dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, ALLOW_TF32: tl.constexpr,
+):
+    precision: tl.constexpr = "tf32" if ALLOW_TF32 else "ieee"
+    batch_head = tl.program_id(1)
+    b = batch_head // num_heads
+    h = batch_head % num_heads
+    start, seqlen = _sequence(CuSeqlens, b, max_seqlen, PACKED)
+    if tl.program_id(0) * BLOCK_N >= seqlen:
+        return
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    token0 = tl.cast(start, tl.int64)
+    Q += b64 * stride_qb + token0 * stride_qs + h64 * stride_qh
+    K += b64 * stride_kb + token0 * stride_ks + h64 * stride_kh
+    V += b64 * stride_vb + token0 * stride_vs + h64 * stride_vh
+    DO += b64 * stride_dob + token0 * stride_dos + h64 * stride_doh
+    DK += b64 * stride_dkb + token0 * stride_dks + h64 * stride_dkh
+    DV += b64 * stride_dvb + token0 * stride_dvs + h64 * stride_dvh
+    Stats += batch_head.to(tl.int64) * 2 * max_seqlen
+    Delta += batch_head.to(tl.int64) * max_seqlen
+    KeyMask += b64 * stride_mb
+    Bias += b64 * stride_bb + h64 * stride_bh
+
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    kv_mask = (cols < seqlen)[:, None] & dim_ok[None, :]
+    k = tl.load(K + cols[:, None] * stride_ks + dims[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + cols[:, None] * stride_vs + dims[None, :], mask=kv_mask, other=0.0)
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for query_start in range(0, seqlen, BLOCK_M):
+        rows = query_start + tl.arange(0, BLOCK_M)
+        row_ok = rows < seqlen
+        q_mask = row_ok[:, None] & dim_ok[None, :]
+        q = tl.load(Q + rows[:, None] * stride_qs + dims[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + rows[:, None] * stride_dos + dims[None, :], mask=q_mask, other=0.0)
+        row_max = tl.load(Stats + rows, mask=row_ok, other=0.0)
+        inv_sum = tl.load(Stats + max_seqlen + rows, mask=row_ok, other=0.0)
+        delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
+        qk_t = tl.dot(k, tl.trans(q), _scores_init(rows[None, :], cols[:, None], seqlen, Bias,
+                                                    stride_bm, scale_log2, HAS_BIAS, BLOCK_N, BLOCK_M),
+                      input_precision=precision)
+        s_t = _scores_log2(qk_t, rows[None, :], cols[:, None], seqlen, KeyMask, stride_mk,
+                           scale_log2, HAS_KEY_MASK)
+        p_t = tl.math.exp2(s_t - row_max[None, :]) * inv_sum[None, :]
+        dp_t = tl.dot(v, tl.trans(do), input_precision=precision)
+        if HAS_DROPOUT:
+            keep_t = _dropout_keep(seed, batch_head, rows[None, :], cols[:, None], max_seqlen,
+                                   dropout_p)
+            dv += tl.dot(tl.where(keep_t, p_t * keep_scale, 0.0).to(do.dtype), do,
+                         input_precision=precision)
+            dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
+        else:
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=precision)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=precision)
+    tl.store(DK + cols[:, None] * stride_dks + dims[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=kv_mask)
+    tl.store(DV + cols[:, None] * stride_dvs + dims[None, :], dv.to(DV.dtype.element_ty),
+             mask=kv_mask)
+
+
+# Backward for one block of BLOCK_M queries, looping over key blocks:
+#   P = exp2(s - m) / l,  dP = (dO·Vᵀ)∘Z,  dS = P∘(dP - D),  dQ = scale · Σ_j dS·K
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, DO, DQ, Stats, Delta, KeyMask, Bias, CuSeqlens, Seed,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_mb, stride_mk, stride_bb, stride_bh, stride_bm,
+    num_heads, max_seqlen, scale, scale_log2, dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, ALLOW_TF32: tl.constexpr,
+):
+    precision: tl.constexpr = "tf32" if ALLOW_TF32 else "ieee"
+    batch_head = tl.program_id(1)
+    b = batch_head // num_heads
+    h = batch_head % num_heads
+    start, seqlen = _sequence(CuSeqlens, b, max_seqlen, PACKED)
+    if tl.program_id(0) * BLOCK_M >= seqlen:
+        return
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    token0 = tl.cast(start, tl.int64)
+    Q += b64 * stride_qb + token0 * stride_qs + h64 * stride_qh
+    K += b64 * stride_kb + token0 * stride_ks + h64 * stride_kh
+    V += b64 * stride_vb + token0 * stride_vs + h64 * stride_vh
+    DO += b64 * stride_dob + token0 * stride_dos + h64 * stride_doh
+    DQ += b64 * stride_dqb + token0 * stride_dqs + h64 * stride_dqh
+    KeyMask += b64 * stride_mb
+    Bias += b64 * stride_bb + h64 * stride_bh
+
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    row_ok = rows < seqlen
+    q_mask = row_ok[:, None] & dim_ok[None, :]
+    q = tl.load(Q + rows[:, None] * stride_qs + dims[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_dos + dims[None, :], mask=q_mask, other=0.0)
+    Stats += batch_head.to(tl.int64) * 2 * max_seqlen
+    row_max = tl.load(Stats + rows, mask=row_ok, other=0.0)
+    inv_sum = tl.load(Stats + max_seqlen + rows, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + batch_head.to(tl.int64) * max_seqlen + rows, mask=row_ok, other=0.0)
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for key_start in range(0, seqlen, BLOCK_N):
+        cols = key_start + tl.arange(0, BLOCK_N)
+        kv_mask = (cols < seqlen)[:, None] & dim_ok[None, :]
+        k = tl.load(K + cols[:, None] * stride_ks + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + cols[:, None] * stride_vs + dims[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), _scores_init(rows[:, None], cols[None, :], seqlen, Bias,
+                                                  stride_bm, scale_log2, HAS_BIAS, BLOCK_M, BLOCK_N),
+                    input_precision=precision)
+        s = _scores_log2(qk, rows[:, None], cols[None, :], seqlen, KeyMask, stride_mk, scale_log2,
+                         HAS_KEY_MASK)
+        p = tl.math.exp2(s - row_max[:, None]) * inv_sum[:, None]
+        dp = tl.dot(do, tl.trans(v), input_precision=precision)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, batch_head, rows[:, None], cols[None, :], max_seqlen,
+                                 dropout_p)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=precision)
+    tl.store(DQ + rows[:, None] * stride_dqs + dims[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=q_mask)
+
+
+# The dropout keep mask as a tensor [B, H, S, S], drawn exactly as the attention kernels draw it.
+@triton.jit
+def _dropout_mask_kernel(Keep, Seed, max_seqlen, dropout_p, BLOCK: tl.constexpr):
+    batch_head = tl.program_id(1)
+    q_idx = tl.program_id(0)
+    for key_start in range(0, max_seqlen, BLOCK):
+        k_idx = key_start + tl.arange(0, BLOCK)
+        keep = _dropout_keep(tl.load(Seed), batch_head, q_idx, k_idx, max_seqlen, dropout_p)
+        offsets = (batch_head.to(tl.int64) * max_seqlen + q_idx) * max_seqlen + k_idx
+        tl.store(Keep + offsets, keep.to(tl.int8), mask=k_idx < max_seqlen)
+
+
+# Launch configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages), one per bucket of
+# (max sequence length, dtype); every one of them is listed in compile_cases() and checked there
+# to compile without register spills for sm_80 and sm_90a, for every head dim.
+def _seqlen_bucket(max_seqlen):
+    """Short sequences get one key block covering every key (a single pass of the key loop)."""
+    return 64 if max_seqlen <= 64 else (128 if max_seqlen <= 128 else "long")
+
+
+_FWD_CONFIGS = {  # (bucket, fp32)
+    (64, False): (64, 64, 4, 1),
+    (128, False): (64, 128, 8, 1),
+    ("long", False): (128, 64, 8, 2),
+    (64, True): (32, 64, 4, 1),
+    (128, True): (32, 64, 4, 1),
+    ("long", True): (32, 64, 4, 1),
+}
+_BWD_CONFIGS = {  # fp32 or not: (dK/dV kernel config, dQ kernel config)
+    False: ((32, 64, 8, 1), (64, 32, 8, 1)),
+    True: ((32, 32, 4, 1), (32, 32, 4, 1)),
+}
+_DELTA_BLOCK_M = 64
+_DROPOUT_MASK_BLOCK = 128
+
+
+def _fwd_config(max_seqlen, dtype):
+    return _FWD_CONFIGS[_seqlen_bucket(max_seqlen), dtype == torch.float32]
+
+
+def _bwd_configs(dtype):
+    return _BWD_CONFIGS[dtype == torch.float32]
+
+
+def _layout(q, cu_seqlens, max_seqlen):
+    """(batch, heads, padded or max sequence length) of either layout."""
+    if cu_seqlens is None:
+        return q.shape[0], q.shape[2], q.shape[1]
+    return cu_seqlens.shape[0] - 1, q.shape[1], max_seqlen
+
+
+def _bsh_strides(tensor, packed):
+    """Strides over (sequence, token, head); the packed layout finds sequences via cu_seqlens."""
+    return (0, *tensor.stride()[:2]) if packed else tensor.stride()[:3]
+
+
+def _unused(device, dtype):
+    """Placeholder for an absent optional tensor (its kernel flag is off, it is never read)."""
+    return torch.empty(0, dtype=dtype, device=device)
+
+
+def _mask_bias_args(q, key_padding_mask, bias, batch, heads, max_seqlen):
+    if key_padding_mask is None:
+        mask, mask_strides = _unused(q.device, torch.uint8), (0, 0)
+    else:
+        mask = key_padding_mask.view(torch.uint8)  # same bytes; Triton loads it as u8
+        mask_strides = mask.stride()
+    if bias is None:
+        bias, bias_strides = _unused(q.device, q.dtype), (0, 0, 0)
+    else:
+        if bias.shape[-1] != max_seqlen or bias.stride(-1) != 1:  # the kernels need unit key stride
+            bias = bias.expand(*bias.shape[:-1], max_seqlen).contiguous()
+        bias = bias.expand(batch, heads, max_seqlen, max_seqlen)  # broadcast dims get stride 0
+        bias_strides = bias.stride()[:3]
+    return mask, bias, (*mask_strides, *bias_strides)
+
+
+@torch.library.custom_op("fastencoder::attention_fwd", mutates_args=())
+def _attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
+    bias: torch.Tensor | None, cu_seqlens: torch.Tensor | None, seed: torch.Tensor | None,
+    max_seqlen: int, scale: float, dropout_p: float, allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    packed = cu_seqlens is not None
+    batch, heads, _ = _layout(q, cu_seqlens, max_seqlen)
+    head_dim = q.shape[-1]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    stats = torch.empty((batch, heads, 2, max_seqlen), dtype=torch.float32, device=q.device)
+    mask, bias, mask_bias_strides = _mask_bias_args(q, key_padding_mask, bias, batch, heads, max_seqlen)
+    block_m, block_n, num_warps, num_stages = _fwd_config(max_seqlen, q.dtype)
+    _attention_fwd_kernel[(triton.cdiv(max_seqlen, block_m), batch * heads)](
+        q, k, v, out, stats, mask, bias,
+        cu_seqlens if packed else _unused(q.device, torch.int32),
+        seed if seed is not None else _unused(q.device, torch.int64),
+        *_bsh_strides(q, packed), *_bsh_strides(k, packed), *_bsh_strides(v, packed),
+        *_bsh_strides(out, packed), *mask_bias_strides,
+        heads, max_seqlen, scale * LOG2E, dropout_p,
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m,
+        BLOCK_N=block_n, PACKED=packed, HAS_KEY_MASK=key_padding_mask is not None,
+        HAS_BIAS=bias.numel() > 0, HAS_DROPOUT=seed is not None, ALLOW_TF32=allow_tf32,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, stats
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, key_padding_mask, bias, cu_seqlens, seed, max_seqlen, scale, dropout_p, allow_tf32):
+    batch, heads, _ = _layout(q, cu_seqlens, max_seqlen)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        (batch, heads, 2, max_seqlen), dtype=torch.float32
+    )
+
+
+@torch.library.custom_op("fastencoder::attention_bwd", mutates_args=())
+def _attention_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    stats: torch.Tensor, key_padding_mask: torch.Tensor | None, bias: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None, seed: torch.Tensor | None, max_seqlen: int, scale: float,
+    dropout_p: float, allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    packed = cu_seqlens is not None
+    batch, heads, _ = _layout(q, cu_seqlens, max_seqlen)
+    head_dim = q.shape[-1]
+    block_d = triton.next_power_of_2(head_dim)
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    cu_seqlens = cu_seqlens if packed else _unused(q.device, torch.int32)
+    seed_arg = seed if seed is not None else _unused(q.device, torch.int64)
+    mask, bias, mask_bias_strides = _mask_bias_args(q, key_padding_mask, bias, batch, heads, max_seqlen)
+    flags = dict(
+        HEAD_DIM=head_dim, BLOCK_D=block_d, PACKED=packed,
+        HAS_KEY_MASK=key_padding_mask is not None, HAS_BIAS=bias.numel() > 0,
+        HAS_DROPOUT=seed is not None, ALLOW_TF32=allow_tf32,
+    )
+    qkv_do_strides = (*_bsh_strides(q, packed), *_bsh_strides(k, packed),
+                      *_bsh_strides(v, packed), *_bsh_strides(do, packed))
+
+    delta = torch.empty((batch, heads, max_seqlen), dtype=torch.float32, device=q.device)
+    _attention_bwd_delta_kernel[(triton.cdiv(max_seqlen, _DELTA_BLOCK_M), batch * heads)](
+        out, do, delta, cu_seqlens, *_bsh_strides(out, packed), *_bsh_strides(do, packed),
+        heads, max_seqlen,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=_DELTA_BLOCK_M, PACKED=packed,
+    )
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dv = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    (dkdv_m, dkdv_n, dkdv_warps, dkdv_stages), (dq_m, dq_n, dq_warps, dq_stages) = _bwd_configs(q.dtype)
+    _attention_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, dkdv_n), batch * heads)](
+        q, k, v, do, dk, dv, stats, delta, mask, bias, cu_seqlens, seed_arg,
+        *qkv_do_strides, *_bsh_strides(dk, packed), *_bsh_strides(dv, packed), *mask_bias_strides,
+        heads, max_seqlen, scale, scale * LOG2E, dropout_p,
+        BLOCK_M=dkdv_m, BLOCK_N=dkdv_n, **flags, num_warps=dkdv_warps, num_stages=dkdv_stages,
+    )
+    _attention_bwd_dq_kernel[(triton.cdiv(max_seqlen, dq_m), batch * heads)](
+        q, k, v, do, dq, stats, delta, mask, bias, cu_seqlens, seed_arg,
+        *qkv_do_strides, *_bsh_strides(dq, packed), *mask_bias_strides,
+        heads, max_seqlen, scale, scale * LOG2E, dropout_p,
+        BLOCK_M=dq_m, BLOCK_N=dq_n, **flags, num_warps=dq_warps, num_stages=dq_stages,
+    )
+    return dq, dk, dv
+
+
+@_attention_bwd.register_fake
+def _(do, q, k, v, out, stats, key_padding_mask, bias, cu_seqlens, seed, max_seqlen, scale,
+      dropout_p, allow_tf32):
+    return tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, bias, cu_seqlens, seed, max_seqlen, scale, dropout_p, allow_tf32 = inputs
+    out, stats = output
+    ctx.save_for_backward(q, k, v, out, stats, key_padding_mask, bias, cu_seqlens, seed)
+    ctx.arguments = (max_seqlen, scale, dropout_p, allow_tf32)
+
+
+def _backward(ctx, dout, _dstats):
+    q, k, v, out, stats, key_padding_mask, bias, cu_seqlens, seed = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(
+        dout, q, k, v, out, stats, key_padding_mask, bias, cu_seqlens, seed, *ctx.arguments
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _draw_dropout_seed(device):
+    """The Philox seed of one attention call, from torch's default CPU generator."""
+    return torch.empty((), dtype=torch.int64).random_().to(device)
+
+
+def _dropout_keep_mask(seed, batch, heads, max_seqlen, dropout_p):
+    """Boolean [batch, heads, S, S] mask of the probabilities the kernels keep for this seed (by
+    position within each sequence, in both layouts): the exact mask, drawn by the same code."""
+    keep = torch.empty((batch, heads, max_seqlen, max_seqlen), dtype=torch.int8, device=seed.device)
+    _dropout_mask_kernel[(max_seqlen, batch * heads)](
+        keep, seed, max_seqlen, dropout_p, BLOCK=_DROPOUT_MASK_BLOCK
+    )
+    return keep.bool()
+
+
+def _padded_reference(q, k, v, key_padding_mask, bias, scale, dropout_p, dropout_mask):
+    compute = torch.promote_types(q.dtype, torch.float32)
+    qh, kh, vh = (t.to(compute).transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+    scores = (qh @ kh.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.to(compute)
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    # rows with no visible key give zeros; softmax of finite placeholders keeps gradients finite
+    no_keys = (scores == float("-inf")).all(dim=-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(no_keys, 0.0), dim=-1).masked_fill(no_keys, 0.0)
+    if dropout_mask is not None:
+        probs = probs * dropout_mask / (1.0 - dropout_p)
+    elif dropout_p > 0:
+        probs = torch.nn.functional.dropout(probs, dropout_p)
+    return (probs @ vh).transpose(1, 2).to(q.dtype).contiguous()
+
+
+def attention_reference(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dropout_p=0.0,
+                        cu_seqlens=None, max_seqlen=None, dropout_mask=None):
+    """PyTorch reference of `attention`, computed in fp32 (or in q's dtype when that is wider:
+    float64 inputs give a float64 reference), result in q's dtype.
+
+    dropout_mask: optional boolean [B, H, S, S] (S = max_seqlen in the packed layout, indexed by
+    positions within each sequence) of the probabilities kept; without it dropout_p > 0 draws
+    torch's own dropout, which is not the kernels' mask.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if cu_seqlens is None:
+        if q.shape[1] == 0:
+            return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        return _padded_reference(q, k, v, key_padding_mask, bias, scale, dropout_p, dropout_mask)
+    batch, heads, _ = _layout(q, cu_seqlens, max_seqlen)
+    if bias is not None:
+        bias = bias.expand(batch, heads, max_seqlen, max_seqlen)
+    bounds = cu_seqlens.tolist()
+    outs = [torch.empty((0, *q.shape[1:]), dtype=q.dtype, device=q.device)]
+    for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if end == start:
+            continue
+        length = end - start
+        window = (slice(b, b + 1), slice(None), slice(0, length), slice(0, length))
+        outs.append(_padded_reference(
+            q[start:end][None], k[start:end][None], v[start:end][None], None,
+            None if bias is None else bias[window], scale, dropout_p,
+            None if dropout_mask is None else dropout_mask[window],
+        )[0])
+    return torch.cat(outs)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_inputs(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen):
+    check_float("q", q)
+    check_like("k", k, q, "q")
+    check_like("v", v, q, "q")
+    packed = cu_seqlens is not None
+    if q.dim() != (3 if packed else 4):
+        raise ValueError(
+            f"q must be [T, H, D] with cu_seqlens (packed layout) or [B, S, H, D] without, got "
+            f"shape {tuple(q.shape)} {'with' if packed else 'without'} cu_seqlens"
+        )
+    for name, tensor in (("k", k), ("v", v)):
+        if tensor.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(tensor.shape)}")
+    if scale is not None and not (_is_number(scale) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number or None (1/sqrt(head dim)), got {scale!r}")
+    if not (_is_number(dropout_p) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if packed:
+        if key_padding_mask is not None:
+            raise ValueError("key_padding_mask cannot be used with cu_seqlens: the packed layout "
+                             "holds real tokens only")
+        _check_cu_seqlens(cu_seqlens, max_seqlen, q)
+    elif max_seqlen is not None:
+        raise ValueError("max_seqlen is only for the packed layout (with cu_seqlens)")
+    batch, heads, seqlen = _layout(q, cu_seqlens, max_seqlen)
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError(
+                "key_padding_mask must be a torch.bool tensor (True = real token), got "
+                f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}; "
+                "for a Hugging Face attention_mask pass attention_mask.bool()"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+        if tuple(key_padding_mask.shape) != (batch, seqlen):
+            raise ValueError(f"key_padding_mask must have shape [B, S] = {(batch, seqlen)}, got "
+                             f"{tuple(key_padding_mask.shape)}")
+    if bias is not None:
+        check_like("bias", bias, q, "q")
+        target = (batch, heads, seqlen, seqlen)
+        if bias.dim() > 4 or any(n not in (1, t) for n, t in zip(bias.shape[::-1], target[::-1])):
+            raise ValueError(f"bias of shape {tuple(bias.shape)} does not broadcast to [B, H, S, S] "
+                             f"= {target}")
+
+
+def _check_cu_seqlens(cu_seqlens, max_seqlen, q):
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError("cu_seqlens must be 1-D [B + 1] with B >= 1, got shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    bounds = cu_seqlens.tolist()  # one small device-to-host copy, to refuse bad values up front
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    if bounds[0] != 0 or min(lengths) < 0 or bounds[-1] != q.shape[0]:
+        raise ValueError(
+            f"cu_seqlens must start at 0, never decrease and end at T = {q.shape[0]} (q's tokens), "
+            f"got {bounds if len(bounds) <= 10 else bounds[:5] + ['...'] + bounds[-2:]}"
+        )
+    if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < max(1, max(lengths)):
+        raise ValueError(f"max_seqlen must be an int >= the longest sequence ({max(lengths)}) and "
+                         f">= 1, got {max_seqlen!r}")
+
+
+def attention(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dropout_p=0.0,
+              cu_seqlens=None, max_seqlen=None):
+    """Multi-head attention softmax(q·kᵀ·scale + mask)·v, non-causal, with optional dropout.
+
+    q, k, v: [B, S, H, D] (padded layout; any strides on B, S, H, unit stride on D) or [T, H, D]
+        with cu_seqlens (int32 [B + 1], cumulative lengths from 0) and max_seqlen (an int, at
+        least the longest sequence): the packed layout.
+    key_padding_mask: bool [B, S], True = real token (padded layout only).
+    bias: additive, q's dtype, broadcastable to [B, H, S, S] (S = max_seqlen when packed; -inf and
+        finfo.min allowed). Its gradient is not computed: a bias that requires grad is refused.
+    scale: default 1/sqrt(D). dropout_p: in [0, 1), dropout on the probabilities (kept ones
+        scaled by 1/(1-p)); the seed comes from torch's default CPU generator.
+    float16, bfloat16 and float32 all run in the kernels (float32 with fp32 dot products, or TF32
+    when torch.backends.cuda.matmul.allow_tf32 is set). Head dims 16, 32, 64, 80, 96, 128.
+    Returns a contiguous tensor of q's shape; rows whose keys are all masked are zeros.
+    """
+    _check_inputs(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen)
+    head_dim = q.shape[-1]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    if not backend.use_triton(q.device):
+        return attention_reference(q, k, v, key_padding_mask=key_padding_mask, bias=bias,
+                                   scale=scale, dropout_p=dropout_p, cu_seqlens=cu_seqlens,
+                                   max_seqlen=max_seqlen)
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"the Triton attention supports head dims {SUPPORTED_HEAD_DIMS}, got "
+                         f"{head_dim}; use set_backend('torch') for others")
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if tensor.stride(-1) != 1:
+            raise ValueError(f"{name} must have unit stride on its last (head) dim, got strides "
+                             f"{tensor.stride()}; call .contiguous() first")
+    if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError("the Triton attention does not compute the gradient of bias; "
+                                  "detach it, or use set_backend('torch')")
+    max_seqlen = q.shape[1] if cu_seqlens is None else max_seqlen
+    if dropout_p > 0 and max_seqlen > MAX_DROPOUT_SEQLEN:
+        raise ValueError(f"the Triton attention's dropout supports sequences up to "
+                         f"{MAX_DROPOUT_SEQLEN} tokens, got {max_seqlen}")
+    if q.numel() == 0:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    seed = _draw_dropout_seed(q.device) if dropout_p > 0 else None
+    allow_tf32 = q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return _attention_fwd(q, k, v, key_padding_mask, bias, cu_seqlens, seed, max_seqlen, scale,
+                          dropout_p, allow_tf32)[0]
+
+
+_TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_POINTER_TYPES = dict(Stats="*fp32", Delta="*fp32", KeyMask="*u8", CuSeqlens="*i32", Seed="*i64",
+                      Keep="*i8")
+_FLOAT_SCALARS = ("scale", "scale_log2", "dropout_p")
+
+
+def _signature(kernel, element_type, constexprs):
+    """Argument types of `kernel` as launched: tensors of the input dtype unless listed above."""
+    names = inspect.signature(kernel.fn).parameters
+    return {
+        name: _POINTER_TYPES.get(name, f"*{element_type}" if name[0].isupper() else
+                                 ("fp32" if name in _FLOAT_SCALARS else "i32"))
+        for name in names if name not in constexprs
+    }
+
+
+def _flag_variants():
+    for packed in (False, True):
+        for has_key_mask in (False,) if packed else (False, True):  # packed: real tokens only
+            for has_bias in (False, True):
+                for has_dropout in (False, True):
+                    yield dict(PACKED=packed, HAS_KEY_MASK=has_key_mask, HAS_BIAS=has_bias,
+                               HAS_DROPOUT=has_dropout)
+
+
+def _flags_name(flags):
+    names = dict(PACKED="packed", HAS_KEY_MASK="+mask", HAS_BIAS="+bias", HAS_DROPOUT="+dropout")
+    return " ".join(names[flag] for flag, on in flags.items() if on) or "padded"
+
+
+def compile_cases():
+    """Every compiled variant, for the static kernel report (kernels/report.py)."""
+    for dtype, type_name in _TYPE_NAMES.items():
+        fp32 = dtype == torch.float32
+        fwd_configs = sorted({_fwd_config(seqlen, dtype) for seqlen in (64, 128, 512)})
+        dkdv_config, dq_config = _bwd_configs(dtype)
+        for allow_tf32 in (False, True) if fp32 else (False,):
+            # fp32 without TF32 has no tensor-core instruction: no HGMMA to expect there
+            matmul = not fp32 or allow_tf32
+            precision = (" tf32" if allow_tf32 else " ieee") if fp32 else ""
+            for head_dim in SUPPORTED_HEAD_DIMS:
+                dims = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim))
+                for flags in _flag_variants():
+                    variant = f"D={head_dim} {type_name}{precision} {_flags_name(flags)}"
+                    launched = [(_attention_fwd_kernel, "attention_fwd", config) for config in fwd_configs]
+                    launched += [(_attention_bwd_dkdv_kernel, "attention_bwd_dkdv", dkdv_config),
+                                 (_attention_bwd_dq_kernel, "attention_bwd_dq", dq_config)]
+                    for kernel, kernel_name, (block_m, block_n, num_warps, num_stages) in launched:
+                        constexprs = dict(**dims, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
+                                          ALLOW_TF32=allow_tf32)
+                        yield dict(
+                            name=f"{kernel_name} {block_m}x{block_n} w{num_warps} s{num_stages} {variant}",
+                            fn=kernel, signature=_signature(kernel, type_name, constexprs),
+                            constexprs=constexprs, num_warps=num_warps, num_stages=num_stages,
+                            matmul=matmul,
+                        )
+                if allow_tf32:
+                    continue  # the delta kernel has no dot product
+                for packed in (False, True):
+                    constexprs = dict(**dims, BLOCK_M=_DELTA_BLOCK_M, PACKED=packed)
+                    yield dict(
+                        name=f"attention_bwd_delta D={head_dim} {type_name}{' packed' if packed else ''}",
+                        fn=_attention_bwd_delta_kernel,
+                        signature=_signature(_attention_bwd_delta_kernel, type_name, constexprs),
+                        constexprs=constexprs, num_warps=4, num_stages=1, matmul=False,
+                    )
+    constexprs = dict(BLOCK=_DROPOUT_MASK_BLOCK)
+    yield dict(
+        name="attention_dropout_mask", fn=_dropout_mask_kernel,
+        signature=_signature(_dropout_mask_kernel, "fp32", constexprs), constexprs=constexprs,
+        num_warps=4, num_stages=1, matmul=False,
+    )
