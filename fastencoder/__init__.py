@@ -1,5 +1,41 @@
 """fastencoder: fused Triton kernels for BERT and ALBERT encoders."""
 from .kernels import get_backend, set_backend
 
-__all__ = ["get_backend", "set_backend"]
+# The models and the drop-in need transformers, an optional dependency: imported on first access.
+MODELS = (
+    "AlbertForMaskedLM",
+    "AlbertForMultipleChoice",
+    "AlbertForPreTraining",
+    "AlbertForQuestionAnswering",
+    "AlbertForSequenceClassification",
+    "AlbertForTokenClassification",
+    "AlbertModel",
+    "BertForMaskedLM",
+    "BertForMultipleChoice",
+    "BertForPreTraining",
+    "BertForQuestionAnswering",
+    "BertForSequenceClassification",
+    "BertForTokenClassification",
+    "BertModel",
+)
+
+DROP_IN = ("optimize", "register_hf_attention", "restore")
+
+__all__ = ["get_backend", "set_backend", *MODELS, *DROP_IN]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in MODELS:
+        from . import models
+
+        return getattr(models, name)
+    if name in DROP_IN:
+        from . import dropin
+
+        return getattr(dropin, name)
+    raise AttributeError(f"module 'fastencoder' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *MODELS, *DROP_IN])

@@ -1,0 +1,187 @@
+"""BERT on fastencoder's fused ops, a drop-in for Hugging Face's.
+
+`BertModel` subclasses Hugging Face's `BertPreTrainedModel` with the same module names, parameters
+and buffers as `transformers.BertModel`, so state dicts match key for key and `from_pretrained` /
+`save_pretrained` go through Hugging Face's machinery. The task models subclass Hugging Face's and
+only swap their `bert` for this one: heads, losses and outputs are Hugging Face's own.
+"""
+import transformers
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+from transformers.models.bert import modeling_bert
+
+from fastencoder.kernels import linear
+
+from .layers import (
+    EncoderHeadsMixin,
+    FusedEmbeddingsMixin,
+    FusedEncoderLayer,
+    LayerParts,
+    QKVProjection,
+    as_config,
+    attention_mask_for,
+    check_inputs,
+    check_supported,
+    output_flags,
+    run_layers,
+    without_autocast,
+)
+
+
+class BertEmbeddings(FusedEmbeddingsMixin, modeling_bert.BertEmbeddings):
+    pass
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.self = QKVProjection(config.hidden_size)
+        self.output = BertSelfOutput(config)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+
+class BertOutput(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class BertLayer(FusedEncoderLayer):
+    def __init__(self, config):
+        super().__init__(config, ffn_output_dropout=config.hidden_dropout_prob)
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def parts(self):
+        return LayerParts(
+            qkv=self.attention.self, attention_dense=self.attention.output.dense,
+            attention_norm=self.attention.output.LayerNorm, ffn_in=self.intermediate.dense,
+            ffn_out=self.output.dense, ffn_norm=self.output.LayerNorm,
+        )
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layer = nn.ModuleList([BertLayer(config) for _ in range(config.num_hidden_layers)])
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states):
+        return linear(hidden_states[:, 0], self.dense.weight, self.dense.bias).tanh()
+
+
+class BertModel(modeling_bert.BertPreTrainedModel):
+    """BERT encoder (embeddings, layers, optional pooler) on fastencoder's fused ops.
+
+    `config`: a `transformers.BertConfig`, or a path to a config.json or a model directory.
+    """
+
+    _no_split_modules = ["BertEmbeddings", "BertLayer"]
+    _can_record_outputs = None  # hidden states and attentions are collected by the encoder itself
+
+    def __init__(self, config, add_pooling_layer=True):
+        config = as_config(config, modeling_bert.BertConfig)
+        check_supported(config)
+        super().__init__(config)
+        self.gradient_checkpointing = False
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        cache=None,
+        use_cache=None,
+        *,
+        head_mask=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        """Hugging Face's BertModel.forward (same positional order) for encoders; returns
+        BaseModelOutputWithPoolingAndCrossAttentions (or its tuple with return_dict=False).
+        use_cache is accepted and ignored, as Hugging Face does for encoders."""
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
+        )
+        batch, seqlen = check_inputs(
+            self.config, input_ids, inputs_embeds, token_type_ids, position_ids, head_mask,
+            self.config.hidden_size,
+            dict(encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
+                 cache=cache, past_key_values=kwargs.get("past_key_values")),
+        )
+        word_embeddings = self.embeddings.word_embeddings.weight
+        mask = attention_mask_for(attention_mask, batch, seqlen, self.config.num_attention_heads, word_embeddings.dtype)
+        with without_autocast(word_embeddings.device):
+            embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+            sequence_output, hidden_states, attentions = run_layers(
+                self.encoder.layer, embeddings, mask, output_attentions, output_hidden_states
+            )
+            pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
+        output = BaseModelOutputWithPoolingAndCrossAttentions(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled_output,
+            hidden_states=hidden_states,
+            attentions=attentions,
+            # Hugging Face reports an empty tuple of cross-attentions whenever attentions are asked for
+            cross_attentions=() if output_attentions else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class BertForPreTraining(EncoderHeadsMixin, transformers.BertForPreTraining):
+    encoder_class = BertModel
+
+
+class BertForMaskedLM(EncoderHeadsMixin, transformers.BertForMaskedLM):
+    encoder_class = BertModel
+
+
+class BertForSequenceClassification(EncoderHeadsMixin, transformers.BertForSequenceClassification):
+    encoder_class = BertModel
+
+
+class BertForTokenClassification(EncoderHeadsMixin, transformers.BertForTokenClassification):
+    encoder_class = BertModel
+
+
+class BertForQuestionAnswering(EncoderHeadsMixin, transformers.BertForQuestionAnswering):
+    encoder_class = BertModel
+
+
+class BertForMultipleChoice(EncoderHeadsMixin, transformers.BertForMultipleChoice):
+    encoder_class = BertModel
