@@ -1,0 +1,135 @@
+"""One-line drop-in for Hugging Face and sentence-transformers models.
+
+`optimize(model)` swaps the BERT / ALBERT encoder inside a Hugging Face model (a base model, any
+task model, or a SentenceTransformer whose first module wraps one) for fastencoder's, in place.
+The new encoder holds the very same parameter and buffer tensors, so optimisers, tied weights,
+`save_pretrained` (Hugging Face's own keys), Trainer and pipelines carry on unchanged;
+`restore(model)` puts the original encoder back.
+
+`register_hf_attention()` is the lighter level: it registers fastencoder's attention kernel as a
+Hugging Face attention implementation, so `model.set_attn_implementation("fastencoder")` runs it
+inside the unchanged Hugging Face model.
+"""
+import torch
+import transformers
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from fastencoder import models
+from fastencoder.kernels.attention import attention
+from fastencoder.models.layers import check_supported
+
+_FASTENCODER_CLASS = {transformers.BertModel: models.BertModel, transformers.AlbertModel: models.AlbertModel}
+_ORIGINAL = "_fastencoder_original"  # kept in the module's __dict__: not a submodule, not in state_dict
+
+
+def optimize(model):
+    """Replace `model`'s BERT/ALBERT encoder with fastencoder's, sharing its parameters; returns
+    `model`. Applying it twice is harmless. Unsupported configurations raise before anything changes."""
+    slot = _sentence_transformer_slot(model)
+    if slot is not None:
+        holder, name = slot
+        setattr(holder, name, optimize(getattr(holder, name)))
+        return model
+    if isinstance(model, tuple(_FASTENCODER_CLASS.values())):
+        return model
+    if type(model) in _FASTENCODER_CLASS:
+        return _fastencoder_encoder(model)
+    inner = _inner_encoder(model)
+    if inner is None:
+        raise TypeError(
+            "fastencoder.optimize takes a Hugging Face BertModel / AlbertModel, a task model built on one "
+            f"(Bert*/Albert*), or a SentenceTransformer whose first module wraps one; got {type(model).__name__}"
+        )
+    setattr(model, model.base_model_prefix, optimize(inner))
+    return model
+
+
+def restore(model):
+    """Undo `optimize`: put the original Hugging Face encoder back; returns `model`."""
+    slot = _sentence_transformer_slot(model)
+    if slot is not None:
+        holder, name = slot
+        setattr(holder, name, restore(getattr(holder, name)))
+        return model
+    if _ORIGINAL in vars(model):
+        return vars(model)[_ORIGINAL]
+    inner = _inner_encoder(model)
+    if inner is not None and _ORIGINAL in vars(inner):
+        setattr(model, model.base_model_prefix, vars(inner)[_ORIGINAL])
+    return model
+
+
+def _inner_encoder(model):
+    prefix = getattr(model, "base_model_prefix", None)
+    inner = getattr(model, prefix, None) if prefix else None
+    if isinstance(inner, tuple(_FASTENCODER_CLASS.values())) or type(inner) in _FASTENCODER_CLASS:
+        return inner
+    return None
+
+
+def _sentence_transformer_slot(model):
+    """(module, attribute) holding the Hugging Face model inside a SentenceTransformer, else None."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return None
+    if not isinstance(model, SentenceTransformer):
+        return None
+    first = model[0]
+    # sentence-transformers 6 keeps it in `.model` (`.auto_model` became a read-only alias); older
+    # releases in `.auto_model`
+    for name in ("model", "auto_model"):
+        if isinstance(first._modules.get(name), torch.nn.Module):
+            return first, name
+    return None
+
+
+def _fastencoder_encoder(original):
+    """fastencoder's encoder holding `original`'s parameter and buffer tensors themselves."""
+    check_supported(original.config)
+    with torch.device("meta"):
+        encoder = _FASTENCODER_CLASS[type(original)](original.config, add_pooling_layer=original.pooler is not None)
+    encoder.load_state_dict(original.state_dict(keep_vars=True), strict=True, assign=True)
+    for name, buffer in original.named_buffers():  # non-persistent ones are not in the state dict
+        owner, _, leaf = name.rpartition(".")
+        encoder.get_submodule(owner)._buffers[leaf] = buffer
+    encoder.train(original.training)
+    if any(getattr(module, "gradient_checkpointing", False) for module in original.modules()):
+        encoder.gradient_checkpointing_enable()
+    vars(encoder)[_ORIGINAL] = original
+    return encoder
+
+
+def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Hugging Face's attention-function signature over fastencoder's kernel: q, k, v arrive as
+    [B, H, S, D] and are read in place as [B, S, H, D] views; returns ([B, S, H, D], None)."""
+    if kwargs.get("is_causal", getattr(module, "is_causal", False)):
+        raise NotImplementedError("fastencoder's attention is bidirectional (encoders); causal attention is not supported")
+    key_padding_mask = bias = None
+    if attention_mask is not None and attention_mask.dim() == 2:
+        key_padding_mask = attention_mask.bool()
+    elif attention_mask is not None:  # a user's 3-D / 4-D mask, passed through by Hugging Face as is
+        bias = attention_mask if attention_mask.is_floating_point() else torch.zeros(
+            attention_mask.shape, dtype=query.dtype, device=query.device
+        ).masked_fill(~attention_mask.bool(), float("-inf"))
+        bias = bias.to(query.dtype)
+    out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                    key_padding_mask=key_padding_mask, bias=bias, scale=scaling, dropout_p=dropout)
+    return out, None
+
+
+def hf_padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
+    """The mask Hugging Face hands to `hf_attention`: the 2-D padding mask itself (None without
+    padding), as for FlashAttention — the kernel takes key padding directly, no [B, 1, S, S] tensor."""
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    return None if attention_mask.all() else attention_mask
+
+
+def register_hf_attention(name="fastencoder"):
+    """Register the kernel as Hugging Face attention implementation `name` (both the attention
+    function and its mask: without the mask, Hugging Face would pass no padding mask at all)."""
+    AttentionInterface.register(name, hf_attention)
+    AttentionMaskInterface.register(name, hf_padding_mask)
