@@ -1,7 +1,13 @@
 """fastencoder's fused Triton ops. Each public op is a torch.library custom op (traceable by
 torch.compile) with a PyTorch reference beside it; the backend switch picks between them."""
-from .backend import get_backend, set_backend
-from .layer_norm import layer_norm
-from .linear import linear
+# Run from a checkout (`python -m pytest`, a script in the repo root), this directory is also
+# importable as a top-level package `kernels`, a name transformers imports to probe for the hub
+# package of that name. Only as fastencoder.kernels may it define its ops: registering the same
+# torch.library ops a second time corrupts torch's operator registry.
+if __name__ == "fastencoder.kernels":
+    from .attention import attention
+    from .backend import get_backend, set_backend
+    from .layer_norm import layer_norm
+    from .linear import linear
 
-__all__ = ["get_backend", "layer_norm", "linear", "set_backend"]
+    __all__ = ["attention", "get_backend", "layer_norm", "linear", "set_backend"]

@@ -154,7 +154,7 @@ def _attention_fwd_kernel(
             keep = _dropout_keep(seed, batch_head, rows[:, None], cols[None, :], max_seqlen, dropout_p)
             p = tl.where(keep, p * keep_scale, 0.0)
         v = tl.load(V + cols[:, None] * stride_vs + dims[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=precision)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=precision)
         m_i = m_new
     has_keys = l_i > 0.0
     out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
@@ -354,36 +354,64 @@ def _dropout_mask_kernel(Keep, Seed, max_seqlen, dropout_p, BLOCK: tl.constexpr)
         tl.store(Keep + offsets, keep.to(tl.int8), mask=k_idx < max_seqlen)
 
 
-# Launch configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages), one per bucket of
-# (max sequence length, dtype); every one of them is listed in compile_cases() and checked there
-# to compile without register spills for sm_80 and sm_90a, for every head dim.
-def _seqlen_bucket(max_seqlen):
-    """Short sequences get one key block covering every key (a single pass of the key loop)."""
-    return 64 if max_seqlen <= 64 else (128 if max_seqlen <= 128 else "long")
-
-
-_FWD_CONFIGS = {  # (bucket, fp32)
-    (64, False): (64, 64, 4, 1),
-    (128, False): (64, 128, 8, 1),
-    ("long", False): (128, 64, 8, 2),
-    (64, True): (32, 64, 4, 1),
-    (128, True): (32, 64, 4, 1),
-    ("long", True): (32, 64, 4, 1),
+# Launch configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages), keyed by (precision, head-dim
+# bucket, has bias). Every one is listed in compile_cases() and checked there to compile without
+# register spills for sm_80 and sm_90a, for every head dim it serves. What the registers must hold
+# grows with the head dim (the [rows, D] fp32 accumulators), with fp32 operands, with a bias tile
+# (loaded, then moved into the dot's layout) and with dropout's Philox rounds; the biggest tiles
+# that stay spill-free with all of them are below. Precision "16" is fp16/bf16 (tensor cores),
+# "tf32" is fp32 on tensor cores, "ieee" is fp32 on the FMA units (no wgmma, so small tiles).
+_FWD_CONFIGS = {
+    ("16", 64, False): (128, 64, 8, 2),
+    ("16", 64, True): (128, 64, 8, 2),
+    ("16", 128, False): (128, 64, 8, 2),
+    ("16", 128, True): (64, 64, 4, 2),
+    ("tf32", 64, False): (64, 32, 4, 2),
+    ("tf32", 64, True): (64, 32, 4, 2),
+    ("tf32", 128, False): (64, 32, 4, 2),
+    ("tf32", 128, True): (64, 32, 4, 2),
+    ("ieee", 64, False): (32, 32, 4, 1),
+    ("ieee", 64, True): (32, 32, 4, 1),
+    ("ieee", 128, False): (16, 16, 4, 1),
+    ("ieee", 128, True): (16, 16, 4, 1),
 }
-_BWD_CONFIGS = {  # fp32 or not: (dK/dV kernel config, dQ kernel config)
-    False: ((32, 64, 8, 1), (64, 32, 8, 1)),
-    True: ((32, 32, 4, 1), (32, 32, 4, 1)),
+# BERT's common case, 16-bit with D <= 64, at most 128 keys and neither bias nor dropout: one key
+# block covers every key, a single pass of the key loop.
+_FWD_ONE_KEY_BLOCK = (128, 128, 8, 1)
+_BWD_CONFIGS = {  # (dK/dV kernel config, dQ kernel config)
+    ("16", 64, False): ((32, 64, 4, 2), (128, 32, 8, 2)),
+    ("16", 64, True): ((32, 64, 4, 1), (128, 32, 8, 2)),
+    ("16", 128, False): ((16, 64, 4, 2), (64, 32, 4, 2)),
+    ("16", 128, True): ((16, 64, 4, 2), (64, 32, 4, 1)),
+    ("tf32", 64, False): ((16, 64, 4, 1), (64, 16, 4, 1)),
+    ("tf32", 64, True): ((16, 64, 4, 1), (64, 16, 4, 1)),
+    # TF32 dK/dV with D >= 80: 64-key tiles (wgmma's minimum) spill, fp32 K, V, dK and dV tiles
+    # being 4x as many registers as fp16 K, V; 32-key tiles run on mma.sync instead of wgmma
+    ("tf32", 128, False): ((16, 32, 4, 1), (64, 16, 4, 1)),
+    ("tf32", 128, True): ((16, 32, 4, 1), (64, 16, 4, 1)),
+    ("ieee", 64, False): ((16, 32, 4, 1), (16, 16, 4, 1)),
+    ("ieee", 64, True): ((16, 32, 4, 1), (16, 16, 4, 1)),
+    ("ieee", 128, False): ((16, 16, 4, 1), (16, 16, 4, 1)),
+    ("ieee", 128, True): ((16, 16, 4, 1), (16, 16, 4, 1)),
 }
 _DELTA_BLOCK_M = 64
 _DROPOUT_MASK_BLOCK = 128
 
 
-def _fwd_config(max_seqlen, dtype):
-    return _FWD_CONFIGS[_seqlen_bucket(max_seqlen), dtype == torch.float32]
+def _config_key(head_dim, dtype, allow_tf32, has_bias):
+    precision = "16" if dtype != torch.float32 else ("tf32" if allow_tf32 else "ieee")
+    return precision, 64 if head_dim <= 64 else 128, has_bias
 
 
-def _bwd_configs(dtype):
-    return _BWD_CONFIGS[dtype == torch.float32]
+def _fwd_config(max_seqlen, head_dim, dtype, allow_tf32, has_bias, has_dropout):
+    key = _config_key(head_dim, dtype, allow_tf32, has_bias)
+    if key == ("16", 64, False) and max_seqlen <= 128 and not has_dropout:
+        return _FWD_ONE_KEY_BLOCK
+    return _FWD_CONFIGS[key]
+
+
+def _bwd_configs(head_dim, dtype, allow_tf32, has_bias):
+    return _BWD_CONFIGS[_config_key(head_dim, dtype, allow_tf32, has_bias)]
 
 
 def _layout(q, cu_seqlens, max_seqlen):
@@ -412,11 +440,30 @@ def _mask_bias_args(q, key_padding_mask, bias, batch, heads, max_seqlen):
     if bias is None:
         bias, bias_strides = _unused(q.device, q.dtype), (0, 0, 0)
     else:
-        if bias.shape[-1] != max_seqlen or bias.stride(-1) != 1:  # the kernels need unit key stride
-            bias = bias.expand(*bias.shape[:-1], max_seqlen).contiguous()
-        bias = bias.expand(batch, heads, max_seqlen, max_seqlen)  # broadcast dims get stride 0
-        bias_strides = bias.stride()[:3]
+        bias, bias_strides = _aligned_bias(bias, batch, heads, max_seqlen)
     return mask, bias, (*mask_strides, *bias_strides)
+
+
+def _bias_strides(bias):
+    """Strides over (sequence, head, query, key) of a [B, H, S, S] bias, 0 where broadcast."""
+    return [0 if size == 1 else stride for size, stride in zip(bias.shape, bias.stride())]
+
+
+def _aligned_bias(bias, batch, heads, max_seqlen):
+    """The bias as the kernels read it: [B, H, S, S] with unit stride over keys and its other
+    strides multiples of 16 elements (0 where broadcast), so that every row starts 16-element
+    aligned and loads as wide vectors (loads of unknown alignment go element by element, a 64-bit
+    address each, and spill). Copied, rows padded, only where it is not so already. Returns the
+    bias and its (sequence, head, query) strides."""
+    bias = bias.expand(batch, heads, max_seqlen, max_seqlen)  # broadcast dims get stride 0
+    strides = _bias_strides(bias)
+    if strides[3] != 1 or any(stride % 16 for stride in strides[:3]):
+        varying = [size if stride else 1 for size, stride in zip(bias.shape[:3], strides[:3])]
+        aligned = bias.new_empty(*varying, triton.cdiv(max_seqlen, 16) * 16)[..., :max_seqlen]
+        aligned.copy_(bias[tuple(slice(0, size) for size in varying)])
+        bias = aligned.expand(batch, heads, max_seqlen, max_seqlen)
+        strides = _bias_strides(bias)
+    return bias, strides[:3]
 
 
 @torch.library.custom_op("fastencoder::attention_fwd", mutates_args=())
@@ -431,7 +478,8 @@ def _attention_fwd(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     stats = torch.empty((batch, heads, 2, max_seqlen), dtype=torch.float32, device=q.device)
     mask, bias, mask_bias_strides = _mask_bias_args(q, key_padding_mask, bias, batch, heads, max_seqlen)
-    block_m, block_n, num_warps, num_stages = _fwd_config(max_seqlen, q.dtype)
+    block_m, block_n, num_warps, num_stages = _fwd_config(
+        max_seqlen, head_dim, q.dtype, allow_tf32, bias.numel() > 0, seed is not None)
     _attention_fwd_kernel[(triton.cdiv(max_seqlen, block_m), batch * heads)](
         q, k, v, out, stats, mask, bias,
         cu_seqlens if packed else _unused(q.device, torch.int32),
@@ -488,7 +536,8 @@ def _attention_bwd(
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dv = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    (dkdv_m, dkdv_n, dkdv_warps, dkdv_stages), (dq_m, dq_n, dq_warps, dq_stages) = _bwd_configs(q.dtype)
+    (dkdv_m, dkdv_n, dkdv_warps, dkdv_stages), (dq_m, dq_n, dq_warps, dq_stages) = _bwd_configs(
+        head_dim, q.dtype, allow_tf32, bias.numel() > 0)
     _attention_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, dkdv_n), batch * heads)](
         q, k, v, do, dk, dv, stats, delta, mask, bias, cu_seqlens, seed_arg,
         *qkv_do_strides, *_bsh_strides(dk, packed), *_bsh_strides(dv, packed), *mask_bias_strides,
@@ -678,20 +727,18 @@ def attention(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dropout_
     scale: default 1/sqrt(D). dropout_p: in [0, 1), dropout on the probabilities (kept ones
         scaled by 1/(1-p)); the seed comes from torch's default CPU generator.
     float16, bfloat16 and float32 all run in the kernels (float32 with fp32 dot products, or TF32
-    when torch.backends.cuda.matmul.allow_tf32 is set). Head dims 16, 32, 64, 80, 96, 128.
+    when torch.backends.cuda.matmul.allow_tf32 is set). Head dims 16, 32, 64, 80, 96, 128 run
+    in the kernels, others in the PyTorch reference.
     Returns a contiguous tensor of q's shape; rows whose keys are all masked are zeros.
     """
     _check_inputs(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen)
     head_dim = q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     dropout_p = float(dropout_p)
-    if not backend.use_triton(q.device):
+    if not backend.use_triton(q.device) or head_dim not in SUPPORTED_HEAD_DIMS:
         return attention_reference(q, k, v, key_padding_mask=key_padding_mask, bias=bias,
                                    scale=scale, dropout_p=dropout_p, cu_seqlens=cu_seqlens,
                                    max_seqlen=max_seqlen)
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"the Triton attention supports head dims {SUPPORTED_HEAD_DIMS}, got "
-                         f"{head_dim}; use set_backend('torch') for others")
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         if tensor.stride(-1) != 1:
             raise ValueError(f"{name} must have unit stride on its last (head) dim, got strides "
@@ -727,13 +774,39 @@ def _signature(kernel, element_type, constexprs):
     }
 
 
-def _flag_variants():
-    for packed in (False, True):
-        for has_key_mask in (False,) if packed else (False, True):  # packed: real tokens only
-            for has_bias in (False, True):
-                for has_dropout in (False, True):
-                    yield dict(PACKED=packed, HAS_KEY_MASK=has_key_mask, HAS_BIAS=has_bias,
-                               HAS_DROPOUT=has_dropout)
+def _uses_wgmma(kernel, config, dtype, allow_tf32):
+    """Whether sm_90a code must show wgmma (HGMMA): tensor-core dot products (16-bit or TF32; fp32
+    "ieee" runs on the FMA units) whose tiles have the 64 rows a warpgroup instruction needs (the
+    dK/dV kernel's dots have BLOCK_N rows, the others' BLOCK_M)."""
+    rows = config[1] if kernel is _attention_bwd_dkdv_kernel else config[0]
+    return (dtype != torch.float32 or allow_tf32) and rows >= 64
+
+
+_KERNEL_NAMES = {
+    _attention_fwd_kernel: "attention_fwd",
+    _attention_bwd_dkdv_kernel: "attention_bwd_dkdv",
+    _attention_bwd_dq_kernel: "attention_bwd_dq",
+}
+
+
+def _launches(head_dim, dtype, allow_tf32):
+    """{(kernel, config): flags} for every config launched at this head dim and precision, each with
+    the register-heaviest flags it is launched with: every flag only adds to the same tiles (a mask
+    or bias load, Philox rounds), and the padded layout with a key mask is heavier than the packed
+    one, which differs only in two scalar loads of cu_seqlens before the tiles. So each config
+    compiles once, with the key mask, dropout and (if it serves a bias) the bias."""
+    launches = {}
+    for has_bias in (False, True):  # a config serving both keeps the heavier flags, with the bias
+        flags = dict(PACKED=False, HAS_KEY_MASK=True, HAS_BIAS=has_bias, HAS_DROPOUT=True)
+        fwd = _fwd_config(math.inf, head_dim, dtype, allow_tf32, has_bias, True)
+        dkdv, dq = _bwd_configs(head_dim, dtype, allow_tf32, has_bias)
+        for kernel, config in ((_attention_fwd_kernel, fwd), (_attention_bwd_dkdv_kernel, dkdv),
+                               (_attention_bwd_dq_kernel, dq)):
+            launches[kernel, config] = flags
+    short = _fwd_config(128, head_dim, dtype, allow_tf32, False, False)
+    launches.setdefault((_attention_fwd_kernel, short), dict(
+        PACKED=False, HAS_KEY_MASK=True, HAS_BIAS=False, HAS_DROPOUT=False))
+    return launches
 
 
 def _flags_name(flags):
@@ -741,42 +814,45 @@ def _flags_name(flags):
     return " ".join(names[flag] for flag, on in flags.items() if on) or "padded"
 
 
+# The q/k/v/out/grad strides are multiples of 16 elements (head dims are) and so are the bias's
+# (`_aligned_bias`): Triton specialises launches on that, and it is what lets tiles load as wide
+# vectors. The key-mask strides and max_seqlen are left unknown, as for any sequence length.
+def _divisible_by_16(signature):
+    return [name for name in signature
+            if name.startswith("stride") and name not in ("stride_mb", "stride_mk")]
+
+
 def compile_cases():
-    """Every compiled variant, for the static kernel report (kernels/report.py)."""
+    """Every launched config x dtype x head dim, for the static kernel report (kernels/report.py)."""
     for dtype, type_name in _TYPE_NAMES.items():
         fp32 = dtype == torch.float32
-        fwd_configs = sorted({_fwd_config(seqlen, dtype) for seqlen in (64, 128, 512)})
-        dkdv_config, dq_config = _bwd_configs(dtype)
         for allow_tf32 in (False, True) if fp32 else (False,):
-            # fp32 without TF32 has no tensor-core instruction: no HGMMA to expect there
-            matmul = not fp32 or allow_tf32
             precision = (" tf32" if allow_tf32 else " ieee") if fp32 else ""
             for head_dim in SUPPORTED_HEAD_DIMS:
                 dims = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim))
-                for flags in _flag_variants():
-                    variant = f"D={head_dim} {type_name}{precision} {_flags_name(flags)}"
-                    launched = [(_attention_fwd_kernel, "attention_fwd", config) for config in fwd_configs]
-                    launched += [(_attention_bwd_dkdv_kernel, "attention_bwd_dkdv", dkdv_config),
-                                 (_attention_bwd_dq_kernel, "attention_bwd_dq", dq_config)]
-                    for kernel, kernel_name, (block_m, block_n, num_warps, num_stages) in launched:
-                        constexprs = dict(**dims, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
-                                          ALLOW_TF32=allow_tf32)
-                        yield dict(
-                            name=f"{kernel_name} {block_m}x{block_n} w{num_warps} s{num_stages} {variant}",
-                            fn=kernel, signature=_signature(kernel, type_name, constexprs),
-                            constexprs=constexprs, num_warps=num_warps, num_stages=num_stages,
-                            matmul=matmul,
-                        )
-                if allow_tf32:
-                    continue  # the delta kernel has no dot product
-                for packed in (False, True):
-                    constexprs = dict(**dims, BLOCK_M=_DELTA_BLOCK_M, PACKED=packed)
+                for (kernel, config), flags in _launches(head_dim, dtype, allow_tf32).items():
+                    block_m, block_n, num_warps, num_stages = config
+                    constexprs = dict(**dims, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
+                                      ALLOW_TF32=allow_tf32)
+                    signature = _signature(kernel, type_name, constexprs)
                     yield dict(
-                        name=f"attention_bwd_delta D={head_dim} {type_name}{' packed' if packed else ''}",
-                        fn=_attention_bwd_delta_kernel,
-                        signature=_signature(_attention_bwd_delta_kernel, type_name, constexprs),
-                        constexprs=constexprs, num_warps=4, num_stages=1, matmul=False,
+                        name=f"{_KERNEL_NAMES[kernel]} {block_m}x{block_n} w{num_warps} s{num_stages} "
+                             f"D={head_dim} {type_name}{precision} {_flags_name(flags)}",
+                        fn=kernel, signature=signature, constexprs=constexprs,
+                        divisible_by_16=_divisible_by_16(signature), num_warps=num_warps,
+                        num_stages=num_stages, matmul=_uses_wgmma(kernel, config, dtype, allow_tf32),
                     )
+                if allow_tf32:
+                    continue  # the delta kernel has no dot product: fp32 is one kernel
+                # its heaviest variant: the packed one adds only the two scalar loads
+                constexprs = dict(**dims, BLOCK_M=_DELTA_BLOCK_M, PACKED=True)
+                signature = _signature(_attention_bwd_delta_kernel, type_name, constexprs)
+                yield dict(
+                    name=f"attention_bwd_delta D={head_dim} {type_name} packed",
+                    fn=_attention_bwd_delta_kernel, signature=signature, constexprs=constexprs,
+                    divisible_by_16=_divisible_by_16(signature), num_warps=4, num_stages=1,
+                    matmul=False,
+                )
     constexprs = dict(BLOCK=_DROPOUT_MASK_BLOCK)
     yield dict(
         name="attention_dropout_mask", fn=_dropout_mask_kernel,

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-KERNEL_MODULES = ("layer_norm", "linear")
+KERNEL_MODULES = ("layer_norm", "linear", "attention")
 ARCHS = {"sm_80": 80, "sm_90a": 90}
 # Shared memory one block may use (opt-in maximum): A100 and H100/H200.
 MAX_SHARED = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}
@@ -106,9 +106,13 @@ def _compile_index(index):
     return {arch: compile_case(_CASES[index], arch) for arch in ARCHS}
 
 
-def run(name_filter="", jobs=None):
-    """Compile every case; returns [(case, {arch: result}, [problems])]."""
-    _CASES[:] = all_cases(name_filter)
+def run(name_filter="", jobs=None, quick=False):
+    """Compile every case (with quick, the first variant of each kernel only); returns
+    [(case, {arch: result}, [problems])]."""
+    cases = all_cases(name_filter)
+    if quick:
+        cases = list({case["fn"].__name__: case for case in reversed(cases)}.values())
+    _CASES[:] = cases
     jobs = jobs or os.cpu_count() or 1
     if jobs > 1:
         with multiprocessing.get_context("fork").Pool(jobs) as pool:

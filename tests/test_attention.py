@@ -2,15 +2,17 @@
 
 Without a GPU the kernels run in Triton's interpreter (slow: ~1.5 ms per program), so shapes are
 small (B=2, H=2) but cross every block edge: S=17 and 77 end mid-block, 129 spills one row into
-an extra query block and an extra key block.
+an extra query block and an extra key block (fp16 up to 128 keys without bias or dropout takes one
+128-key block, from 129 on 64-key blocks; fp32 takes 16- or 32-row blocks).
 """
 import math
 
 import pytest
 import torch
 
-from fastencoder.kernels import attention as attention_module
-from fastencoder.kernels.attention import attention, attention_reference
+from fastencoder.kernels.attention import (
+    MAX_DROPOUT_SEQLEN, _draw_dropout_seed, _dropout_keep_mask, attention, attention_reference,
+)
 
 FWD = "_attention_fwd_kernel"
 BWD = ("_attention_bwd_delta_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel")
@@ -124,7 +126,9 @@ def _cu_seqlens(lengths, device):
 
 @pytest.mark.parametrize("dtype, head_dim", [(torch.float32, 64), (torch.float16, 32)])
 def test_packed_matches_float64_and_padded(device, triton_backend, kernel_launches, dtype, head_dim):
-    lengths, heads = [1, 0, 70, 17], 2  # 70 spans two 64-query blocks; an empty sequence too
+    # 70 ends mid-block (fp16: in the single 128-key block; fp32: after two 32-row blocks); an
+    # empty sequence too
+    lengths, heads = [1, 0, 70, 17], 2
     max_seqlen = max(lengths)
     qkv, (q, k, v) = _qkv(len(lengths), max_seqlen, heads, head_dim, dtype, device)
     packed_qkv = _packed(qkv.detach(), lengths).requires_grad_()
@@ -190,8 +194,8 @@ def test_dropout_keep_rate_and_mask_from_the_forward(device, triton_backend):
     kept = (out * seqlen * (1 - p)).permute(0, 2, 1, 3)  # [B, H, S, S]
     assert torch.allclose(kept, kept.round(), atol=1e-4)  # every entry exactly dropped or kept
     torch.manual_seed(1234)
-    seed = attention_module._draw_dropout_seed(device)
-    expected = attention_module._dropout_keep_mask(seed, batch, heads, seqlen, p)
+    seed = _draw_dropout_seed(device)
+    expected = _dropout_keep_mask(seed, batch, heads, seqlen, p)
     assert torch.equal(kept.round().bool(), expected)
     samples = expected.numel()
     keep_rate = expected.float().mean().item()
@@ -236,8 +240,8 @@ def test_dropout_gradients_match_reference_with_same_mask(device, triton_backend
     out.backward(grad_out)
     assert FWD in kernel_launches and all(name in kernel_launches for name in BWD)
     torch.manual_seed(99)
-    seed = attention_module._draw_dropout_seed(device)
-    keep = attention_module._dropout_keep_mask(seed, len(lengths), heads, max_seqlen, p)
+    seed = _draw_dropout_seed(device)
+    keep = _dropout_keep_mask(seed, len(lengths), heads, max_seqlen, p)
     _check_against_float64(qkv, out, grad_out, torch.float32, dropout_mask=keep, dropout_p=p, **kwargs)
 
 
@@ -304,17 +308,16 @@ def _bad_inputs(device):
         (packed, packed, packed, dict(cu_seqlens=cu, max_seqlen=5, key_padding_mask=mask),
          ValueError, "key_padding_mask cannot be used with cu_seqlens"),
         # limits of the kernels only (the torch backend takes these)
-        (q[..., :24], q[..., :24], q[..., :24], {}, ValueError, "head dims"),
         (torch.randn(2, 32, 2, 8, device=device).transpose(1, 3), q, q, {}, ValueError, "unit stride"),
         (q, q, q, dict(bias=torch.zeros(8, 8, device=device, requires_grad=True)),
          NotImplementedError, "gradient of bias"),
     ]
 
 
-@pytest.mark.parametrize("case", range(27))
+@pytest.mark.parametrize("case", range(26))
 def test_bad_input_is_refused_before_any_launch(device, triton_backend, kernel_launches, case):
     cases = _bad_inputs(device)
-    assert len(cases) == 27
+    assert len(cases) == 26
     q, k, v, kwargs, error, words = cases[case]
     with pytest.raises(error) as raised:
         attention(q, k, v, **kwargs)
@@ -322,8 +325,15 @@ def test_bad_input_is_refused_before_any_launch(device, triton_backend, kernel_l
     assert kernel_launches == []
 
 
+def test_head_dim_without_a_kernel_runs_the_reference(device, triton_backend, kernel_launches):
+    q, k, v = (torch.randn(2, 9, 2, 24, device=device) for _ in range(3))
+    expected = attention_reference(q.double(), k.double(), v.double())
+    torch.testing.assert_close(attention(q, k, v).double(), expected, atol=1e-5, rtol=1e-5)
+    assert kernel_launches == []
+
+
 def test_dropout_sequence_limit(device, triton_backend, kernel_launches):
-    q = torch.randn(1, attention_module.MAX_DROPOUT_SEQLEN + 1, 1, 16, device=device, dtype=torch.float16)
+    q = torch.randn(1, MAX_DROPOUT_SEQLEN + 1, 1, 16, device=device, dtype=torch.float16)
     with pytest.raises(ValueError, match="dropout supports sequences up to"):
         attention(q, q, q, dropout_p=0.1)
     assert kernel_launches == []
@@ -371,6 +381,6 @@ def test_gpu_dropout_gradients(device, triton_backend, dtype):
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
     torch.manual_seed(5)
-    keep = attention_module._dropout_keep_mask(
-        attention_module._draw_dropout_seed(device), batch, heads, seqlen, p)
+    keep = _dropout_keep_mask(
+        _draw_dropout_seed(device), batch, heads, seqlen, p)
     _check_against_float64(qkv, out, grad_out, dtype, dropout_mask=keep, dropout_p=p)

@@ -58,3 +58,21 @@ def test_package_imports_without_a_gpu():
         capture_output=True, text=True, check=True,
     )
     assert result.stdout.strip() in backend.BACKENDS
+
+
+def test_checkout_kernels_directory_imported_as_top_level_package_is_inert(triton_backend):
+    # transformers imports the top-level name `kernels` to probe for the hub package of that name;
+    # from a checkout that finds our kernels/ directory, which must then register nothing (a second
+    # registration of the same torch.library ops corrupts torch's operator registry)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        f"import sys; sys.path.insert(0, {root!r}); import kernels\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
+        "import torch; from fastencoder.kernels import layer_norm\n"
+        "x = torch.randn(3, 8)\n"
+        "y = layer_norm(x, torch.ones(8), torch.zeros(8), 1e-12)\n"
+        "print(sorted(n for n in vars(kernels) if not n.startswith('_')), is_kernels_available(),\n"
+        "      torch.allclose(y, torch.nn.functional.layer_norm(x, (8,), eps=1e-12), atol=1e-5))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[] False True"
