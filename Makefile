@@ -1,4 +1,4 @@
-# `make test` and `make demo` create .venv and install what they need on first use.
+# `make bench`, `make test` and `make demo` create .venv and install what they need on first use.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 # the CPU build on machines without a GPU; on a CUDA machine use the torch you already have
@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRITON_DEFAULT_FP_FUSION := 1
 
-.PHONY: test demo report clean
+.PHONY: bench test demo report clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/fastencoder bench
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/fastencoder demo

@@ -1,38 +1,45 @@
-"""The `fastencoder` command: `demo` and `report` (the static kernel report)."""
+"""The `fastencoder` command: `bench`, `demo` and `report` (the static kernel report)."""
 import argparse
+import os
 import sys
+from pathlib import Path
+
+# keep Triton 3.9's fused multiply-add default, and silence its warning about the coming change
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 
 def demo(args):
     import torch
+    import transformers
 
     import fastencoder
-    from fastencoder.kernels import layer_norm, linear
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    hidden, intermediate, batch, seqlen = 768, 3072, args.batch, args.seqlen
-    make = lambda *shape: (0.02 * torch.randn(*shape, device=device)).to(dtype)
-    x = torch.randn(batch, seqlen, hidden, device=device).to(dtype)
-    # the feed-forward half of a BERT-base layer: GEMM + bias + GELU, GEMM + bias, add & norm
-    with torch.no_grad():
-        h = linear(x, make(intermediate, hidden), make(intermediate), activation="gelu")
-        h = linear(h, make(hidden, intermediate), make(hidden))
-        y = layer_norm(h, torch.ones(hidden, device=device, dtype=dtype), make(hidden), 1e-12, residual=x)
     from fastencoder.kernels.backend import use_triton
 
-    ran = "Triton kernels" if use_triton(x.device) else "PyTorch reference"
-    print(f"backend={fastencoder.get_backend()} ({ran}) device={device} dtype={dtype}")
-    print(f"BERT-base feed-forward block on [{batch}, {seqlen}, {hidden}] -> {tuple(y.shape)}, "
-          f"finite={bool(torch.isfinite(y).all())}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    model = fastencoder.BertModel(transformers.BertConfig()).to(device=device, dtype=dtype).eval()  # BERT-base
+    lengths = torch.randint(args.seqlen // 4, args.seqlen + 1, (args.batch,))
+    attention_mask = (torch.arange(args.seqlen)[None, :] < lengths[:, None]).to(device)
+    input_ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seqlen), device=device)
+    with torch.inference_mode():
+        output = model(input_ids=input_ids, attention_mask=attention_mask)
+    ran = "Triton kernels" if use_triton(device) else "PyTorch reference ops"
+    print(f"backend={fastencoder.get_backend()} ({ran}), device={device}, dtype={dtype}")
+    print(f"BERT-base encoded a ragged batch of {args.batch} x {args.seqlen} tokens: "
+          f"last_hidden_state {tuple(output.last_hidden_state.shape)}, pooler_output {tuple(output.pooler_output.shape)}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fastencoder", description="Fused Triton kernels for BERT and ALBERT")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="run a BERT-base-shaped block and print the backend used")
+    demo_parser = commands.add_parser("demo", help="encode a batch with a BERT-base model and print the backend used")
     demo_parser.add_argument("--batch", type=int, default=8)
     demo_parser.add_argument("--seqlen", type=int, default=128)
+    bench_parser = commands.add_parser("bench", help="benchmark kernels and models against PyTorch and Hugging Face")
+    bench_parser.add_argument("--quick", action="store_true", help="a sub-minute subset")
+    bench_parser.add_argument("--smoke", action="store_true", help="toy sizes, to check the code runs (CI)")
+    bench_parser.add_argument("--out", type=Path, default=Path("results"),
+                              help="results go to a folder inside this one named by GPU, versions and date")
     commands.add_parser("report", help="static kernel report: compile every kernel for sm_80 and sm_90a",
                         add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -42,7 +49,12 @@ def main(argv=None):
         return report.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    demo(args)
+    if args.command == "bench":
+        from fastencoder.benchmarks import sweep
+
+        sweep.run(quick=args.quick, smoke=args.smoke, out_root=args.out)
+    else:
+        demo(args)
     return 0
 
 

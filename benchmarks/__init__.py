@@ -1,0 +1,1 @@
+"""fastencoder's benchmark sweep (`fastencoder bench`) and its FLOP / byte counts."""
