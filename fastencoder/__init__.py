@@ -26,15 +26,15 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    if name in MODELS:
-        from . import models
-
-        return getattr(models, name)
-    if name in DROP_IN:
-        from . import dropin
-
-        return getattr(dropin, name)
-    raise AttributeError(f"module 'fastencoder' has no attribute {name!r}")
+    if name not in MODELS and name not in DROP_IN:
+        raise AttributeError(f"module 'fastencoder' has no attribute {name!r}")
+    try:
+        from . import dropin, models
+    except ModuleNotFoundError as error:
+        if error.name != "transformers":
+            raise
+        raise ImportError(f"fastencoder.{name} needs transformers: pip install 'fastencoder[hf]'") from error
+    return getattr(models if name in MODELS else dropin, name)
 
 
 def __dir__():

@@ -76,3 +76,13 @@ def test_checkout_kernels_directory_imported_as_top_level_package_is_inert(trito
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[] False True"
+
+
+def test_models_without_transformers_say_which_extra_to_install():
+    code = (
+        "import sys; sys.modules['transformers'] = None  # as if not installed\n"
+        "import fastencoder, fastencoder.kernels\n"
+        "try:\n    fastencoder.BertModel\nexcept ImportError as error:\n    print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'fastencoder[hf]'" in result.stdout
