@@ -4,7 +4,6 @@ One switch for the whole package: `set_backend("auto" | "triton" | "torch")`, or
 variable FASTENCODER_BACKEND. "auto" runs the Triton kernels on CUDA devices of compute
 capability 8.0 or newer and the PyTorch reference everywhere else.
 """
-import importlib.util
 import os
 
 import torch
@@ -15,8 +14,12 @@ BACKENDS = ("auto", "triton", "torch")
 # the kernel modules were imported (they import this module first), not its value now.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# the triton package exists only on Linux; elsewhere every op runs its PyTorch reference
-TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+try:
+    import triton  # noqa: F401
+except ImportError:  # triton ships for Linux only; elsewhere every op runs its PyTorch reference
+    TRITON_AVAILABLE = False
+else:
+    TRITON_AVAILABLE = True
 
 _backend = None
 

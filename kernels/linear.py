@@ -9,8 +9,11 @@ act is erf GELU (BERT "gelu"), tanh GELU (ALBERT "gelu_new"), ReLU, or none.
 Accumulation is fp32; fp32 inputs use TF32 only when torch.backends.cuda.matmul.allow_tf32 says so.
 """
 import torch
-import triton
-import triton.language as tl
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton ships for Linux only; elsewhere every op runs its PyTorch reference
+    from ._no_triton import tl, triton
 
 from . import backend
 from ._checks import check_float, check_like, check_shape, rows_view
