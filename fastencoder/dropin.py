@@ -17,31 +17,39 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from fastencoder import models
 from fastencoder.kernels.attention import attention
-from fastencoder.models.layers import check_supported
+from fastencoder.models.layers import check_supported, checked_unpad
 
 _FASTENCODER_CLASS = {transformers.BertModel: models.BertModel, transformers.AlbertModel: models.AlbertModel}
 _ORIGINAL = "_fastencoder_original"  # kept in the module's __dict__: not a submodule, not in state_dict
 
 
-def optimize(model):
+def optimize(model, *, unpad=None):
     """Replace `model`'s BERT/ALBERT encoder with fastencoder's, sharing its parameters; returns
-    `model`. Applying it twice is harmless. Unsupported configurations raise before anything changes."""
+    `model`. Applying it twice is harmless. Unsupported configurations raise before anything changes.
+
+    unpad: "auto", True or False, the encoder's padding-free execution (see
+    `fastencoder.models.layers.EncoderOptionsMixin`); None keeps the encoder's setting (False, the
+    default, for a newly swapped one)."""
+    if unpad is not None:
+        checked_unpad(unpad)
     slot = _sentence_transformer_slot(model)
     if slot is not None:
         holder, name = slot
-        setattr(holder, name, optimize(getattr(holder, name)))
+        setattr(holder, name, optimize(getattr(holder, name), unpad=unpad))
         return model
     if isinstance(model, tuple(_FASTENCODER_CLASS.values())):
+        if unpad is not None:
+            model.unpad = unpad
         return model
     if type(model) in _FASTENCODER_CLASS:
-        return _fastencoder_encoder(model)
+        return optimize(_fastencoder_encoder(model), unpad=unpad)
     inner = _inner_encoder(model)
     if inner is None:
         raise TypeError(
             "fastencoder.optimize takes a Hugging Face BertModel / AlbertModel, a task model built on one "
             f"(Bert*/Albert*), or a SentenceTransformer whose first module wraps one; got {type(model).__name__}"
         )
-    setattr(model, model.base_model_prefix, optimize(inner))
+    setattr(model, model.base_model_prefix, optimize(inner, unpad=unpad))
     return model
 
 

@@ -9,5 +9,6 @@ if __name__ == "fastencoder.kernels":
     from .backend import get_backend, set_backend
     from .layer_norm import layer_norm
     from .linear import linear
+    from .padding import pad, unpad
 
-    __all__ = ["attention", "get_backend", "layer_norm", "linear", "set_backend"]
+    __all__ = ["attention", "get_backend", "layer_norm", "linear", "pad", "set_backend", "unpad"]

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-KERNEL_MODULES = ("layer_norm", "linear", "attention")
+KERNEL_MODULES = ("layer_norm", "linear", "attention", "padding")
 ARCHS = {"sm_80": 80, "sm_90a": 90}
 # Shared memory one block may use (opt-in maximum): A100 and H100/H200.
 MAX_SHARED = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}

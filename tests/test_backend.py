@@ -86,3 +86,23 @@ def test_models_without_transformers_say_which_extra_to_install():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "pip install 'fastencoder[hf]'" in result.stdout
+
+
+def test_without_triton_the_package_imports_and_runs_the_references():
+    code = (
+        "import sys; sys.modules['triton'] = None  # as on a platform triton does not ship for\n"
+        "import torch, fastencoder\n"
+        "from fastencoder.kernels import attention, backend, layer_norm, linear\n"
+        "x = torch.randn(2, 5, 8)\n"
+        "y = layer_norm(linear(x, torch.randn(8, 8), None, 'gelu'), torch.ones(8), torch.zeros(8), 1e-12)\n"
+        "q = torch.randn(2, 5, 2, 4)\n"
+        "print(backend.TRITON_AVAILABLE, tuple(y.shape), tuple(attention(q, q, q).shape))\n"
+        "fastencoder.set_backend('triton')\n"
+        "try:\n    layer_norm(x, torch.ones(8), torch.zeros(8), 1e-12)\n"
+        "except RuntimeError as error:\n    print(error)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    lines = result.stdout.splitlines()
+    assert lines[0] == "False (2, 5, 8) (2, 5, 2, 4)"
+    assert "needs the triton package" in lines[1]

@@ -13,15 +13,18 @@ from transformers.models.albert import modeling_albert
 from fastencoder.kernels import linear
 
 from .layers import (
+    DEFAULT_UNPAD,
     EncoderHeadsMixin,
+    EncoderOptionsMixin,
     FusedEmbeddingsMixin,
     FusedEncoderLayer,
     LayerParts,
     QKVProjection,
     as_config,
-    attention_mask_for,
     check_inputs,
     check_supported,
+    first_token_rows,
+    gather_tokens,
     output_flags,
     run_layers,
     without_autocast,
@@ -82,19 +85,21 @@ class AlbertTransformer(nn.Module):
         ]
 
 
-class AlbertModel(modeling_albert.AlbertPreTrainedModel):
+class AlbertModel(EncoderOptionsMixin, modeling_albert.AlbertPreTrainedModel):
     """ALBERT encoder (embeddings, shared layers, optional pooler) on fastencoder's fused ops.
 
     `config`: a `transformers.AlbertConfig`, or a path to a config.json or a model directory.
+    `unpad`: "auto", True or False, padding-free execution (see EncoderOptionsMixin).
     """
 
     supports_gradient_checkpointing = True
     _can_record_outputs = None  # hidden states and attentions are collected by the encoder itself
 
-    def __init__(self, config, add_pooling_layer=True):
+    def __init__(self, config, add_pooling_layer=True, unpad=DEFAULT_UNPAD):
         config = as_config(config, modeling_albert.AlbertConfig)
         check_supported(config)
         super().__init__(config)
+        self.unpad = unpad
         self.gradient_checkpointing = False
         self.embeddings = AlbertEmbeddings(config)
         self.encoder = AlbertTransformer(config)
@@ -137,17 +142,20 @@ class AlbertModel(modeling_albert.AlbertPreTrainedModel):
             self.config.embedding_size, {},
         )
         word_embeddings = self.embeddings.word_embeddings.weight
-        mask = attention_mask_for(attention_mask, batch, seqlen, self.config.num_attention_heads, word_embeddings.dtype)
+        mask, packing = self.attention_plan(attention_mask, position_ids, batch, seqlen, output_attentions,
+                                            word_embeddings.dtype, word_embeddings.device)
         with without_autocast(word_embeddings.device):
             embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
             mapping = self.encoder.embedding_hidden_mapping_in
-            hidden_states = linear(embeddings, mapping.weight, mapping.bias)
+            # gathered before the mapping: it too runs on the real tokens only
+            hidden_states = linear(gather_tokens(embeddings, packing), mapping.weight, mapping.bias)
             sequence_output, all_hidden_states, attentions = run_layers(
-                self.encoder.layer_calls(), hidden_states, mask, output_attentions, output_hidden_states
+                self.encoder.layer_calls(), hidden_states, mask, output_attentions, output_hidden_states, packing
             )
             pooled_output = None
             if self.pooler is not None:
-                pooled_output = linear(sequence_output[:, 0], self.pooler.weight, self.pooler.bias).tanh()
+                pooled_output = linear(first_token_rows(sequence_output, packing), self.pooler.weight,
+                                       self.pooler.bias).tanh()
         output = BaseModelOutputWithPooling(
             last_hidden_state=sequence_output,
             pooler_output=pooled_output,

@@ -13,15 +13,18 @@ from transformers.models.bert import modeling_bert
 from fastencoder.kernels import linear
 
 from .layers import (
+    DEFAULT_UNPAD,
     EncoderHeadsMixin,
+    EncoderOptionsMixin,
     FusedEmbeddingsMixin,
     FusedEncoderLayer,
     LayerParts,
     QKVProjection,
     as_config,
-    attention_mask_for,
     check_inputs,
     check_supported,
+    first_token_rows,
+    gather_tokens,
     output_flags,
     run_layers,
     without_autocast,
@@ -85,23 +88,25 @@ class BertPooler(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, hidden_states):
-        return linear(hidden_states[:, 0], self.dense.weight, self.dense.bias).tanh()
+    def forward(self, hidden_states, packing=None):
+        return linear(first_token_rows(hidden_states, packing), self.dense.weight, self.dense.bias).tanh()
 
 
-class BertModel(modeling_bert.BertPreTrainedModel):
+class BertModel(EncoderOptionsMixin, modeling_bert.BertPreTrainedModel):
     """BERT encoder (embeddings, layers, optional pooler) on fastencoder's fused ops.
 
     `config`: a `transformers.BertConfig`, or a path to a config.json or a model directory.
+    `unpad`: "auto", True or False, padding-free execution (see EncoderOptionsMixin).
     """
 
     _no_split_modules = ["BertEmbeddings", "BertLayer"]
     _can_record_outputs = None  # hidden states and attentions are collected by the encoder itself
 
-    def __init__(self, config, add_pooling_layer=True):
+    def __init__(self, config, add_pooling_layer=True, unpad=DEFAULT_UNPAD):
         config = as_config(config, modeling_bert.BertConfig)
         check_supported(config)
         super().__init__(config)
+        self.unpad = unpad
         self.gradient_checkpointing = False
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
@@ -145,13 +150,15 @@ class BertModel(modeling_bert.BertPreTrainedModel):
                  cache=cache, past_key_values=kwargs.get("past_key_values")),
         )
         word_embeddings = self.embeddings.word_embeddings.weight
-        mask = attention_mask_for(attention_mask, batch, seqlen, self.config.num_attention_heads, word_embeddings.dtype)
+        mask, packing = self.attention_plan(attention_mask, position_ids, batch, seqlen, output_attentions,
+                                            word_embeddings.dtype, word_embeddings.device)
         with without_autocast(word_embeddings.device):
             embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
             sequence_output, hidden_states, attentions = run_layers(
-                self.encoder.layer, embeddings, mask, output_attentions, output_hidden_states
+                self.encoder.layer, gather_tokens(embeddings, packing), mask, output_attentions,
+                output_hidden_states, packing,
             )
-            pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
+            pooled_output = self.pooler(sequence_output, packing) if self.pooler is not None else None
         output = BaseModelOutputWithPoolingAndCrossAttentions(
             last_hidden_state=sequence_output,
             pooler_output=pooled_output,

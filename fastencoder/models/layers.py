@@ -4,6 +4,10 @@ embeddings and one post-LN encoder layer built on the fused ops.
 A layer runs one QKV GEMM, the fused attention on strided views of its output (no head transposes),
 the output projection, LayerNorm with the residual add fused, the FFN's first GEMM with its
 activation fused, the second GEMM and LayerNorm(+residual) again.
+
+Padding-free execution (`unpad`): when a batch is padded, the real tokens are gathered once after
+the embeddings ([B, S, H] → [T, H]), every layer runs on those T rows with the attention in its
+packed layout (cu_seqlens), and the result is scattered back once at the end, zeros at padding.
 """
 import math
 import os
@@ -16,9 +20,19 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from fastencoder.kernels import layer_norm, linear
 from fastencoder.kernels.attention import attention
+from fastencoder.kernels import padding
 
 # Hugging Face hidden_act → the activation fused into the linear op
 FUSED_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+
+# Off by default: under unpadding, padded positions of last_hidden_state are zeros instead of the
+# values Hugging Face computes there, which code comparing or pooling whole tensors would notice.
+DEFAULT_UNPAD = False
+# unpad="auto" runs padding-free when more than this fraction of the batch's positions is padding.
+# PROVISIONAL, not measured: no GPU was available. Unpadding costs a gather and a scatter of [T, H]
+# (plus a host sync to size T) and saves the padding's share of every GEMM, LayerNorm and of the
+# attention, so it should pay off at a few percent of padding; 10% leaves margin until measured.
+AUTO_UNPAD_MIN_PADDING = 0.10
 
 
 def as_config(config, config_class):
@@ -125,6 +139,85 @@ def without_autocast(device):
     return torch.autocast(device.type, enabled=False)
 
 
+def checked_unpad(value):
+    # `is` comparisons: 1 and 0 compare equal to True and False but are refused
+    if not (value == "auto" or value is True or value is False):
+        raise ValueError(f"unpad must be 'auto', True or False, got {value!r}")
+    return value
+
+
+class PackedTokens(NamedTuple):
+    """The padding-free layout of a batch: its real tokens back to back, as sequences."""
+    indices: torch.Tensor  # int64 [T]: flat positions b·S + s of the real tokens, increasing
+    cu_seqlens: torch.Tensor  # int32 [sequences + 1]: where each sequence starts among the T rows
+    max_seqlen: int
+    first_positions: torch.Tensor  # int64 [B]: each row's first real token, which the pooler reads
+    batch: int
+    seqlen: int
+
+
+def packed_document_starts(position_ids, attention_mask, batch, seqlen):
+    """Hugging Face's packed-sequence convention (DataCollatorWithFlattening): no attention_mask and
+    position_ids that restart at 0 inside a row, each row several documents back to back. Returns
+    bool [B, S], True where a document starts, or None when the inputs do not follow it: every row
+    starts at 0, each position is the previous one + 1 or a restart at 0, with at least one restart.
+    (Hugging Face's own eager BERT lets such documents attend to each other; here they never do.)"""
+    if position_ids is None or attention_mask is not None or seqlen < 2 or torch.compiler.is_compiling():
+        return None
+    positions = position_ids.expand(batch, seqlen)
+    previous, current = positions[:, :-1], positions[:, 1:]
+    restarts = current == 0
+    follows = ((current == previous + 1) | restarts).all() & (positions[:, 0] == 0).all()
+    if not (follows & restarts.any()).item():
+        return None
+    return positions == 0
+
+
+def plan_unpadding(unpad, attention_mask, document_starts, batch, seqlen, output_attentions, device):
+    """The PackedTokens to run a batch on, or None for the padded path.
+
+    unpad=True runs padding-free whenever the mask is a 2-D padding mask or absent; "auto" only when
+    that removes more than AUTO_UNPAD_MIN_PADDING of the positions and no row is left-padded (so that
+    the pooler's first real token is position 0, as in Hugging Face), or for packed documents. Never
+    with output_attentions (its probabilities come from the unfused padded path), with a 3-D / 4-D
+    mask (a per-query mask the packed layout cannot express) or under torch.compile (T is data
+    dependent)."""
+    if unpad is False or output_attentions or torch.compiler.is_compiling():
+        return None
+    if attention_mask is None:
+        if unpad == "auto" and document_starts is None:
+            return None  # nothing to remove
+        real = torch.ones((batch, seqlen), dtype=torch.bool, device=device)
+    elif attention_mask.dim() == 2:
+        real = attention_mask.bool()
+    else:
+        return None
+    real_tokens, left_padded = torch.stack([real.sum(), (~real[:, 0]).any()]).tolist()
+    if real_tokens == 0:
+        return None  # nothing to run the packed layout on
+    if unpad == "auto" and document_starts is None:
+        if left_padded or 1 - real_tokens / (batch * seqlen) <= AUTO_UNPAD_MIN_PADDING:
+            return None
+    first_positions = real.int().argmax(1)  # argmax returns the first maximum: the first real token
+    starts = real & (torch.arange(seqlen, device=device) == first_positions[:, None])
+    if document_starts is not None:
+        starts |= document_starts
+    indices = real.flatten().nonzero()[:, 0]
+    sequence_starts = starts.flatten()[indices].nonzero()[:, 0]
+    cu_seqlens = torch.cat([sequence_starts, sequence_starts.new_tensor([real_tokens])]).to(torch.int32)
+    max_seqlen = int(cu_seqlens.diff().max().item())
+    return PackedTokens(indices, cu_seqlens, max_seqlen, first_positions, batch, seqlen)
+
+
+def first_token_rows(sequence_output, packing):
+    """What the pooler reads: position 0 of each row (Hugging Face), or under unpadding each row's
+    first real token (the same for right padding; for left padding Hugging Face reads a padding
+    position)."""
+    if packing is None:
+        return sequence_output[:, 0]
+    return sequence_output[torch.arange(packing.batch, device=sequence_output.device), packing.first_positions]
+
+
 class AttentionMask(NamedTuple):
     key_padding: torch.Tensor | None  # bool [B, S], True = real token
     bias: torch.Tensor | None  # additive, broadcastable to [B, H, S, S], in the compute dtype
@@ -161,6 +254,15 @@ def attention_mask_for(attention_mask, batch, seqlen, num_heads, dtype):
         raise ValueError(f"attention_mask must be 2-D, 3-D or 4-D, got shape {shape}")
     bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
     return AttentionMask(None, bias.masked_fill_(~keep.bool(), torch.finfo(dtype).min))
+
+
+def document_mask(document_starts, dtype):
+    """For the padded path: packed documents (`packed_document_starts`) as an additive bias
+    [B, 1, S, S] that keeps each document's tokens from attending outside it."""
+    documents = document_starts.cumsum(-1)
+    keep = documents[:, :, None] == documents[:, None, :]
+    bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+    return AttentionMask(None, bias.masked_fill_(~keep, torch.finfo(dtype).min)[:, None])
 
 
 class FusedEmbeddingsMixin:
@@ -256,20 +358,25 @@ class FusedEncoderLayer(GradientCheckpointingLayer):
     def parts(self) -> LayerParts:
         raise NotImplementedError
 
-    def forward(self, hidden_states, key_padding_mask=None, attention_bias=None, output_attentions=False):
-        """Returns the layer's output and, with output_attentions, the attention probabilities."""
+    def forward(self, hidden_states, key_padding_mask=None, attention_bias=None, output_attentions=False,
+                cu_seqlens=None, max_seqlen=None):
+        """Returns the layer's output and, with output_attentions, the attention probabilities.
+
+        hidden_states: [B, S, H] (padded; masks as key_padding_mask / attention_bias) or [T, H] with
+        cu_seqlens and max_seqlen (padding-free: the attention's packed layout)."""
         p = self.parts()
-        batch, seqlen, width = hidden_states.shape
-        qkv = p.qkv(hidden_states).view(batch, seqlen, 3, self.num_heads, width // self.num_heads)
-        q, k, v = qkv.unbind(2)  # strided views of one buffer
+        *tokens, width = hidden_states.shape
+        qkv = p.qkv(hidden_states).view(*tokens, 3, self.num_heads, width // self.num_heads)
+        q, k, v = qkv.unbind(-3)  # strided views of one buffer
         mask = AttentionMask(key_padding_mask, attention_bias)
         dropout_p = self.attention_dropout if self.training else 0.0
         probabilities = None
         if output_attentions:
             context, probabilities = attention_with_probabilities(q, k, v, mask, dropout_p)
         else:
-            context = attention(q, k, v, key_padding_mask=mask.key_padding, bias=mask.bias, dropout_p=dropout_p)
-        attended = linear(context.view(batch, seqlen, width), p.attention_dense.weight, p.attention_dense.bias)
+            context = attention(q, k, v, key_padding_mask=mask.key_padding, bias=mask.bias, dropout_p=dropout_p,
+                                cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        attended = linear(context.view(*tokens, width), p.attention_dense.weight, p.attention_dense.bias)
         attended = self._add_norm(attended, hidden_states, p.attention_norm, self.hidden_dropout)
         inner = linear(attended, p.ffn_in.weight, p.ffn_in.bias, activation=self.activation)
         out = linear(inner, p.ffn_out.weight, p.ffn_out.bias)
@@ -280,23 +387,64 @@ class FusedEncoderLayer(GradientCheckpointingLayer):
         return layer_norm(x, norm.weight, norm.bias, norm.eps, residual=residual)
 
 
-def run_layers(layers, hidden_states, mask, output_attentions, output_hidden_states):
+def gather_tokens(hidden_states, packing):
+    """[B, S, *] → [T, *] under unpadding, else unchanged."""
+    return hidden_states if packing is None else padding.unpad(hidden_states, packing.indices)
+
+
+def run_layers(layers, hidden_states, mask, output_attentions, output_hidden_states, packing=None):
     """Run `layers` (a sequence of FusedEncoderLayer calls, shared modules allowed) and collect
-    (last hidden state, every hidden state or None, every attention map or None)."""
-    all_hidden = [hidden_states] if output_hidden_states else None
+    (last hidden state, every hidden state or None, every attention map or None).
+
+    With `packing`, hidden_states are the gathered [T, H] rows (`gather_tokens`); the last and every
+    collected hidden state come back scattered to [B, S, H], zeros at padding."""
+    if packing is None:
+        layer_kwargs = dict(key_padding_mask=mask.key_padding, attention_bias=mask.bias,
+                            output_attentions=output_attentions)
+        as_padded = lambda rows: rows
+    else:
+        layer_kwargs = dict(cu_seqlens=packing.cu_seqlens, max_seqlen=packing.max_seqlen)
+        as_padded = lambda rows: padding.pad(rows, packing.indices, packing.batch, packing.seqlen)
+    all_hidden = [as_padded(hidden_states)] if output_hidden_states else None
     all_attentions = [] if output_attentions else None
     for layer in layers:
         # hidden_states positional: HF's checkpointing needs tensors that require grad passed so
-        hidden_states, probabilities = layer(
-            hidden_states, key_padding_mask=mask.key_padding, attention_bias=mask.bias,
-            output_attentions=output_attentions,
-        )
+        hidden_states, probabilities = layer(hidden_states, **layer_kwargs)
         if output_hidden_states:
-            all_hidden.append(hidden_states)
+            all_hidden.append(as_padded(hidden_states))
         if output_attentions:
             all_attentions.append(probabilities)
+    last = all_hidden[-1] if output_hidden_states else as_padded(hidden_states)
     as_tuple = lambda items: None if items is None else tuple(items)
-    return hidden_states, as_tuple(all_hidden), as_tuple(all_attentions)
+    return last, as_tuple(all_hidden), as_tuple(all_attentions)
+
+
+class EncoderOptionsMixin:
+    """fastencoder's execution options on BertModel / AlbertModel, plain attributes (not in the
+    state dict; `from_pretrained(..., unpad=...)` passes them to the constructor).
+
+    unpad: "auto", True or False (DEFAULT_UNPAD); see `plan_unpadding`. Under unpadding padded positions of
+    last_hidden_state and of every hidden state are zeros, and the pooler reads each row's first real
+    token (Hugging Face's position 0 for right padding)."""
+
+    @property
+    def unpad(self):
+        return self.__dict__.get("_unpad", DEFAULT_UNPAD)
+
+    @unpad.setter
+    def unpad(self, value):
+        self.__dict__["_unpad"] = checked_unpad(value)
+
+    def attention_plan(self, attention_mask, position_ids, batch, seqlen, output_attentions, dtype, device):
+        """(the padded path's masks, or the padding-free layout) for this call: exactly one is used."""
+        mask = attention_mask_for(attention_mask, batch, seqlen, self.config.num_attention_heads, dtype)  # validates
+        documents = packed_document_starts(position_ids, attention_mask, batch, seqlen)
+        packing = plan_unpadding(self.unpad, attention_mask, documents, batch, seqlen, output_attentions, device)
+        if packing is not None:
+            return AttentionMask(None, None), packing
+        if documents is not None:
+            return document_mask(documents, dtype), None
+        return mask, None
 
 
 class EncoderHeadsMixin:
@@ -307,8 +455,18 @@ class EncoderHeadsMixin:
     encoder_class = None  # set by subclasses: fastencoder's BertModel or AlbertModel
     supports_gradient_checkpointing = True
 
-    def __init__(self, config, *args, **kwargs):
+    def __init__(self, config, *args, unpad=DEFAULT_UNPAD, **kwargs):
         super().__init__(as_config(config, self.config_class), *args, **kwargs)
+        self.unpad = unpad
+
+    @property
+    def unpad(self):
+        """The encoder's `unpad` option (see EncoderOptionsMixin)."""
+        return getattr(self, self.base_model_prefix).unpad
+
+    @unpad.setter
+    def unpad(self, value):
+        getattr(self, self.base_model_prefix).unpad = value
 
     def post_init(self):
         hf_encoder = getattr(self, self.base_model_prefix)
