@@ -23,33 +23,34 @@ _FASTENCODER_CLASS = {transformers.BertModel: models.BertModel, transformers.Alb
 _ORIGINAL = "_fastencoder_original"  # kept in the module's __dict__: not a submodule, not in state_dict
 
 
-def optimize(model, *, unpad=None):
+def optimize(model, *, unpad=None, cuda_graphs=None):
     """Replace `model`'s BERT/ALBERT encoder with fastencoder's, sharing its parameters; returns
     `model`. Applying it twice is harmless. Unsupported configurations raise before anything changes.
 
-    unpad: "auto", True or False, the encoder's padding-free execution (see
-    `fastencoder.models.layers.EncoderOptionsMixin`); None keeps the encoder's setting (False, the
-    default, for a newly swapped one)."""
+    Options of the encoder (see `fastencoder.models.layers.EncoderOptionsMixin`), None keeping its
+    setting (off for a newly swapped one): unpad ("auto", True or False: padding-free execution)
+    and cuda_graphs (True or False: inference replays CUDA graphs)."""
+    options = {name: value for name, value in (("unpad", unpad), ("cuda_graphs", cuda_graphs)) if value is not None}
     if unpad is not None:
         checked_unpad(unpad)
     slot = _sentence_transformer_slot(model)
     if slot is not None:
         holder, name = slot
-        setattr(holder, name, optimize(getattr(holder, name), unpad=unpad))
+        setattr(holder, name, optimize(getattr(holder, name), **options))
         return model
     if isinstance(model, tuple(_FASTENCODER_CLASS.values())):
-        if unpad is not None:
-            model.unpad = unpad
+        for name, value in options.items():
+            setattr(model, name, value)
         return model
     if type(model) in _FASTENCODER_CLASS:
-        return optimize(_fastencoder_encoder(model), unpad=unpad)
+        return optimize(_fastencoder_encoder(model), **options)
     inner = _inner_encoder(model)
     if inner is None:
         raise TypeError(
             "fastencoder.optimize takes a Hugging Face BertModel / AlbertModel, a task model built on one "
             f"(Bert*/Albert*), or a SentenceTransformer whose first module wraps one; got {type(model).__name__}"
         )
-    setattr(model, model.base_model_prefix, optimize(inner, unpad=unpad))
+    setattr(model, model.base_model_prefix, optimize(inner, **options))
     return model
 
 

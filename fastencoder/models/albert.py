@@ -134,6 +134,13 @@ class AlbertModel(EncoderOptionsMixin, modeling_albert.AlbertPreTrainedModel):
         """Hugging Face's AlbertModel.forward; returns BaseModelOutputWithPooling (or its tuple with
         return_dict=False). hidden_states has one entry per layer call, the first after
         embedding_hidden_mapping_in, as in Hugging Face."""
+        graphed = self.replay_cuda_graph(
+            input_ids, attention_mask, token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
+            head_mask=head_mask, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=return_dict, **kwargs,
+        )
+        if graphed is not None:
+            return graphed
         output_attentions, output_hidden_states, return_dict = output_flags(
             self.config, output_attentions, output_hidden_states, return_dict
         )

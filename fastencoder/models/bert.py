@@ -140,6 +140,14 @@ class BertModel(EncoderOptionsMixin, modeling_bert.BertPreTrainedModel):
         """Hugging Face's BertModel.forward (same positional order) for encoders; returns
         BaseModelOutputWithPoolingAndCrossAttentions (or its tuple with return_dict=False).
         use_cache is accepted and ignored, as Hugging Face does for encoders."""
+        graphed = self.replay_cuda_graph(
+            input_ids, attention_mask, token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
+            encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask, cache=cache,
+            head_mask=head_mask, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=return_dict, **kwargs,
+        )
+        if graphed is not None:
+            return graphed
         output_attentions, output_hidden_states, return_dict = output_flags(
             self.config, output_attentions, output_hidden_states, return_dict
         )

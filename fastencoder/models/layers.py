@@ -20,6 +20,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from fastencoder.kernels import layer_norm, linear
 from fastencoder.kernels.attention import attention
+from fastencoder.cuda_graphs import GraphRunner
 from fastencoder.kernels import padding
 
 # Hugging Face hidden_act → the activation fused into the linear op
@@ -85,10 +86,15 @@ def output_flags(config, output_attentions, output_hidden_states, return_dict):
     )
 
 
+def tracing():
+    """True under torch.compile or a CUDA graph capture, where no decision may depend on data."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 def _check_id_range(name, ids, limit, limit_name):
     if ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
-    if ids.numel() == 0 or torch.compiler.is_compiling():  # a data-dependent check would break the graph
+    if ids.numel() == 0 or tracing():  # checked before the graph instead (a data-dependent check breaks it)
         return
     low, high = (value.item() for value in torch.aminmax(ids))
     if low < 0 or high >= limit:
@@ -162,7 +168,7 @@ def packed_document_starts(position_ids, attention_mask, batch, seqlen):
     bool [B, S], True where a document starts, or None when the inputs do not follow it: every row
     starts at 0, each position is the previous one + 1 or a restart at 0, with at least one restart.
     (Hugging Face's own eager BERT lets such documents attend to each other; here they never do.)"""
-    if position_ids is None or attention_mask is not None or seqlen < 2 or torch.compiler.is_compiling():
+    if position_ids is None or attention_mask is not None or seqlen < 2 or tracing():
         return None
     positions = position_ids.expand(batch, seqlen)
     previous, current = positions[:, :-1], positions[:, 1:]
@@ -180,9 +186,9 @@ def plan_unpadding(unpad, attention_mask, document_starts, batch, seqlen, output
     that removes more than AUTO_UNPAD_MIN_PADDING of the positions and no row is left-padded (so that
     the pooler's first real token is position 0, as in Hugging Face), or for packed documents. Never
     with output_attentions (its probabilities come from the unfused padded path), with a 3-D / 4-D
-    mask (a per-query mask the packed layout cannot express) or under torch.compile (T is data
+    mask (a per-query mask the packed layout cannot express) or while tracing (T is data
     dependent)."""
-    if unpad is False or output_attentions or torch.compiler.is_compiling():
+    if unpad is False or output_attentions or tracing():
         return None
     if attention_mask is None:
         if unpad == "auto" and document_starts is None:
@@ -425,7 +431,10 @@ class EncoderOptionsMixin:
 
     unpad: "auto", True or False (DEFAULT_UNPAD); see `plan_unpadding`. Under unpadding padded positions of
     last_hidden_state and of every hidden state are zeros, and the pooler reads each row's first real
-    token (Hugging Face's position 0 for right padding)."""
+    token (Hugging Face's position 0 for right padding).
+
+    cuda_graphs: False or True: inference calls replay CUDA graphs (fastencoder/cuda_graphs.py);
+    `cuda_graph_runner` then tells why a call ran eagerly and how much memory the graphs hold."""
 
     @property
     def unpad(self):
@@ -434,6 +443,29 @@ class EncoderOptionsMixin:
     @unpad.setter
     def unpad(self, value):
         self.__dict__["_unpad"] = checked_unpad(value)
+
+    @property
+    def cuda_graphs(self):
+        return self.cuda_graph_runner is not None
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, enabled):
+        if not isinstance(enabled, bool):
+            raise ValueError(f"cuda_graphs must be True or False, got {enabled!r}")
+        if enabled != self.cuda_graphs:
+            self.__dict__["cuda_graph_runner"] = GraphRunner(self.config.max_position_embeddings) if enabled else None
+
+    @property
+    def cuda_graph_runner(self):
+        return self.__dict__.get("cuda_graph_runner")
+
+    def replay_cuda_graph(self, input_ids, attention_mask, token_type_ids, **others):
+        """The output of a replayed graph when CUDA graphs are on and this call qualifies, else None."""
+        runner = self.cuda_graph_runner
+        return None if runner is None else runner.run(self, input_ids, attention_mask, token_type_ids, others)
+
+    def check_ids(self, input_ids, token_type_ids):
+        check_inputs(self.config, input_ids, None, token_type_ids, None, None, None, {})
 
     def attention_plan(self, attention_mask, position_ids, batch, seqlen, output_attentions, dtype, device):
         """(the padded path's masks, or the padding-free layout) for this call: exactly one is used."""

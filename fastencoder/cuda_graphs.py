@@ -1,0 +1,104 @@
+"""Opt-in CUDA graphs for inference (`model.cuda_graphs = True`, or `optimize(model, cuda_graphs=True)`).
+
+At small batches a BERT forward is a hundred short kernel launches, and launch overhead dominates.
+A graph is captured once per (batch size, sequence-length bucket) and replayed: inputs are copied
+into static buffers padded to the bucket (padding masked out, so a new length inside a bucket
+reuses the graph), every graph shares one memory pool, and outputs are copied out of the static
+ones. Anything a graph cannot serve — training or autograd, CPU tensors, lengths beyond the largest
+bucket, options other than input_ids / attention_mask / token_type_ids — runs eagerly, and
+`fallback_reason` says why.
+"""
+from typing import NamedTuple
+
+import torch
+
+SEQLEN_BUCKETS = (32, 64, 128, 256, 384, 512)
+
+
+class _Graph(NamedTuple):
+    graph: torch.cuda.CUDAGraph
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor
+    output: object  # the model's output, whose tensors live in the graph's memory
+
+
+class GraphRunner:
+    def __init__(self, max_positions, buckets=SEQLEN_BUCKETS):
+        # positions up to the bucket are embedded, so no bucket may exceed max_position_embeddings
+        self.buckets = tuple(sorted({min(bucket, max_positions) for bucket in buckets}))
+        self.graphs = {}
+        self.pool = None
+        self.memory_bytes = 0  # device memory the captured graphs hold
+        self.fallback_reason = None  # why the last call ran eagerly, or None
+        self.capturing = False
+
+    def bucket(self, seqlen):
+        return next((bucket for bucket in self.buckets if bucket >= seqlen), None)
+
+    def why_not(self, model, input_ids, attention_mask, others):
+        """Why this call cannot replay a graph, or None when it can."""
+        if model.training or torch.is_grad_enabled():
+            return "CUDA graphs serve inference only: call the model in eval mode under torch.no_grad or inference_mode"
+        if input_ids is None:
+            return "only input_ids, attention_mask and token_type_ids are captured; other arguments run eagerly"
+        if others.pop("return_dict", None) is False:
+            return "return_dict=False runs eagerly"
+        if any(value is not None and value is not False for value in others.values()):
+            return "only input_ids, attention_mask and token_type_ids are captured; other arguments run eagerly"
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            return "only a 2-D padding mask is captured"
+        if self.bucket(input_ids.shape[1]) is None:
+            return f"sequence length {input_ids.shape[1]} is beyond the largest bucket ({self.buckets[-1]})"
+        if input_ids.device.type != "cuda":
+            return "CUDA graphs need input_ids on a CUDA device"
+        return None
+
+    def run(self, model, input_ids, attention_mask, token_type_ids, others):
+        """The model's output from a replayed graph, or None (with `fallback_reason` set) to run eagerly."""
+        if self.capturing:
+            return None
+        self.fallback_reason = self.why_not(model, input_ids, attention_mask, others)
+        if self.fallback_reason is not None:
+            return None
+        batch, seqlen = input_ids.shape
+        model.check_ids(input_ids, token_type_ids)  # the graph skips data-dependent checks
+        key = (batch, self.bucket(seqlen), input_ids.device)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(model, *key)
+        graph = self.graphs[key]
+        graph.input_ids.zero_()[:, :seqlen].copy_(input_ids)
+        graph.attention_mask.zero_()[:, :seqlen].copy_(1 if attention_mask is None else attention_mask)
+        graph.token_type_ids.zero_()[:, :seqlen].copy_(0 if token_type_ids is None else token_type_ids)
+        graph.graph.replay()
+        output = graph.output
+        return type(output)(
+            last_hidden_state=output.last_hidden_state[:, :seqlen].clone(),
+            pooler_output=None if output.pooler_output is None else output.pooler_output.clone(),
+        )
+
+    def _capture(self, model, batch, bucket, device):
+        inputs = dict(
+            input_ids=torch.zeros((batch, bucket), dtype=torch.long, device=device),
+            attention_mask=torch.zeros((batch, bucket), dtype=torch.long, device=device),
+            token_type_ids=torch.zeros((batch, bucket), dtype=torch.long, device=device),
+        )
+        inputs["attention_mask"][:, 0] = 1
+        self.capturing = True
+        try:
+            # warm up on a side stream first: autotuning and lazy initialisation must not be captured
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    model(**inputs, return_dict=True)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            before = torch.cuda.memory_reserved(device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                output = model(**inputs, return_dict=True)
+            self.pool = graph.pool()
+            self.memory_bytes += torch.cuda.memory_reserved(device) - before
+        finally:
+            self.capturing = False
+        return _Graph(graph, inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"], output)

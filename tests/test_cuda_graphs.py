@@ -1,0 +1,77 @@
+"""Opt-in CUDA graphs: what falls back to eager (and why) everywhere, capture and replay on a GPU."""
+import pytest
+import torch
+import transformers
+
+import fastencoder
+from fastencoder import models
+from fastencoder.cuda_graphs import GraphRunner
+from test_bert import bert_config, ragged_batch, twin_models
+
+
+def test_buckets_are_capped_by_max_position_embeddings():
+    runner = GraphRunner(max_positions=300)
+    assert runner.buckets == (32, 64, 128, 256, 300)
+    assert [runner.bucket(n) for n in (1, 32, 33, 257, 300, 301)] == [32, 32, 64, 300, 300, None]
+
+
+@pytest.mark.parametrize(
+    "train, grad, inputs, reason",
+    [
+        (True, False, {}, "inference only"),
+        (False, True, {}, "inference only"),
+        (False, False, dict(output_hidden_states=True), "other arguments run eagerly"),
+        (False, False, dict(return_dict=False), "return_dict=False"),
+        (False, False, dict(input_ids=torch.zeros(1, 513, dtype=torch.long)), "beyond the largest bucket (512)"),
+        (False, False, {}, "need input_ids on a CUDA device"),
+    ],
+)
+def test_calls_a_graph_cannot_serve_run_eagerly_with_the_reason(train, grad, inputs, reason, torch_backend):
+    config = bert_config(max_position_embeddings=600)
+    model = models.BertModel(config).train(train)
+    model.cuda_graphs = True
+    batch = dict(ragged_batch(config, seqlen=10), **inputs)
+    if "input_ids" in inputs:
+        batch.pop("attention_mask"), batch.pop("token_type_ids")
+    with torch.set_grad_enabled(grad):
+        model(**batch)
+    assert reason in model.cuda_graph_runner.fallback_reason
+    assert model.cuda_graph_runner.graphs == {} and model.cuda_graph_runner.memory_bytes == 0
+
+
+def test_optimize_turns_graphs_on_and_off(torch_backend):
+    config = bert_config()
+    reference, _ = twin_models(transformers.BertForSequenceClassification, models.BertForSequenceClassification, config)
+    model = fastencoder.optimize(transformers.BertForSequenceClassification(config), cuda_graphs=True)
+    model.load_state_dict(reference.state_dict())
+    batch = ragged_batch(config)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**batch).logits, reference.eval()(**batch).logits)
+    assert model.bert.cuda_graphs and "CUDA device" in model.bert.cuda_graph_runner.fallback_reason
+    fastencoder.optimize(model, cuda_graphs=False)
+    assert not model.bert.cuda_graphs and model.bert.cuda_graph_runner is None
+    with pytest.raises(ValueError, match="cuda_graphs must be True or False"):
+        model.bert.cuda_graphs = "yes"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_replay_matches_eager_and_reuses_graphs_per_bucket(dtype, device, triton_backend):
+    config = bert_config(max_position_embeddings=128, vocab_size=100)
+    torch.manual_seed(0)
+    model = models.BertModel(config).to(device=device, dtype=dtype).eval()
+    model.cuda_graphs = True
+    runner = model.cuda_graph_runner
+    tolerance = dict(atol=2e-3, rtol=2e-3) if dtype == torch.float16 else dict(atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():
+        for seqlen, graphs in ((20, 1), (31, 1), (40, 2), (64, 2)):  # buckets 32, 32, 64, 64
+            batch = {k: v.to(device) for k, v in ragged_batch(config, seqlen=seqlen).items()}
+            replayed = model(**batch)
+            assert runner.fallback_reason is None and len(runner.graphs) == graphs
+            model.cuda_graphs = False
+            eager = model(**batch)
+            model.__dict__["cuda_graph_runner"] = runner  # back on, keeping the captured graphs
+            real = batch["attention_mask"].bool()
+            torch.testing.assert_close(replayed.last_hidden_state[real], eager.last_hidden_state[real], **tolerance)
+            torch.testing.assert_close(replayed.pooler_output, eager.pooler_output, **tolerance)
+    assert runner.memory_bytes > 0
