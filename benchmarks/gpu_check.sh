@@ -31,4 +31,6 @@ echo "== gpu-marked tests: $(tail -n 1 "$results/gpu-tests.log")"
 
 $python -m fastencoder bench --quick --out "$results" 2>&1 | tee "$results/bench.log"
 bench_status=${PIPESTATUS[0]}
+echo "To publish: copy the run's folder from $results into benchmarks/results/, then"
+echo "python -m fastencoder.benchmarks.readme  (regenerates the README's performance section)"
 exit $(( tests_status || bench_status ))

@@ -48,3 +48,29 @@ def test_quick_bench_without_gpu_explains_and_writes_files(tmp_path):
     check = rows[0]
     assert check["group"] == "check" and check["max_abs_diff"] < 1e-4
     assert any(row["group"] == "static report" and not row["problems"] for row in rows[1:])
+
+
+def test_readme_performance_section_comes_from_the_newest_gpu_run(tmp_path):
+    from fastencoder.benchmarks import readme
+
+    readme_file = tmp_path / "README.md"
+    readme_file.write_text(f"intro\n{readme.START}\nold\n{readme.END}\nrest\n")
+    results = tmp_path / "results"
+    readme.update_readme(readme_file, results)
+    assert readme.NO_RUN in readme_file.read_text() and "old" not in readme_file.read_text()
+
+    def run(date, gpu, ms):
+        row = dict(group="model", case="bert-base float16 fwd B32xS128 no padding", variant="fastencoder",
+                   median_ms=ms, tokens_per_s=4096 / ms * 1e3, **{"speedup_vs_HF sdpa": 2.0})
+        return dict(environment=dict(date=date, gpu=gpu, torch="2.11", triton="3.6", mode="quick"),
+                    ceilings={"float16": dict(matmul_TFLOPs=790.0, copy_GBps=4300.0)}, rows=[row])
+
+    for name, content in (("a", run("2026-12-01", "NVIDIA H200", 1.25)), ("b", run("2026-12-02", "NVIDIA H200", 1.10)),
+                          ("c", run("2026-12-03", None, 99.0))):  # a CPU run never counts
+        (results / name).mkdir(parents=True)
+        (results / name / "results.json").write_text(json.dumps(content))
+    readme.update_readme(readme_file, results)
+    text = readme_file.read_text()
+    assert text.startswith("intro\n") and text.endswith("rest\n")
+    assert "Measured on NVIDIA H200 (2026-12-02" in text and "790 TFLOP/s matmul" in text
+    assert "| bert-base float16 fwd B32xS128 no padding | 1.100 | - | 2.00x | - | 3723636 tokens/s |" in text
