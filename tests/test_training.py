@@ -5,12 +5,14 @@ math in another order drifts by a few fp32 ulps per step, far inside the 1e-4 re
 on the first steps' losses.
 """
 import copy
+import datetime
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import transformers
 
 import fastencoder
@@ -64,18 +66,20 @@ def test_trainer_fine_tuning_follows_the_untouched_model(kind, tmp_path, torch_b
     assert sum(got[-5:]) < 0.8 * sum(got[:5]), f"loss did not fall: {got}"
 
 
-def _ddp_worker(rank, world_size, init_file, state, batch, result_dir):
+def _ddp_worker(rank, world_size, work_dir):
     fastencoder.set_backend("torch")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{work_dir}/init", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
     try:
+        inputs = torch.load(os.path.join(work_dir, "inputs.pt"), weights_only=True)
         model = fastencoder.optimize(transformers.BertForSequenceClassification(bert_config()))
-        model.load_state_dict(state)
+        model.load_state_dict(inputs["state"])
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        half = batch["input_ids"].shape[0] // world_size
-        shard = {key: value[rank * half:(rank + 1) * half] for key, value in batch.items()}
+        half = inputs["batch"]["input_ids"].shape[0] // world_size
+        shard = {key: value[rank * half:(rank + 1) * half] for key, value in inputs["batch"].items()}
         ddp(**shard).loss.backward()
         if rank == 0:
-            torch.save({name: p.grad for name, p in model.named_parameters()}, os.path.join(result_dir, "grads.pt"))
+            torch.save({name: p.grad for name, p in model.named_parameters()}, os.path.join(work_dir, "grads.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -89,8 +93,12 @@ def test_ddp_step_matches_one_process_on_the_full_batch(tmp_path, torch_backend)
     model(**batch).loss.backward()
     expected = {name: p.grad for name, p in model.named_parameters()}
 
-    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), state, batch, str(tmp_path)), nprocs=2, join=True)
+    torch.save(dict(state=model.state_dict(), batch=batch), tmp_path / "inputs.pt")
+    # two ranks spawned from a fresh interpreter, with a deadline: whatever state earlier tests left
+    # in this process cannot reach them, and a stuck collective fails the test instead of hanging it
+    launch = (f"import torch.multiprocessing as mp, test_training\n"
+              f"mp.spawn(test_training._ddp_worker, args=(2, {str(tmp_path)!r}), nprocs=2, join=True)")
+    subprocess.run([sys.executable, "-c", launch], cwd=os.path.dirname(__file__), check=True, timeout=300)
     got = torch.load(tmp_path / "grads.pt", weights_only=True)
     assert got.keys() == expected.keys()
     for name in expected:
