@@ -11,10 +11,10 @@ export HF_HUB_OFFLINE=1 TRITON_DEFAULT_FP_FUSION=1 PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
 
 if ! $python -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>"$results/install.log"; then
-    # no setuptools to build with: lay the packages out by hand
-    site=$(mktemp -d)
-    cp -r fastencoder "$site/" && cp -r kernels "$site/fastencoder/kernels"
-    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    # no recent setuptools to build with: link the mapped packages into place inside this checkout
+    # (the working directory comes first on sys.path, so this is the fastencoder that gets imported)
+    ln -sfn ../kernels fastencoder/kernels && ln -sfn ../benchmarks fastencoder/benchmarks
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 {
