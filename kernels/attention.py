@@ -30,7 +30,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
     from ._no_triton import tl, triton
 
 from . import backend
-from ._checks import check_float, check_like
+from ._checks import check_float, check_like, read_back
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 MAX_DROPOUT_SEQLEN = 46340  # i·S + j < 2³¹ for the dropout counters
@@ -705,7 +705,7 @@ def _check_cu_seqlens(cu_seqlens, max_seqlen, q):
                          f"{tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
-    bounds = cu_seqlens.tolist()  # one small device-to-host copy, to refuse bad values up front
+    bounds = read_back(cu_seqlens, torch.Tensor.tolist)  # to refuse bad values up front
     lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     if bounds[0] != 0 or min(lengths) < 0 or bounds[-1] != q.shape[0]:
         raise ValueError(

@@ -19,7 +19,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
     from ._no_triton import tl, triton
 
 from . import backend
-from ._checks import check_float
+from ._checks import check_float, read_back
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 # A tile of 16 rows x 256 features (4096 elements, 32 per thread with 4 warps): wide, coalesced
@@ -156,6 +156,14 @@ def pad_reference(rows, indices, batch, seqlen):
     return out.view(batch, seqlen, *rows.shape[1:])
 
 
+def _index_facts(indices):
+    """(lowest, highest, strictly increasing) of non-empty indices, in one device-to-host copy."""
+    low, high = torch.aminmax(indices)
+    increasing = (indices[1:] > indices[:-1]).all()
+    low, high, increasing = torch.stack([low, high, increasing.to(low.dtype)]).tolist()
+    return low, high, bool(increasing)
+
+
 def _check_indices(indices, device, num_positions):
     if not isinstance(indices, torch.Tensor) or indices.dtype not in INDEX_DTYPES:
         raise TypeError(f"indices must be an int32 or int64 tensor, got "
@@ -170,8 +178,7 @@ def _check_indices(indices, device, num_positions):
     capturing = indices.is_cuda and torch.cuda.is_current_stream_capturing()
     if indices.numel() == 0 or torch.compiler.is_compiling() or capturing:
         return
-    low, high = (value.item() for value in torch.aminmax(indices))
-    increasing = indices.numel() == 1 or bool((indices[1:] > indices[:-1]).all())
+    low, high, increasing = read_back(indices, _index_facts)
     if low < 0 or high >= num_positions or not increasing:
         raise ValueError(f"indices must be strictly increasing positions in [0, {num_positions}) "
                          f"(B x S), got values in [{low}, {high}]"

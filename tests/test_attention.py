@@ -325,6 +325,21 @@ def test_bad_input_is_refused_before_any_launch(device, triton_backend, kernel_l
     assert kernel_launches == []
 
 
+@pytest.mark.parametrize("inference", [False, True], ids=["normal tensor", "inference tensor"])
+def test_cu_seqlens_changed_in_place_is_checked_again(device, triton_backend, kernel_launches, inference):
+    """cu_seqlens is read back once and remembered while unchanged (kernels/_checks.py read_back):
+    an in-place change, which bumps the version or (inference tensors) is not tracked, is seen."""
+    packed = torch.randn(8, 2, 16, device=device)
+    with torch.inference_mode(inference):
+        cu_seqlens = torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
+        attention(packed, packed, packed, cu_seqlens=cu_seqlens, max_seqlen=5)
+        launches = len(kernel_launches)
+        cu_seqlens[1] = 9
+        with pytest.raises(ValueError, match="never decrease"):
+            attention(packed, packed, packed, cu_seqlens=cu_seqlens, max_seqlen=5)
+    assert len(kernel_launches) == launches
+
+
 def test_head_dim_without_a_kernel_runs_the_reference(device, triton_backend, kernel_launches):
     q, k, v = (torch.randn(2, 9, 2, 24, device=device) for _ in range(3))
     expected = attention_reference(q.double(), k.double(), v.double())

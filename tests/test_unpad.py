@@ -6,6 +6,8 @@ same math as the padded one on the same rows (the gather and scatter copy values
 attention sees the same keys, now bounded by cu_seqlens instead of masked), so the only differences
 are the reduction orders test_bert.py's tolerance was measured for (a few fp32 ulps).
 """
+import warnings
+
 import pytest
 import torch
 import transformers
@@ -95,6 +97,20 @@ def test_bad_inputs_are_refused(triton_backend, kernel_launches, call, error, ma
     with pytest.raises(error, match=match):
         call(torch.randn(2, 5, 4), torch.tensor([1, 3, 7]))
     assert kernel_launches == []
+
+
+@pytest.mark.parametrize("inference", [False, True], ids=["normal tensor", "inference tensor"])
+def test_indices_changed_in_place_are_checked_again(triton_backend, kernel_launches, inference):
+    """indices are read back once and remembered while unchanged; an in-place change is seen."""
+    hidden = torch.randn(2, 5, 4)
+    with torch.inference_mode(inference):
+        indices = torch.tensor([1, 3, 7])
+        padding.unpad(hidden, indices)
+        launches = len(kernel_launches)
+        indices[2] = 10
+        with pytest.raises(ValueError, match=r"\[0, 10\)"):
+            padding.unpad(hidden, indices)
+    assert len(kernel_launches) == launches
 
 
 def test_traceable_by_torch_compile(device, triton_backend):
@@ -218,6 +234,47 @@ def test_path_choice(unpad, rows, output_attentions, packed, torch_backend, plan
         model(torch.randint(0, config.vocab_size, attention_mask.shape), attention_mask=attention_mask,
               output_attentions=output_attentions)
     assert (plans[0] is not None) == packed
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_device_to_host_reads_do_not_grow_with_depth(mode, triton_backend, monkeypatch):
+    """Each read back waits for the GPU. A padding-free forward reads back the input ids' range, the
+    plan's sizes, then cu_seqlens and the indices once (remembered by the ops), not once per layer."""
+    reads = []
+    for method in ("tolist", "item"):
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method, lambda self, original=original: reads.append(1) or original(self))
+    attention_mask = mask_from_rows(["11111111", "11110000"])
+    counts = []
+    for depth in (1, 3):
+        model = models.BertModel(bert_config(num_hidden_layers=depth), unpad=True).eval()
+        with mode():
+            model(torch.randint(0, 50, attention_mask.shape), attention_mask=attention_mask)
+        counts.append(len(reads))
+        reads.clear()
+    assert counts == [4, 4]
+
+
+@pytest.mark.gpu
+def test_gpu_synchronizations_do_not_grow_with_depth(triton_backend):
+    """The same count from CUDA's own sync detector, which also sees syncs inside torch ops
+    (nonzero_static sizes the indices from the plan's one read back instead of syncing)."""
+    attention_mask = mask_from_rows(["11111111", "11110000"]).cuda()
+    input_ids = torch.randint(0, 50, attention_mask.shape, device="cuda")
+    counts = []
+    for depth in (1, 3):
+        model = models.BertModel(bert_config(num_hidden_layers=depth), unpad=True).cuda().eval()
+        with torch.inference_mode():
+            model(input_ids, attention_mask=attention_mask)  # first launches compile and autotune
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    model(input_ids, attention_mask=attention_mask)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(warning.message) for warning in caught))
+    assert counts == [4, 4], [str(warning.message) for warning in caught]
 
 
 def test_auto_threshold_decides_which_kernels_run(triton_backend, kernel_launches):

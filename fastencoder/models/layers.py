@@ -96,7 +96,7 @@ def _check_id_range(name, ids, limit, limit_name):
         raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
     if ids.numel() == 0 or tracing():  # checked before the graph instead (a data-dependent check breaks it)
         return
-    low, high = (value.item() for value in torch.aminmax(ids))
+    low, high = torch.stack(torch.aminmax(ids)).tolist()
     if low < 0 or high >= limit:
         raise ValueError(f"{name} must lie in [0, {limit}) ({limit_name}={limit}), got values in [{low}, {high}]")
 
@@ -198,20 +198,26 @@ def plan_unpadding(unpad, attention_mask, document_starts, batch, seqlen, output
         real = attention_mask.bool()
     else:
         return None
-    real_tokens, left_padded = torch.stack([real.sum(), (~real[:, 0]).any()]).tolist()
-    if real_tokens == 0:
-        return None  # nothing to run the packed layout on
-    if unpad == "auto" and document_starts is None:
-        if left_padded or 1 - real_tokens / (batch * seqlen) <= AUTO_UNPAD_MIN_PADDING:
-            return None
-    first_positions = real.int().argmax(1)  # argmax returns the first maximum: the first real token
-    starts = real & (torch.arange(seqlen, device=device) == first_positions[:, None])
-    if document_starts is not None:
-        starts |= document_starts
-    indices = real.flatten().nonzero()[:, 0]
-    sequence_starts = starts.flatten()[indices].nonzero()[:, 0]
-    cu_seqlens = torch.cat([sequence_starts, sequence_starts.new_tensor([real_tokens])]).to(torch.int32)
-    max_seqlen = int(cu_seqlens.diff().max().item())
+    # built outside inference mode so that the ops' checks can remember them (`read_back` in
+    # kernels/_checks.py), and sized by one device-to-host copy
+    with torch.inference_mode(False):
+        first_positions = real.int().argmax(1)  # argmax returns the first maximum: the first real token
+        starts = real & (torch.arange(seqlen, device=device) == first_positions[:, None])
+        if document_starts is not None:
+            starts |= document_starts
+        # each real token's sequence is the number of starts up to it, minus one
+        sequence_of = (starts.flatten().cumsum(0) - 1).clamp(min=0)
+        lengths = torch.zeros(batch * seqlen, dtype=torch.long, device=device)
+        lengths.scatter_add_(0, sequence_of, real.flatten().long())
+        counts = torch.stack([real.sum(), starts.sum(), lengths.max(), (~real[:, 0]).any().long()])
+        real_tokens, sequences, max_seqlen, left_padded = counts.tolist()
+        if real_tokens == 0:
+            return None  # nothing to run the packed layout on
+        if unpad == "auto" and document_starts is None:
+            if left_padded or 1 - real_tokens / (batch * seqlen) <= AUTO_UNPAD_MIN_PADDING:
+                return None
+        indices = torch.nonzero_static(real.flatten(), size=real_tokens)[:, 0]
+        cu_seqlens = F.pad(lengths[:sequences].cumsum(0), (1, 0)).to(torch.int32)
     return PackedTokens(indices, cu_seqlens, max_seqlen, first_positions, batch, seqlen)
 
 
