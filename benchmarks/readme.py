@@ -30,17 +30,21 @@ def render(run):
         + ", ".join(f"{dtype}: {c['matmul_TFLOPs']:.0f} TFLOP/s matmul, {c['copy_GBps']:.0f} GB/s copy"
                     for dtype, c in run["ceilings"].items()) + ".",
         "",
-        "| case | fastencoder ms | vs HF eager | vs HF sdpa | vs torch.compile(HF sdpa) | rate |",
-        "|---|---|---|---|---|---|",
+        "| case | fastencoder variant | ms | vs HF eager | vs HF sdpa | vs torch.compile(HF sdpa) | "
+        "vs fastencoder padded | rate |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in run["rows"]:
-        if row["variant"] != "fastencoder":
+        if not row["variant"].startswith("fastencoder"):
             continue
         speedup = lambda name: f"{row[f'speedup_vs_{name}']:.2f}x" if f"speedup_vs_{name}" in row else "-"
         rate = (f"{row['TFLOPs']:.0f} TFLOP/s" if "TFLOPs" in row else f"{row['GBps']:.0f} GB/s" if "GBps" in row
                 else f"{row.get('tokens_per_s', 0):.0f} tokens/s")
-        lines.append(f"| {row['case']} | {row['median_ms']:.3f} | {speedup('HF eager')} | {speedup('HF sdpa')} | "
-                     f"{speedup('torch.compile(HF sdpa)')} | {rate} |")
+        variant = row["variant"].removeprefix("fastencoder").strip() or "padded"
+        if "ran_eagerly" in row:
+            variant += f" (ran eagerly: {row['ran_eagerly']})"
+        lines.append(f"| {row['case']} | {variant} | {row['median_ms']:.3f} | {speedup('HF eager')} | "
+                     f"{speedup('HF sdpa')} | {speedup('torch.compile(HF sdpa)')} | {speedup('fastencoder')} | {rate} |")
     return "\n".join(lines)
 
 

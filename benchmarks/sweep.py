@@ -250,10 +250,12 @@ def build_models(name, dtype, overrides, compile_baseline):
         models[f"HF {implementation}"] = hf_class(config).to(device=device, dtype=dtype).eval()
     weights = models["HF sdpa"].state_dict()
     models["HF eager"].load_state_dict(weights)
-    # padded execution, and padding-free (which only differs from it on ragged batches)
-    for variant, unpad in (("fastencoder", False), ("fastencoder unpad", True)):
+    # padded execution, padding-free (which only differs from it on ragged batches), and CUDA graphs
+    for variant, unpad, cuda_graphs in (("fastencoder", False, False), ("fastencoder unpad", True, False),
+                                        ("fastencoder cuda graphs", False, True)):
         models[variant] = our_class(config, unpad=unpad).to(device=device, dtype=dtype).eval()
         models[variant].load_state_dict(weights)
+        models[variant].cuda_graphs = cuda_graphs
     if compile_baseline:
         models["torch.compile(HF sdpa)"] = torch.compile(models["HF sdpa"])
     return config, models
@@ -289,6 +291,11 @@ def model_cases(settings, dtype, ceilings):
                         timing = time_calls(run, inputs, warmup=5, repeats=20)
                         memory = peak_memory(run, inputs[0])
                     extra = dict(tokens_per_s=sum(lengths) / (timing["median_ms"] * 1e-3), peak_memory_bytes=memory)
+                    graphs = getattr(model, "cuda_graph_runner", None)
+                    if graphs is not None:
+                        extra["graph_memory_bytes"] = graphs.memory_bytes
+                        if graphs.fallback_reason:  # e.g. on a CPU smoke run: the row was not replayed
+                            extra["ran_eagerly"] = graphs.fallback_reason
                     if ceilings:
                         extra["roofline_ms"] = 1e3 * flops / (ceilings["matmul_TFLOPs"] * 1e12)
                     rows.append(_row("model", case, variant, timing, flops, None, ceilings, **extra))
@@ -378,7 +385,8 @@ def format_table(rows):
         rate = (f"{row['TFLOPs']:7.1f} TFLOP/s" if "TFLOPs" in row
                 else f"{row['GBps']:7.0f} GB/s   " if "GBps" in row else " " * 15)
         speedups = ", ".join(f"{k[len('speedup_vs_'):]} {v:.2f}x" for k, v in row.items() if k.startswith("speedup_vs_"))
-        lines.append(f"{row['case']:<60} {row['variant']:<32} {row['median_ms']:9.3f} ms  {rate}  {speedups}")
+        eager = f"  (ran eagerly: {row['ran_eagerly']})" if "ran_eagerly" in row else ""
+        lines.append(f"{row['case']:<60} {row['variant']:<32} {row['median_ms']:9.3f} ms  {rate}  {speedups}{eager}")
     return "\n".join(lines)
 
 
