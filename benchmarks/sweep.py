@@ -8,6 +8,7 @@ and interpreter timings say nothing about kernel speed) and runs the static kern
 import contextlib
 import csv
 import datetime
+import itertools
 import json
 import platform
 import re
@@ -32,6 +33,8 @@ FULL = dict(
     attention=dict(batch=32, heads=12, cases=[(128, 64), (256, 64), (384, 64), (512, 64), (128, 32)]),
     layer_norm=(65536, 768), linear=[(4096, 768, 3072), (4096, 3072, 768), (16384, 1024, 4096)],
     model_overrides={}, fine_tune=(32, 128), compile_shapes=None,
+    # bert-base padded vs padding-free at growing padding: the data behind unpad="auto"'s threshold
+    unpad_threshold=dict(shapes=[(32, 128), (32, 384)], padding=[0.02, 0.05, 0.1, 0.2, 0.3]),
 )
 QUICK = dict(
     FULL, models=["bert-base"], dtypes=[torch.float16], shapes=[(1, 128), (32, 128), (32, 384)],
@@ -43,7 +46,7 @@ SMOKE = dict(
     models=["bert-base", "albert-base"], dtypes=[torch.float32], shapes=[(2, 16)],
     attention=dict(batch=2, heads=2, cases=[(16, 64)]), layer_norm=(64, 768), linear=[(64, 96, 128)],
     model_overrides=dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128),
-    fine_tune=(2, 16), compile_shapes=[],
+    fine_tune=(2, 16), compile_shapes=[], unpad_threshold=dict(shapes=[(2, 16)], padding=[0.25]),
 )
 
 
@@ -68,12 +71,22 @@ def results_dir_name(info):
     return f"{gpu}_torch-{info['torch'].split('+')[0]}_triton-{info.get('triton', 'none')}_{info['date']}"
 
 
-def ragged_lengths(batch, seqlen, seed=0):
+def ragged_lengths(batch, seqlen):
     """Lengths drawn uniformly from [S/4, S] with a fixed seed; the longest is S."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(max(1, seqlen // 4), seqlen + 1, (batch,), generator=generator)
     lengths[0] = seqlen
     return lengths.tolist()
+
+
+def lengths_with_padding(batch, seqlen, fraction):
+    """Lengths whose padding is `fraction` of the batch x seqlen positions (to the nearest token):
+    the first row full, so that the padded length stays seqlen, the others shortened evenly."""
+    missing = round(fraction * batch * seqlen)
+    if batch < 2 or missing > (batch - 1) * (seqlen - 1):
+        raise ValueError(f"cannot pad {fraction:.0%} of B{batch}xS{seqlen} with a full first row")
+    share, extra = divmod(missing, batch - 1)
+    return [seqlen] + [seqlen - share - (row < extra) for row in range(batch - 1)]
 
 
 def padding_mask(lengths, seqlen, device):
@@ -261,12 +274,12 @@ def build_models(name, dtype, overrides, compile_baseline):
     return config, models
 
 
-def model_inputs(config, batch, seqlen, ragged, seed):
+def model_inputs(config, lengths, seqlen, seed):
+    """Random token ids (by seed) for sequences of the given lengths, padded to seqlen."""
     device = _device()
     generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, config.vocab_size, (batch, seqlen), generator=generator).to(device)
-    lengths = ragged_lengths(batch, seqlen, seed) if ragged else [seqlen] * batch
-    return dict(input_ids=input_ids, attention_mask=padding_mask(lengths, seqlen, device).long()), lengths
+    input_ids = torch.randint(0, config.vocab_size, (len(lengths), seqlen), generator=generator).to(device)
+    return dict(input_ids=input_ids, attention_mask=padding_mask(lengths, seqlen, device).long())
 
 
 def model_cases(settings, dtype, ceilings):
@@ -276,32 +289,47 @@ def model_cases(settings, dtype, ceilings):
         config, models = build_models(name, dtype, settings["model_overrides"], compile_shapes != [])
         for batch, seqlen in settings["shapes"]:
             for ragged in (False, True):
-                sets = [model_inputs(config, batch, seqlen, ragged, seed) for seed in range(4)]
-                inputs, lengths = [s[0] for s in sets], sets[0][1]
-                flops = roofline.encoder_flops(lengths, config.num_hidden_layers, config.hidden_size,
-                                               config.intermediate_size)
+                lengths = ragged_lengths(batch, seqlen) if ragged else [seqlen] * batch
                 case = f"{name} {_dtype_name(dtype)} fwd B{batch}xS{seqlen} {'ragged' if ragged else 'no padding'}"
-                for variant, model in models.items():
-                    if variant.startswith("torch.compile") and compile_shapes and (batch, seqlen) not in compile_shapes:
-                        continue
-                    if variant == "fastencoder unpad" and not ragged:
-                        continue
-                    run = lambda kwargs, model=model: model(**kwargs)
-                    with torch.inference_mode():
-                        timing = time_calls(run, inputs, warmup=5, repeats=20)
-                        memory = peak_memory(run, inputs[0])
-                    extra = dict(tokens_per_s=sum(lengths) / (timing["median_ms"] * 1e-3), peak_memory_bytes=memory)
-                    graphs = getattr(model, "cuda_graph_runner", None)
-                    if graphs is not None:
-                        extra["graph_memory_bytes"] = graphs.memory_bytes
-                        if graphs.fallback_reason:  # e.g. on a CPU smoke run: the row was not replayed
-                            extra["ran_eagerly"] = graphs.fallback_reason
-                    if ceilings:
-                        extra["roofline_ms"] = 1e3 * flops / (ceilings["matmul_TFLOPs"] * 1e12)
-                    rows.append(_row("model", case, variant, timing, flops, None, ceilings, **extra))
+                timed = {variant: model for variant, model in models.items()
+                         if not (variant.startswith("torch.compile") and compile_shapes
+                                 and (batch, seqlen) not in compile_shapes)}
+                rows += time_models(timed, config, case, lengths, seqlen, ceilings)
+        if name == "bert-base":
+            threshold = settings["unpad_threshold"]
+            padded_or_not = {variant: models[variant] for variant in ("fastencoder", "fastencoder unpad")}
+            for (batch, seqlen), fraction in itertools.product(threshold["shapes"], threshold["padding"]):
+                case = f"{name} {_dtype_name(dtype)} fwd B{batch}xS{seqlen} {fraction:.0%} padding"
+                rows += time_models(padded_or_not, config, case, lengths_with_padding(batch, seqlen, fraction),
+                                    seqlen, ceilings)
         del models
         if name == "bert-base":
             rows += fine_tune_cases(settings, dtype)
+    return rows
+
+
+def time_models(models, config, case, lengths, seqlen, ceilings):
+    """One row per model: forward time on batches of these lengths (token ids varying between the
+    rotating input sets), tokens/s, peak memory, and what CUDA graphs held or why they did not run."""
+    inputs = [model_inputs(config, lengths, seqlen, seed) for seed in range(4)]
+    flops = roofline.encoder_flops(lengths, config.num_hidden_layers, config.hidden_size, config.intermediate_size)
+    rows = []
+    for variant, model in models.items():
+        if variant == "fastencoder unpad" and min(lengths) == seqlen:
+            continue  # without padding it runs the padded path
+        run = lambda kwargs, model=model: model(**kwargs)
+        with torch.inference_mode():
+            timing = time_calls(run, inputs, warmup=5, repeats=20)
+            memory = peak_memory(run, inputs[0])
+        extra = dict(tokens_per_s=sum(lengths) / (timing["median_ms"] * 1e-3), peak_memory_bytes=memory)
+        if ceilings:
+            extra["roofline_ms"] = 1e3 * flops / (ceilings["matmul_TFLOPs"] * 1e12)
+        graphs = getattr(model, "cuda_graph_runner", None)
+        if graphs is not None:
+            extra["graph_memory_bytes"] = graphs.memory_bytes
+            if graphs.fallback_reason:  # e.g. on a CPU smoke run: the row was not replayed
+                extra["ran_eagerly"] = graphs.fallback_reason
+        rows.append(_row("model", case, variant, timing, flops, None, ceilings, **extra))
     return rows
 
 
@@ -322,7 +350,7 @@ def fine_tune_cases(settings, dtype):
         model = model_class(config).to(device=_device(), dtype=dtype).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
         labels = torch.randint(0, 2, (batch,), device=_device())
-        inputs = [dict(model_inputs(config, batch, seqlen, False, seed)[0], labels=labels) for seed in range(2)]
+        inputs = [dict(model_inputs(config, [seqlen] * batch, seqlen, seed), labels=labels) for seed in range(2)]
 
         def step(kwargs, model=model, optimizer=optimizer):
             model(**kwargs).loss.backward()
@@ -362,7 +390,7 @@ def cpu_model_check(name="bert-base"):
     hf = transformers.BertModel(config).eval()
     mine = ours.BertModel(config).eval()
     mine.load_state_dict(hf.state_dict())
-    inputs, _ = model_inputs(config, 4, 32, True, 0)
+    inputs = model_inputs(config, ragged_lengths(4, 32), 32, 0)
     previous = fastencoder.get_backend()
     fastencoder.set_backend("torch")
     try:

@@ -62,7 +62,7 @@ def test_linear_bias_gelu(benchmark):
 @pytest.mark.parametrize("variant", ["fastencoder", "HF sdpa"])
 def test_bert_base_forward_32x128(benchmark, variant):
     config, models = sweep.build_models("bert-base", torch.float16, {}, compile_baseline=False)
-    inputs = [sweep.model_inputs(config, 32, 128, False, seed)[0] for seed in range(4)]
+    inputs = [sweep.model_inputs(config, [128] * 32, 128, seed) for seed in range(4)]
     model = models[variant]
     with torch.inference_mode():
         _measure(benchmark, lambda kwargs: model(**kwargs), inputs, tokens=32 * 128)

@@ -29,11 +29,26 @@ def test_smoke_sweep_runs_every_case(tmp_path):
         ours = next(row for row in rows if row["case"] == case and row["variant"] == "fastencoder")
         assert {f"speedup_vs_{v}" for v in variants - {"fastencoder"}} <= set(ours)
     assert (out / "results.csv").read_text().startswith("group,case,variant")
+    threshold_case = "bert-base float32 fwd B2xS16 25% padding"
+    assert {row["variant"] for row in rows if row["case"] == threshold_case} == {"fastencoder", "fastencoder unpad"}
     graph_rows = [row for row in rows if row["variant"] == "fastencoder cuda graphs"]
     assert graph_rows, "the CUDA-graph variant runs in every model case"
     if not torch.cuda.is_available():  # nothing replayed on the CPU, and the rows say so
         assert all(row["ran_eagerly"] == "CUDA graphs need input_ids on a CUDA device" for row in graph_rows)
     assert results["environment"]["mode"] == "smoke"
+
+
+@pytest.mark.parametrize("batch, seqlen, fraction", [(32, 128, 0.02), (32, 384, 0.3), (2, 16, 0.25), (3, 5, 0.5)])
+def test_lengths_with_padding(batch, seqlen, fraction):
+    lengths = sweep.lengths_with_padding(batch, seqlen, fraction)
+    assert len(lengths) == batch and lengths[0] == seqlen and min(lengths) >= 1
+    assert batch * seqlen - sum(lengths) == round(fraction * batch * seqlen)
+    assert max(lengths[1:]) - min(lengths[1:]) <= 1, "the padding is spread evenly"
+
+
+def test_lengths_with_padding_refuses_what_it_cannot_build():
+    with pytest.raises(ValueError, match="cannot pad 90% of B2xS16"):
+        sweep.lengths_with_padding(2, 16, 0.9)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="describes a machine without a GPU")
