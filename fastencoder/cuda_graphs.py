@@ -7,6 +7,10 @@ reuses the graph), every graph shares one memory pool, and outputs are copied ou
 ones. Anything a graph cannot serve — training or autograd, CPU tensors, lengths beyond the largest
 bucket, options other than input_ids / attention_mask / token_type_ids — runs eagerly, and
 `fallback_reason` says why.
+
+A graph reads the weights where they were at capture: when a parameter or buffer changes in place
+(load_state_dict, an optimiser step) or moves (.to(), .half()), every graph is dropped and captured
+anew. A parameter replaced by another object is not seen: turn cuda_graphs off and on after that.
 """
 from typing import NamedTuple
 
@@ -32,6 +36,8 @@ class GraphRunner:
         self.memory_bytes = 0  # device memory the captured graphs hold
         self.fallback_reason = None  # why the last call ran eagerly, or None
         self.capturing = False
+        self.weights = []  # the model's parameters and buffers, as the graphs read them
+        self.weights_stamp = None
 
     def bucket(self, seqlen):
         return next((bucket for bucket in self.buckets if bucket >= seqlen), None)
@@ -63,6 +69,8 @@ class GraphRunner:
             return None
         batch, seqlen = input_ids.shape
         model.check_ids(input_ids, token_type_ids)  # the graph skips data-dependent checks
+        if self.graphs and _stamp(self.weights) != self.weights_stamp:
+            self.reset()  # the weights changed since the graphs were captured
         key = (batch, self.bucket(seqlen), input_ids.device)
         if key not in self.graphs:
             self.graphs[key] = self._capture(model, *key)
@@ -77,13 +85,21 @@ class GraphRunner:
             pooler_output=None if output.pooler_output is None else output.pooler_output.clone(),
         )
 
+    def reset(self):
+        """Drop every graph and the memory they hold."""
+        self.graphs, self.pool, self.memory_bytes = {}, None, 0
+
     def _capture(self, model, batch, bucket, device):
-        inputs = dict(
-            input_ids=torch.zeros((batch, bucket), dtype=torch.long, device=device),
-            attention_mask=torch.zeros((batch, bucket), dtype=torch.long, device=device),
-            token_type_ids=torch.zeros((batch, bucket), dtype=torch.long, device=device),
-        )
+        if not self.graphs:
+            self.weights = [*model.parameters(), *model.buffers()]
+            self.weights_stamp = _stamp(self.weights)
+        # normal tensors even under inference_mode, so that later no_grad calls may refill them
+        with torch.inference_mode(False):
+            inputs = {name: torch.zeros((batch, bucket), dtype=torch.long, device=device)
+                      for name in ("input_ids", "attention_mask", "token_type_ids")}
         inputs["attention_mask"][:, 0] = 1
+        # the warm-up must run what the capture runs: the padded path (unpadding is data dependent)
+        unpad, model.unpad = model.unpad, False
         self.capturing = True
         try:
             # warm up on a side stream first: autotuning and lazy initialisation must not be captured
@@ -93,6 +109,9 @@ class GraphRunner:
                 for _ in range(2):
                     model(**inputs, return_dict=True)
             torch.cuda.current_stream(device).wait_stream(stream)
+            # the capture empties the cache first: so does the measurement, to count only the graph
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
             before = torch.cuda.memory_reserved(device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
@@ -101,4 +120,11 @@ class GraphRunner:
             self.memory_bytes += torch.cuda.memory_reserved(device) - before
         finally:
             self.capturing = False
+            model.unpad = unpad
         return _Graph(graph, inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"], output)
+
+
+def _stamp(tensors):
+    """Where each tensor's storage is and how often it was changed in place (inference tensors keep
+    no count)."""
+    return [(t.data_ptr(), None if t.is_inference() else t._version) for t in tensors]

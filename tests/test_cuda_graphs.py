@@ -5,7 +5,7 @@ import transformers
 
 import fastencoder
 from fastencoder import models
-from fastencoder.cuda_graphs import GraphRunner
+from fastencoder.cuda_graphs import GraphRunner, _stamp
 from test_bert import bert_config, ragged_batch, twin_models
 
 
@@ -54,6 +54,20 @@ def test_optimize_turns_graphs_on_and_off(torch_backend):
         model.bert.cuda_graphs = "yes"
 
 
+def test_weight_changes_are_seen():
+    """What makes the runner drop its graphs: an in-place change or a move of any weight."""
+    model = models.BertModel(bert_config())
+    weights = [*model.parameters(), *model.buffers()]
+    stamp = _stamp(weights)
+    assert _stamp(weights) == stamp
+    with torch.no_grad():
+        model.pooler.dense.bias.add_(1)  # as an optimiser step or load_state_dict would
+    assert _stamp(weights) != stamp
+    stamp = _stamp(weights)
+    model.double()  # the same Parameter objects, new storage
+    assert _stamp(weights) != stamp
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_replay_matches_eager_and_reuses_graphs_per_bucket(dtype, device, triton_backend):
@@ -75,3 +89,30 @@ def test_replay_matches_eager_and_reuses_graphs_per_bucket(dtype, device, triton
             torch.testing.assert_close(replayed.last_hidden_state[real], eager.last_hidden_state[real], **tolerance)
             torch.testing.assert_close(replayed.pooler_output, eager.pooler_output, **tolerance)
     assert runner.memory_bytes > 0
+
+
+@pytest.mark.gpu
+def test_graphs_follow_weight_changes_modes_and_unpad(device, triton_backend):
+    """Captured under inference_mode then replayed under no_grad; an unpad=True model (its graphs run
+    the padded path); new weights loaded in place drop the graphs, and the replay uses the new ones."""
+    config = bert_config(max_position_embeddings=128, vocab_size=100)
+    torch.manual_seed(0)
+    model = models.BertModel(config, unpad=True).to(device=device, dtype=torch.float16).eval()
+    other = models.BertModel(config).to(device=device, dtype=torch.float16).eval()
+    model.cuda_graphs = True
+    runner = model.cuda_graph_runner
+    batch = {k: v.to(device) for k, v in ragged_batch(config, seqlen=20).items()}
+    real = batch["attention_mask"].bool()
+    with torch.inference_mode():
+        first = model(**batch)
+    assert runner.fallback_reason is None and len(runner.graphs) == 1 and model.unpad is True
+    with torch.no_grad():
+        again = model(**batch)  # refills the static inputs made under inference_mode
+        assert runner.fallback_reason is None and len(runner.graphs) == 1
+        assert torch.equal(again.last_hidden_state, first.last_hidden_state)
+        model.load_state_dict(other.state_dict())
+        replayed = model(**batch)
+        assert runner.fallback_reason is None and len(runner.graphs) == 1
+        expected = other(**batch)
+    torch.testing.assert_close(replayed.last_hidden_state[real], expected.last_hidden_state[real], atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(replayed.pooler_output, expected.pooler_output, atol=2e-3, rtol=2e-3)
