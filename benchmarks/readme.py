@@ -37,6 +37,9 @@ def render(run):
     for row in run["rows"]:
         if not row["variant"].startswith("fastencoder"):
             continue
+        if "error" in row:
+            lines.append(f"| {row['case']} | {row['variant']} | failed: {row['error']} | | | | | |")
+            continue
         speedup = lambda name: f"{row[f'speedup_vs_{name}']:.2f}x" if f"speedup_vs_{name}" in row else "-"
         rate = (f"{row['TFLOPs']:.0f} TFLOP/s" if "TFLOPs" in row else f"{row['GBps']:.0f} GB/s" if "GBps" in row
                 else f"{row.get('tokens_per_s', 0):.0f} tokens/s")

@@ -6,6 +6,7 @@ sweep says so, checks the PyTorch-path models against Hugging Face at small size
 and interpreter timings say nothing about kernel speed) and runs the static kernel report.
 """
 import contextlib
+import copy
 import csv
 import datetime
 import itertools
@@ -129,6 +130,10 @@ def _row(group, case, variant, timing, flops=None, bytes_moved=None, ceilings=No
         if ceilings:
             row["pct_of_copy_bandwidth"] = 100 * row["GBps"] / ceilings["copy_GBps"]
     return row
+
+
+def _failed(group, case, variant, error):
+    return dict(group=group, case=case, variant=variant, error=f"{type(error).__name__}: {error}"[:500])
 
 
 def _sdpa_backends():
@@ -259,8 +264,9 @@ def build_models(name, dtype, overrides, compile_baseline):
     torch.manual_seed(0)
     models = {}
     for implementation in ("eager", "sdpa"):
-        config._attn_implementation = implementation
-        models[f"HF {implementation}"] = hf_class(config).to(device=device, dtype=dtype).eval()
+        own_config = copy.deepcopy(config)  # Hugging Face reads the implementation from it on every call
+        own_config._attn_implementation = implementation
+        models[f"HF {implementation}"] = hf_class(own_config).to(device=device, dtype=dtype).eval()
     weights = models["HF sdpa"].state_dict()
     models["HF eager"].load_state_dict(weights)
     # padded execution, padding-free (which only differs from it on ragged batches), and CUDA graphs
@@ -318,9 +324,13 @@ def time_models(models, config, case, lengths, seqlen, ceilings):
         if variant == "fastencoder unpad" and min(lengths) == seqlen:
             continue  # without padding it runs the padded path
         run = lambda kwargs, model=model: model(**kwargs)
-        with torch.inference_mode():
-            timing = time_calls(run, inputs, warmup=5, repeats=20)
-            memory = peak_memory(run, inputs[0])
+        try:
+            with torch.inference_mode():
+                timing = time_calls(run, inputs, warmup=5, repeats=20)
+                memory = peak_memory(run, inputs[0])
+        except Exception as error:  # e.g. a baseline that fails to compile: the other variants still run
+            rows.append(_failed("model", case, variant, error))
+            continue
         extra = dict(tokens_per_s=sum(lengths) / (timing["median_ms"] * 1e-3), peak_memory_bytes=memory)
         if ceilings:
             extra["roofline_ms"] = 1e3 * flops / (ceilings["matmul_TFLOPs"] * 1e12)
@@ -369,6 +379,7 @@ def add_speedups(rows):
     for row in rows:
         by_case.setdefault(row["case"], []).append(row)
     for case_rows in by_case.values():
+        case_rows = [row for row in case_rows if "median_ms" in row]  # not the failed ones
         for mine in (r for r in case_rows if r["variant"].startswith("fastencoder")):
             for other in case_rows:
                 if other is not mine:
@@ -410,6 +421,9 @@ def format_table(rows):
         if row["group"] == "check":
             lines.append(f"{row['case']:<60} {row['variant']:<26} max |diff| {row['max_abs_diff']:.2e}")
             continue
+        if "error" in row:
+            lines.append(f"{row['case']:<60} {row['variant']:<32} FAILED: {row['error']}")
+            continue
         rate = (f"{row['TFLOPs']:7.1f} TFLOP/s" if "TFLOPs" in row
                 else f"{row['GBps']:7.0f} GB/s   " if "GBps" in row else " " * 15)
         speedups = ", ".join(f"{k[len('speedup_vs_'):]} {v:.2f}x" for k, v in row.items() if k.startswith("speedup_vs_"))
@@ -431,8 +445,13 @@ def write_results(out_dir, info, rows, ceilings):
 
 
 def plot(out_dir, rows):
-    """Speedup bars per model case and kernel % of the measured ceiling, when there are timings."""
-    import matplotlib
+    """Speedup bars per model case and kernel % of the measured ceiling, when there are timings
+    (and matplotlib: the numbers are in results.json and results.csv either way)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plots")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -465,18 +484,19 @@ def run(quick=False, smoke=False, out_root=Path("results"), progress=True):
         return _run_without_gpu(info, out_dir, quick)
     settings = SMOKE if smoke else (QUICK if quick else FULL)
     rows, ceilings = [], {}
-    bar = _progress(1 + 2 * len(settings["dtypes"]), progress and not smoke)
+    bar = _progress(1 + 4 * len(settings["dtypes"]), progress and not smoke)
     for dtype in settings["dtypes"]:
         ceilings[_dtype_name(dtype)] = measure_ceilings(dtype) if torch.cuda.is_available() else None
     bar.update(1)
     for dtype in settings["dtypes"]:
         ceiling = ceilings[_dtype_name(dtype)]
-        rows += attention_cases(settings, dtype, ceiling)
-        rows += layer_norm_cases(settings, dtype, ceiling)
-        rows += linear_cases(settings, dtype, ceiling)
-        bar.update(1)
-        rows += model_cases(settings, dtype, ceiling)
-        bar.update(1)
+        for group, cases in (("attention", attention_cases), ("layer_norm", layer_norm_cases),
+                             ("linear", linear_cases), ("model", model_cases)):
+            try:
+                rows += cases(settings, dtype, ceiling)
+            except Exception as error:  # a GPU run is scarce: keep what the other groups measure
+                rows.append(_failed(group, f"every {group} case, {_dtype_name(dtype)}", "all", error))
+            bar.update(1)
     bar.close()
     add_speedups(rows)
     write_results(out_dir, info, rows, ceilings)
@@ -487,8 +507,16 @@ def run(quick=False, smoke=False, out_root=Path("results"), progress=True):
         print("measured ceilings: " + ", ".join(
             f"{d}: {c['matmul_TFLOPs']:.0f} TFLOP/s matmul, {c['copy_GBps']:.0f} GB/s copy" for d, c in ceilings.items()))
         print(format_table(rows))
+    failed = failed_rows(out_dir)
+    if failed:
+        print(f"{len(failed)} cases FAILED (their rows hold the error): "
+              + ", ".join(f"{row['case']} / {row['variant']}" for row in failed))
     print(f"results written to {out_dir}")
     return out_dir
+
+
+def failed_rows(out_dir):
+    return [row for row in json.loads((Path(out_dir) / "results.json").read_text())["rows"] if "error" in row]
 
 
 def _run_without_gpu(info, out_dir, quick):

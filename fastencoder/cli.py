@@ -36,7 +36,7 @@ def main(argv=None):
     demo_parser.add_argument("--batch", type=int, default=8)
     demo_parser.add_argument("--seqlen", type=int, default=128)
     bench_parser = commands.add_parser("bench", help="benchmark kernels and models against PyTorch and Hugging Face")
-    bench_parser.add_argument("--quick", action="store_true", help="a sub-minute subset")
+    bench_parser.add_argument("--quick", action="store_true", help="a short subset: one model, one dtype")
     bench_parser.add_argument("--smoke", action="store_true", help="toy sizes, to check the code runs (CI)")
     bench_parser.add_argument("--out", type=Path, default=Path("results"),
                               help="results go to a folder inside this one named by GPU, versions and date")
@@ -52,7 +52,8 @@ def main(argv=None):
     if args.command == "bench":
         from fastencoder.benchmarks import sweep
 
-        sweep.run(quick=args.quick, smoke=args.smoke, out_root=args.out)
+        out_dir = sweep.run(quick=args.quick, smoke=args.smoke, out_root=args.out)
+        return 1 if sweep.failed_rows(out_dir) else 0
     else:
         demo(args)
     return 0

@@ -38,6 +38,43 @@ def test_smoke_sweep_runs_every_case(tmp_path):
     assert results["environment"]["mode"] == "smoke"
 
 
+def test_a_failing_case_is_recorded_and_the_rest_still_runs(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("broke")
+
+    build_models = sweep.build_models
+
+    def with_a_broken_baseline(*args, **kwargs):
+        config, models = build_models(*args, **kwargs)
+        models["HF eager"].forward = broken
+        return config, models
+
+    monkeypatch.setattr(sweep, "layer_norm_cases", broken)
+    monkeypatch.setattr(sweep, "build_models", with_a_broken_baseline)
+    out = sweep.run(smoke=True, out_root=tmp_path, progress=False)
+    failed = sweep.failed_rows(out)
+    assert {(row["group"], row["variant"]) for row in failed} == {("layer_norm", "all"), ("model", "HF eager")}
+    assert all(row["error"] == "RuntimeError: broke" for row in failed)
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    timed = [row for row in rows if "median_ms" in row]
+    assert {row["group"] for row in timed} == {"kernel", "model"}
+    assert not any("speedup_vs_HF eager" in row for row in timed)
+    assert any("speedup_vs_HF sdpa" in row for row in timed)
+
+
+def test_without_matplotlib_there_are_no_plots_and_no_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    row = dict(group="model", case="c", variant="fastencoder", median_ms=1.0, **{"speedup_vs_HF sdpa": 2.0})
+    sweep.plot(tmp_path, [row])
+    assert "no plots" in capsys.readouterr().out and not list(tmp_path.iterdir())
+
+
+def test_each_hugging_face_baseline_keeps_its_attention_implementation():
+    _, models = sweep.build_models("bert-base", torch.float32, sweep.SMOKE["model_overrides"], compile_baseline=False)
+    assert models["HF eager"].config._attn_implementation == "eager"
+    assert models["HF sdpa"].config._attn_implementation == "sdpa"
+
+
 @pytest.mark.parametrize("batch, seqlen, fraction", [(32, 128, 0.02), (32, 384, 0.3), (2, 16, 0.25), (3, 5, 0.5)])
 def test_lengths_with_padding(batch, seqlen, fraction):
     lengths = sweep.lengths_with_padding(batch, seqlen, fraction)
