@@ -26,7 +26,8 @@ def render(run):
     info = run["environment"]
     lines = [
         f"Measured on {info['gpu']} ({info['date']}; torch {info['torch']}, triton {info.get('triton')}, "
-        f"{info['mode']} sweep). Ceilings measured in the same run: "
+        f"{info['mode']} sweep{', cut short: partial' if info.get('interrupted') else ''}). "
+        "Ceilings measured in the same run: "
         + ", ".join(f"{dtype}: {c['matmul_TFLOPs']:.0f} TFLOP/s matmul, {c['copy_GBps']:.0f} GB/s copy"
                     for dtype, c in run["ceilings"].items()) + ".",
         "",

@@ -148,7 +148,7 @@ def attention_cases(settings, dtype, ceilings):
 
     from fastencoder.kernels.attention import attention
 
-    rows, device = [], _device()
+    device = _device()
     batch, heads = settings["attention"]["batch"], settings["attention"]["heads"]
     element_size = torch.finfo(dtype).bits // 8
     for seqlen, head_dim in settings["attention"]["cases"]:
@@ -171,7 +171,7 @@ def attention_cases(settings, dtype, ceilings):
                     if backward:
                         out.backward(grad)
 
-                rows.append(_row("kernel", name, "fastencoder", time_calls(ours, inputs), flops, moved, ceilings))
+                yield _row("kernel", name, "fastencoder", time_calls(ours, inputs), flops, moved, ceilings)
                 # SDPA in its native [B, H, S, D] layout, the padding mask broadcast over heads
                 sdpa_inputs = [[t.detach().transpose(1, 2).contiguous().requires_grad_(backward) for t in qkv]
                                for qkv in inputs]
@@ -188,14 +188,13 @@ def attention_cases(settings, dtype, ceilings):
                         timing = time_calls(baseline, sdpa_inputs)
                     except RuntimeError:
                         continue  # this SDPA backend does not accept these inputs
-                    rows.append(_row("kernel", name, variant, timing, flops, moved, ceilings))
-    return rows
+                    yield _row("kernel", name, variant, timing, flops, moved, ceilings)
 
 
 def layer_norm_cases(settings, dtype, ceilings):
     from fastencoder.kernels import layer_norm
 
-    rows, device = [], _device()
+    device = _device()
     count, hidden = settings["layer_norm"]
     element_size = torch.finfo(dtype).bits // 8
     weight, bias = (torch.randn(hidden, device=device, dtype=dtype) for _ in range(2))
@@ -214,14 +213,13 @@ def layer_norm_cases(settings, dtype, ceilings):
                 if backward:
                     out.backward(grad)
 
-            rows.append(_row("kernel", name, variant, time_calls(run, inputs), None, moved, ceilings))
-    return rows
+            yield _row("kernel", name, variant, time_calls(run, inputs), None, moved, ceilings)
 
 
 def linear_cases(settings, dtype, ceilings):
     from fastencoder.kernels import linear
 
-    rows, device = [], _device()
+    device = _device()
     element_size = torch.finfo(dtype).bits // 8
     for m, k, n in settings["linear"]:
         inputs = [torch.randn(m, k, device=device, dtype=dtype) for _ in range(input_sets_needed(m * k * element_size))]
@@ -234,9 +232,8 @@ def linear_cases(settings, dtype, ceilings):
             ("torch F.gelu(F.linear)", lambda x: F.gelu(F.linear(x, weight, bias))),
             ("torch.matmul (no bias, no GELU)", lambda x: torch.matmul(x, weight_t)),
         ):
-            rows.append(_row("kernel", name, variant, time_calls(fn, inputs), roofline.linear_flops(m, n, k),
-                             roofline.linear_bytes(m, n, k, element_size), ceilings))
-    return rows
+            yield _row("kernel", name, variant, time_calls(fn, inputs), roofline.linear_flops(m, n, k),
+                       roofline.linear_bytes(m, n, k, element_size), ceilings)
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -289,7 +286,6 @@ def model_inputs(config, lengths, seqlen, seed):
 
 
 def model_cases(settings, dtype, ceilings):
-    rows = []
     compile_shapes = settings["compile_shapes"]
     for name in settings["models"]:
         config, models = build_models(name, dtype, settings["model_overrides"], compile_shapes != [])
@@ -300,18 +296,17 @@ def model_cases(settings, dtype, ceilings):
                 timed = {variant: model for variant, model in models.items()
                          if not (variant.startswith("torch.compile") and compile_shapes
                                  and (batch, seqlen) not in compile_shapes)}
-                rows += time_models(timed, config, case, lengths, seqlen, ceilings)
+                yield from time_models(timed, config, case, lengths, seqlen, ceilings)
         if name == "bert-base":
             threshold = settings["unpad_threshold"]
             padded_or_not = {variant: models[variant] for variant in ("fastencoder", "fastencoder unpad")}
             for (batch, seqlen), fraction in itertools.product(threshold["shapes"], threshold["padding"]):
                 case = f"{name} {_dtype_name(dtype)} fwd B{batch}xS{seqlen} {fraction:.0%} padding"
-                rows += time_models(padded_or_not, config, case, lengths_with_padding(batch, seqlen, fraction),
-                                    seqlen, ceilings)
+                yield from time_models(padded_or_not, config, case, lengths_with_padding(batch, seqlen, fraction),
+                                       seqlen, ceilings)
         del models
         if name == "bert-base":
-            rows += fine_tune_cases(settings, dtype)
-    return rows
+            yield from fine_tune_cases(settings, dtype)
 
 
 def time_models(models, config, case, lengths, seqlen, ceilings):
@@ -350,7 +345,6 @@ def fine_tune_cases(settings, dtype):
     import fastencoder.models as ours
 
     batch, seqlen = settings["fine_tune"]
-    rows = []
     case = f"bert-base {_dtype_name(dtype)} fine-tune step B{batch}xS{seqlen}"
     for variant, model_class in (("HF sdpa", transformers.BertForSequenceClassification),
                                  ("fastencoder", ours.BertForSequenceClassification)):
@@ -368,9 +362,8 @@ def fine_tune_cases(settings, dtype):
             optimizer.zero_grad(set_to_none=True)
 
         timing = time_calls(step, inputs, warmup=3, repeats=10)
-        rows.append(_row("model", case, variant, timing, tokens_per_s=batch * seqlen / (timing["median_ms"] * 1e-3),
-                         peak_memory_bytes=peak_memory(step, inputs[0])))
-    return rows
+        yield _row("model", case, variant, timing, tokens_per_s=batch * seqlen / (timing["median_ms"] * 1e-3),
+                   peak_memory_bytes=peak_memory(step, inputs[0]))
 
 
 def add_speedups(rows):
@@ -432,7 +425,7 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def write_results(out_dir, info, rows, ceilings):
+def write_results(out_dir, info, rows, ceilings, plots=True):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(dict(environment=info, ceilings=ceilings, rows=rows), indent=1))
     leading = ["group", "case", "variant"]
@@ -441,7 +434,8 @@ def write_results(out_dir, info, rows, ceilings):
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    plot(out_dir, rows)
+    if plots:
+        plot(out_dir, rows)
 
 
 def plot(out_dir, rows):
@@ -485,18 +479,24 @@ def run(quick=False, smoke=False, out_root=Path("results"), progress=True):
     settings = SMOKE if smoke else (QUICK if quick else FULL)
     rows, ceilings = [], {}
     bar = _progress(1 + 4 * len(settings["dtypes"]), progress and not smoke)
-    for dtype in settings["dtypes"]:
-        ceilings[_dtype_name(dtype)] = measure_ceilings(dtype) if torch.cuda.is_available() else None
-    bar.update(1)
-    for dtype in settings["dtypes"]:
-        ceiling = ceilings[_dtype_name(dtype)]
-        for group, cases in (("attention", attention_cases), ("layer_norm", layer_norm_cases),
-                             ("linear", linear_cases), ("model", model_cases)):
+    try:
+        for dtype in settings["dtypes"]:
+            ceilings[_dtype_name(dtype)] = measure_ceilings(dtype) if torch.cuda.is_available() else None
+        bar.update(1)
+        # models first: the headline numbers, should the run be cut short
+        for dtype, (group, cases) in itertools.product(settings["dtypes"], (
+                ("model", model_cases), ("attention", attention_cases), ("linear", linear_cases),
+                ("layer_norm", layer_norm_cases))):
             try:
-                rows += cases(settings, dtype, ceiling)
+                for row in cases(settings, dtype, ceilings[_dtype_name(dtype)]):
+                    rows.append(row)
+                    write_results(out_dir, info, add_speedups(rows), ceilings, plots=False)  # kept if cut short
             except Exception as error:  # a GPU run is scarce: keep what the other groups measure
-                rows.append(_failed(group, f"every {group} case, {_dtype_name(dtype)}", "all", error))
+                rows.append(_failed(group, f"every other {group} case, {_dtype_name(dtype)}", "all", error))
             bar.update(1)
+    except KeyboardInterrupt:  # e.g. a time limit's SIGINT: keep and show what was measured
+        info["interrupted"] = True
+        rows.append(_failed("run", "every case not measured yet", "all", KeyboardInterrupt("interrupted")))
     bar.close()
     add_speedups(rows)
     write_results(out_dir, info, rows, ceilings)

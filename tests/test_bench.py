@@ -62,6 +62,19 @@ def test_a_failing_case_is_recorded_and_the_rest_still_runs(tmp_path, monkeypatc
     assert any("speedup_vs_HF sdpa" in row for row in timed)
 
 
+def test_a_run_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
+    """A time limit's SIGINT (KeyboardInterrupt) after the model cases: their rows are written."""
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "attention_cases", interrupted)
+    out = sweep.run(smoke=True, out_root=tmp_path, progress=False)
+    results = json.loads((out / "results.json").read_text())
+    assert results["environment"]["interrupted"] is True
+    assert [row["group"] for row in sweep.failed_rows(out)] == ["run"]
+    assert {row["group"] for row in results["rows"] if "median_ms" in row} == {"model"}
+
+
 def test_without_matplotlib_there_are_no_plots_and_no_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     row = dict(group="model", case="c", variant="fastencoder", median_ms=1.0, **{"speedup_vs_HF sdpa": 2.0})
