@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The one-command GPU check, for a fresh single-GPU machine with torch and triton preinstalled and
-# no network: installs fastencoder without dependencies, runs the gpu-marked tests and benchmarks,
-# then `fastencoder bench --quick`, whose summary table is printed last. Meant to fit in 8 minutes.
+# no network: installs fastencoder without dependencies, then in three stages, each under its own
+# time limit (seconds, from the environment) so that one slow stage cannot starve the next:
+#   1. the gpu-marked tests in tests/ (TESTS_S, default 210)
+#   2. `fastencoder bench --quick`, models first, its table printed last (BENCH_S, default 210)
+#   3. the pytest-benchmark tests in benchmarks/ (BENCHMARKS_S, default 45)
+# A stage cut short by its limit (SIGINT) still writes what it measured. Meant to fit in 8 minutes.
 # Usage: benchmarks/gpu_check.sh RESULTS_DIR
 set -uo pipefail
 results=${1:?usage: benchmarks/gpu_check.sh RESULTS_DIR}
@@ -24,13 +28,25 @@ fi
     $python -c "import transformers; print(f'transformers {transformers.__version__}')" 2>/dev/null
 } | tee "$results/environment.txt"
 
-$python -m pytest -m gpu -q -p no:cacheprovider --junitxml="$results/gpu-tests.xml" \
-    --benchmark-json="$results/pytest-benchmark.json" tests benchmarks 2>&1 | tee "$results/gpu-tests.log"
-tests_status=${PIPESTATUS[0]}
-echo "== gpu-marked tests: $(tail -n 1 "$results/gpu-tests.log")"
+stage() {  # stage NAME SECONDS COMMAND...: run it under a time limit, log it, keep its status
+    local name=$1 seconds=$2
+    shift 2
+    timeout --signal=INT --kill-after=30 "$seconds" "$@" 2>&1 | tee "$results/$name.log"
+    local status=${PIPESTATUS[0]}
+    [ "$status" = 124 ] && echo "== $name: cut short after $seconds s"
+    return "$status"
+}
 
-$python -m fastencoder bench --quick --out "$results" 2>&1 | tee "$results/bench.log"
-bench_status=${PIPESTATUS[0]}
+stage gpu-tests "${TESTS_S:-210}" $python -m pytest -m gpu -v -p no:cacheprovider \
+    --junitxml="$results/gpu-tests.xml" tests
+tests_status=$?
+stage bench "${BENCH_S:-210}" $python -m fastencoder bench --quick --out "$results"
+bench_status=$?
+stage pytest-benchmark "${BENCHMARKS_S:-45}" $python -m pytest -m gpu -q -p no:cacheprovider \
+    --benchmark-json="$results/pytest-benchmark.json" benchmarks
+benchmarks_status=$?
+echo "== gpu-marked tests: $(grep -E '^=+ .+ in [0-9.]+s' "$results/gpu-tests.log" | tail -n 1)"
+echo "== status: tests $tests_status, bench $bench_status, pytest-benchmark $benchmarks_status"
 echo "To publish: copy the run's folder from $results into benchmarks/results/, then"
 echo "python -m fastencoder.benchmarks.readme  (regenerates the README's performance section)"
-exit $(( tests_status || bench_status ))
+exit $(( tests_status || bench_status || benchmarks_status ))

@@ -107,16 +107,31 @@ def test_traceable_by_torch_compile(device, triton_backend):
     assert_close(compiled(x, weight, bias), expected, 2e-5, 2e-5, "compiled")
 
 
+# On a GPU: every BERT-family GEMM shape with BERT's GELU in both 16-bit dtypes (bf16's tl.dot is
+# wrong under the interpreter), the other epilogues once. Each (variant, dtype, config) compiles
+# anew and the GPU check's time is short, hence not the full product.
+GPU_SHAPES = [(4096, 768, 3072), (4096, 3072, 768), (127, 768, 2304), (300, 128, 768)]
+GPU_CASES = ([(dtype, "gelu", shape) for dtype in (torch.bfloat16, torch.float16) for shape in GPU_SHAPES]
+             + [(torch.float16, activation, GPU_SHAPES[0]) for activation in (None, "gelu_tanh", "relu")])
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("m, k, n", [(4096, 768, 3072), (4096, 3072, 768), (127, 768, 2304), (300, 128, 768)])
-def test_bert_shapes_on_gpu(dtype, activation, m, k, n, device, triton_backend):
-    x, weight, bias, residual = _inputs(m, k, n, dtype, device)
+@pytest.mark.parametrize("dtype, activation, shape", GPU_CASES)
+def test_bert_shapes_on_gpu(dtype, activation, shape, device, triton_backend):
+    x, weight, bias, residual = _inputs(*shape, dtype, device)
     atol, rtol = TOLERANCES[dtype]
     y = linear(x, weight, bias, activation, residual)
     expected = linear_reference(x.double(), weight.double(), bias.double(), activation, residual.double())
     assert_close(y, expected, atol * 4, rtol, "y")  # K up to 3072: 4× the K=100 accumulation error
+
+
+@pytest.mark.gpu
+def test_bf16_backward_on_gpu(device, triton_backend):
+    """The dx (GELU' applied in its prologue) and dW (+ bias gradient) products in bf16, at BERT's
+    FFN shape. _check scales the gradients' atol by their magnitude: 3e-2 of the largest gradient
+    stays about 5x the expected error (bf16 rounding of dh and of the result, 2^-8 each)."""
+    x, weight, bias, _ = _inputs(4096, 768, 3072, torch.bfloat16, device)
+    _check(x, weight, bias, None, "gelu", torch.bfloat16)
 
 
 @pytest.mark.gpu
