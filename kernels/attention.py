@@ -34,6 +34,9 @@ from ._checks import check_float, check_like, read_back
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 MAX_DROPOUT_SEQLEN = 46340  # i·S + j < 2³¹ for the dropout counters
+# the kernels' grids put sequences x heads on CUDA's y axis (at most 65535 blocks): larger batches
+# run in chunks
+MAX_BATCH_HEADS = 65535
 LOG2E = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x · log2 e), exp2 is cheaper
 
 
@@ -755,10 +758,35 @@ def attention(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dropout_
                          f"{MAX_DROPOUT_SEQLEN} tokens, got {max_seqlen}")
     if q.numel() == 0:
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    batch, heads, _ = _layout(q, cu_seqlens, max_seqlen)
+    if heads > MAX_BATCH_HEADS:
+        raise ValueError(f"the Triton attention takes at most {MAX_BATCH_HEADS} heads, got {heads}")
+    if batch * heads > MAX_BATCH_HEADS:
+        return _in_batch_chunks(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen)
     seed = _draw_dropout_seed(q.device) if dropout_p > 0 else None
     allow_tf32 = q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     return _attention_fwd(q, k, v, key_padding_mask, bias, cu_seqlens, seed, max_seqlen, scale,
                           dropout_p, allow_tf32)[0]
+
+
+def _in_batch_chunks(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen):
+    """`attention` over chunks of at most MAX_BATCH_HEADS // heads sequences, concatenated."""
+    batch, heads, _ = _layout(q, cu_seqlens, max_seqlen)
+    per_bias_batch = bias is not None and bias.dim() == 4 and bias.shape[0] > 1
+    bounds = None if cu_seqlens is None else read_back(cu_seqlens, torch.Tensor.tolist)
+    outs = []
+    for first in range(0, batch, MAX_BATCH_HEADS // heads):
+        last = min(first + MAX_BATCH_HEADS // heads, batch)
+        sequences = slice(first, last)
+        options = dict(scale=scale, dropout_p=dropout_p, bias=bias[sequences] if per_bias_batch else bias)
+        if cu_seqlens is None:
+            rows = sequences
+            options["key_padding_mask"] = None if key_padding_mask is None else key_padding_mask[sequences]
+        else:
+            rows = slice(bounds[first], bounds[last])
+            options.update(cu_seqlens=cu_seqlens[first:last + 1] - bounds[first], max_seqlen=max_seqlen)
+        outs.append(attention(q[rows], k[rows], v[rows], **options))
+    return torch.cat(outs)
 
 
 _TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}

@@ -5,6 +5,7 @@ small (B=2, H=2) but cross every block edge: S=17 and 77 end mid-block, 129 spil
 an extra query block and an extra key block (fp16 up to 128 keys without bias or dropout takes one
 128-key block, from 129 on 64-key blocks; fp32 takes 16- or 32-row blocks).
 """
+import importlib
 import math
 
 import pytest
@@ -152,6 +153,31 @@ def test_packed_matches_float64_and_padded(device, triton_backend, kernel_launch
     torch.testing.assert_close(_packed(padded_out, lengths), out, atol=0, rtol=0)
     torch.testing.assert_close(_packed(qkv.grad, lengths), packed_qkv.grad, **dict(zip(
         ("atol", "rtol"), TOLERANCES[dtype]["grad"])))
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_more_sequences_x_heads_than_the_grid_takes_run_in_chunks(device, triton_backend, kernel_launches,
+                                                                  monkeypatch, layout):
+    """CUDA's grid y axis (sequences x heads) holds 65535 blocks; beyond, the op runs in chunks of
+    sequences. The limit shrunk to 5 (2 heads: 2 sequences a chunk) shows 5 sequences in 3 chunks
+    giving the float64 reference's outputs and gradients, a per-sequence bias sliced along."""
+    # the module, not the function fastencoder.kernels exports under the same name
+    monkeypatch.setattr(importlib.import_module("fastencoder.kernels.attention"), "MAX_BATCH_HEADS", 5)
+    lengths, heads, head_dim, dtype = [9, 3, 0, 17, 5], 2, 32, torch.float32
+    max_seqlen = max(lengths)
+    qkv, (q, k, v) = _qkv(len(lengths), max_seqlen, heads, head_dim, dtype, device)
+    bias = torch.randn(len(lengths), 1, max_seqlen, max_seqlen, device=device)
+    if layout == "padded":
+        kwargs = dict(key_padding_mask=_lengths_mask(lengths, max_seqlen, False, device), bias=bias)
+    else:
+        qkv = _packed(qkv.detach(), lengths).requires_grad_()
+        q, k, v = qkv.unbind(1)
+        kwargs = dict(cu_seqlens=_cu_seqlens(lengths, device), max_seqlen=max_seqlen, bias=bias)
+    out = attention(q, k, v, **kwargs)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    assert kernel_launches.count(FWD) == 3
+    _check_against_float64(qkv, out, grad_out, dtype, **kwargs)
 
 
 def _fp16_attention_and_grads(q, k, v, mask, grad_out):
