@@ -7,8 +7,7 @@
 #   3. the pytest-benchmark tests in benchmarks/ (BENCHMARKS_S, default 45)
 # A stage cut short by its limit (SIGINT) still writes what it measured. Meant to fit in 8 minutes.
 # Most of the tests' time is Triton compiling one kernel variant after another: with pytest-xdist
-# they run in TEST_WORKERS (default 4) processes. Without network, bring its wheels along in
-# .gpu-wheels/ (ignored by git): pip download --no-deps -d .gpu-wheels pytest-xdist execnet
+# (on the GPU image) they run in TEST_WORKERS (default 4) processes.
 # Usage: benchmarks/gpu_check.sh RESULTS_DIR
 set -uo pipefail
 results=${1:?usage: benchmarks/gpu_check.sh RESULTS_DIR}
@@ -40,9 +39,6 @@ stage() {  # stage NAME SECONDS COMMAND...: run it under a time limit, log it, k
     return "$status"
 }
 
-if [ -d .gpu-wheels ]; then
-    $python -m pip install -q --no-deps --no-index .gpu-wheels/*.whl >>"$results/install.log" 2>&1
-fi
 workers=()
 if $python -c "import xdist" 2>/dev/null; then
     workers=(-n "${TEST_WORKERS:-4}")
