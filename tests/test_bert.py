@@ -538,6 +538,8 @@ def bad_inputs(config):
         (dict(input_ids=ids, attention_mask=torch.ones(2, 6, 5)), ValueError, "3-D attention_mask"),
         (dict(input_ids=ids, attention_mask=torch.ones(2, 3, 6, 6)), ValueError, "4-D attention_mask"),
         (dict(input_ids=ids, token_type_ids=torch.full((2, 6), 2)), ValueError, "type_vocab_size=2"),
+        (dict(input_ids=ids, token_type_ids=torch.full((2, 6), -1, dtype=torch.int32)), ValueError,
+         r"token_type_ids must lie in \[0, 2\) \(type_vocab_size=2\), got values in \[-1, -1\]"),
         (dict(input_ids=ids, inputs_embeds=torch.randn(2, 6, 32)), ValueError, "exactly one"),
         (dict(), ValueError, "exactly one"),
         (dict(inputs_embeds=torch.randn(2, 6, 31)), ValueError, "inputs_embeds"),

@@ -238,8 +238,9 @@ def test_path_choice(unpad, rows, output_attentions, packed, torch_backend, plan
 
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
 def test_device_to_host_reads_do_not_grow_with_depth(mode, triton_backend, monkeypatch):
-    """Each read back waits for the GPU. A padding-free forward reads back the input ids' range, the
-    plan's sizes, then cu_seqlens and the indices once (remembered by the ops), not once per layer."""
+    """Each read back waits for the GPU. A padding-free forward reads back the id ranges (input and
+    token type ids together), the plan's sizes, then cu_seqlens and the indices once (remembered by
+    the ops), not once per layer."""
     reads = []
     for method in ("tolist", "item"):
         original = getattr(torch.Tensor, method)
@@ -249,7 +250,8 @@ def test_device_to_host_reads_do_not_grow_with_depth(mode, triton_backend, monke
     for depth in (1, 3):
         model = models.BertModel(bert_config(num_hidden_layers=depth), unpad=True).eval()
         with mode():
-            model(torch.randint(0, 50, attention_mask.shape), attention_mask=attention_mask)
+            model(torch.randint(0, 50, attention_mask.shape), attention_mask=attention_mask,
+                  token_type_ids=torch.randint(0, 2, attention_mask.shape))
         counts.append(len(reads))
         reads.clear()
     assert counts == [4, 4]

@@ -92,14 +92,20 @@ def tracing():
     return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-def _check_id_range(name, ids, limit, limit_name):
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
-    if ids.numel() == 0 or tracing():  # checked before the graph instead (a data-dependent check breaks it)
+def _check_id_ranges(checks):
+    """checks: (name, ids, limit, limit_name) for each id tensor given; values must lie in [0, limit).
+    One device-to-host read for all of them (it waits for the GPU); skipped while tracing, where
+    a data-dependent check would break the graph (the CUDA-graph runner checks before replaying)."""
+    for name, ids, _, _ in checks:
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
+    checks = [check for check in checks if check[1].numel()]
+    if not checks or tracing():
         return
-    low, high = torch.stack(torch.aminmax(ids)).tolist()
-    if low < 0 or high >= limit:
-        raise ValueError(f"{name} must lie in [0, {limit}) ({limit_name}={limit}), got values in [{low}, {high}]")
+    ranges = torch.stack([torch.stack(torch.aminmax(ids)).long() for _, ids, _, _ in checks]).tolist()
+    for (name, _, limit, limit_name), (low, high) in zip(checks, ranges):
+        if low < 0 or high >= limit:
+            raise ValueError(f"{name} must lie in [0, {limit}) ({limit_name}={limit}), got values in [{low}, {high}]")
 
 
 def check_inputs(config, input_ids, inputs_embeds, token_type_ids, position_ids, head_mask, embedding_size,
@@ -116,10 +122,11 @@ def check_inputs(config, input_ids, inputs_embeds, token_type_ids, position_ids,
         if value is not None:
             raise NotImplementedError(f"{name} is for decoders (cross-attention or caching); fastencoder "
                                       "implements encoders only")
+    ranges = []
     if input_ids is not None:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, sequence], got shape {tuple(input_ids.shape)}")
-        _check_id_range("input_ids", input_ids, config.vocab_size, "vocab_size")
+        ranges.append(("input_ids", input_ids, config.vocab_size, "vocab_size"))
         batch, seqlen = input_ids.shape
     else:
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != embedding_size:
@@ -131,11 +138,12 @@ def check_inputs(config, input_ids, inputs_embeds, token_type_ids, position_ids,
             raise ValueError(f"sequence length {seqlen} exceeds max_position_embeddings="
                              f"{config.max_position_embeddings}")
     else:
-        _check_id_range("position_ids", position_ids, config.max_position_embeddings, "max_position_embeddings")
+        ranges.append(("position_ids", position_ids, config.max_position_embeddings, "max_position_embeddings"))
     if token_type_ids is not None:
         if token_type_ids.shape[-1] != seqlen:
             raise ValueError(f"token_type_ids must be [batch, {seqlen}], got shape {tuple(token_type_ids.shape)}")
-        _check_id_range("token_type_ids", token_type_ids, config.type_vocab_size, "type_vocab_size")
+        ranges.append(("token_type_ids", token_type_ids, config.type_vocab_size, "type_vocab_size"))
+    _check_id_ranges(ranges)
     return batch, seqlen
 
 
