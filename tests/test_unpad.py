@@ -236,11 +236,12 @@ def test_path_choice(unpad, rows, output_attentions, packed, torch_backend, plan
     assert (plans[0] is not None) == packed
 
 
+@pytest.mark.parametrize("unpad, expected_reads", [(True, 4), (False, 1)])
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
-def test_device_to_host_reads_do_not_grow_with_depth(mode, triton_backend, monkeypatch):
+def test_device_to_host_reads_do_not_grow_with_depth(mode, unpad, expected_reads, triton_backend, monkeypatch):
     """Each read back waits for the GPU. A padding-free forward reads back the id ranges (input and
     token type ids together), the plan's sizes, then cu_seqlens and the indices once (remembered by
-    the ops), not once per layer."""
+    the ops), not once per layer; the padded path only the id ranges."""
     reads = []
     for method in ("tolist", "item"):
         original = getattr(torch.Tensor, method)
@@ -248,13 +249,13 @@ def test_device_to_host_reads_do_not_grow_with_depth(mode, triton_backend, monke
     attention_mask = mask_from_rows(["11111111", "11110000"])
     counts = []
     for depth in (1, 3):
-        model = models.BertModel(bert_config(num_hidden_layers=depth), unpad=True).eval()
+        model = models.BertModel(bert_config(num_hidden_layers=depth), unpad=unpad).eval()
         with mode():
             model(torch.randint(0, 50, attention_mask.shape), attention_mask=attention_mask,
                   token_type_ids=torch.randint(0, 2, attention_mask.shape))
         counts.append(len(reads))
         reads.clear()
-    assert counts == [4, 4]
+    assert counts == [expected_reads] * 2
 
 
 @pytest.mark.gpu
