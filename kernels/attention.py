@@ -774,9 +774,9 @@ def _in_batch_chunks(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqle
     batch, heads, _ = _layout(q, cu_seqlens, max_seqlen)
     per_bias_batch = bias is not None and bias.dim() == 4 and bias.shape[0] > 1
     bounds = None if cu_seqlens is None else read_back(cu_seqlens, torch.Tensor.tolist)
-    outs = []
-    for first in range(0, batch, MAX_BATCH_HEADS // heads):
-        last = min(first + MAX_BATCH_HEADS // heads, batch)
+    outs, per_chunk = [], MAX_BATCH_HEADS // heads
+    for first in range(0, batch, per_chunk):
+        last = min(first + per_chunk, batch)
         sequences = slice(first, last)
         options = dict(scale=scale, dropout_p=dropout_p, bias=bias[sequences] if per_bias_batch else bias)
         if cu_seqlens is None:
