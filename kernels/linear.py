@@ -173,6 +173,22 @@ def _m_bucket(m):
     return min(triton.next_power_of_2(max(m, 16)), 16384)
 
 
+# The kernel loads the last tile along M and N wrapped around to valid rows, and vectorises loads
+# along a unit stride on the promise that a tile's rows are contiguous. For an operand running
+# along M (a) or N (b) with unit stride, the wrapped tile breaks that promise and the vector loads
+# would read up to a tile past the tensor's end, unless M (N) is a multiple of every tile size.
+LARGEST_TILE = 128
+
+
+def _without_unit_stride_along(t, dim):
+    """A copy of 2-D `t` with unit stride along the other dim and a stride of at least 2 along
+    `dim` (a copy only for feature sizes that are not multiples of LARGEST_TILE)."""
+    other = 1 - dim
+    buffer = t.new_empty((t.shape[dim], max(t.shape[other], 2)))[:, :t.shape[other]]
+    buffer.copy_(t if dim == 0 else t.t())
+    return buffer if dim == 0 else buffer.t()
+
+
 def _matmul(a, b, out, *, bias=None, activation=0, residual=None, act_grad=None, scale_a=None,
             store_a=None, row_sum=None):
     """out = epilogue(prologue(a) · b), every operand a 2-D view with unit stride along its rows
@@ -180,6 +196,10 @@ def _matmul(a, b, out, *, bias=None, activation=0, residual=None, act_grad=None,
     prologue; see the kernel's comment."""
     m, k = a.shape
     n = b.shape[1]
+    if a.stride(0) == 1 and m % LARGEST_TILE:
+        a = _without_unit_stride_along(a, 0)
+    if b.stride(1) == 1 and n % LARGEST_TILE:
+        b = _without_unit_stride_along(b, 1)
     grad_rows = act_grad if act_grad is not None else scale_a
     unused = out  # stands in for the pointers a variant never touches
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)

@@ -1,4 +1,6 @@
 """Linear (+bias, GELU/ReLU, residual) kernels against a float64 reference, forward and backward."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,6 +9,8 @@ from transformers.activations import ACT2FN
 from fastencoder.kernels import linear
 from fastencoder.kernels.linear import linear_reference
 from helpers import assert_close, float64_leaves, leaf
+
+linear_module = importlib.import_module("fastencoder.kernels.linear")  # the module, not the op of that name
 
 # Inputs are rounded to the dtype first and the reference runs in fp64 on those values, so the error
 # is fp32 accumulation over K ≤ 100 terms plus one rounding of each output (fp16 2^-11, bf16 2^-8
@@ -53,6 +57,35 @@ def test_matches_float64_reference(dtype, activation, device, triton_backend, ke
 def test_residual_bias_and_3d_input(activation, device, triton_backend):
     x, weight, bias, residual = _inputs(2 * 19, 64, 48, torch.float32, device)
     _check(x.view(2, 19, 64), weight, None, residual.view(2, 19, 48), activation, torch.float32)
+
+
+@pytest.mark.parametrize("out_features, in_features", [(70, 100), (128, 256), (1, 3)])
+def test_no_operand_runs_along_a_ragged_m_or_n_with_unit_stride(out_features, in_features, device, triton_backend,
+                                                                 monkeypatch):
+    """The kernel vectorises loads along a unit stride and wraps the last M / N tile around: an
+    operand with unit stride along M or N must have that extent a multiple of every tile (128),
+    or the loads would reach past its end. The backward's transposed views (dhᵀ, W, x) are the
+    ones at risk; odd feature sizes get them copied into the other orientation."""
+    launches = []
+
+    class Recording:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                m, n, stride_am, stride_bn = args[8], args[9], args[12], args[15]
+                launches.append((m, n, stride_am, stride_bn))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(linear_module, "_KERNELS", {dtype: Recording(kernel) for dtype, kernel in linear_module._KERNELS.items()})
+    x, weight, bias, _ = _inputs(37, in_features, out_features, torch.float32, device)
+    _check(x, weight, bias, None, "gelu", torch.float32)
+    assert len(launches) == 3  # forward, dx, dW
+    for m, n, stride_am, stride_bn in launches:
+        assert stride_am != 1 or m % 128 == 0, (m, n, stride_am, stride_bn)
+        assert stride_bn != 1 or n % 128 == 0, (m, n, stride_am, stride_bn)
 
 
 def test_non_contiguous_input(device, triton_backend):
