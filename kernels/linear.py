@@ -326,6 +326,11 @@ def linear_reference(x, weight, bias=None, activation=None, residual=None):
     return y if residual is None else y + residual
 
 
+def _extent(tensor):
+    """How many elements apart the first and last element of `tensor` lie, plus one."""
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()) if size)
+
+
 def linear(x, weight, bias=None, activation=None, residual=None):
     """y = act(x · weightᵀ + bias) + residual, with weight [N, K] as in torch.nn.Linear.
 
@@ -348,8 +353,10 @@ def linear(x, weight, bias=None, activation=None, residual=None):
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
     if not backend.use_triton(x.device):
         return linear_reference(x, weight, bias, activation, residual)
-    if max(x.numel(), weight.numel(), x.numel() // max(k, 1) * n) >= 2**31:
-        raise ValueError("the Triton linear kernel indexes with 32 bits: every operand must have < 2**31 elements")
+    operands = [x, weight] + ([] if residual is None else [residual])
+    if max(x.numel() // max(k, 1) * n, *(_extent(t) for t in operands)) >= 2**31:
+        raise ValueError("the Triton linear kernel indexes with 32 bits: every operand must span < 2**31 "
+                         "elements (its strides included)")
     if x.numel() == 0 or k == 0:
         return linear_reference(x, weight, bias, activation, residual)
     save_act_grad = ACTIVATIONS[activation] != 0 and torch.is_grad_enabled() and (

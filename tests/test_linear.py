@@ -88,6 +88,16 @@ def test_no_operand_runs_along_a_ragged_m_or_n_with_unit_stride(out_features, in
         assert stride_bn != 1 or n % 128 == 0, (m, n, stride_am, stride_bn)
 
 
+def test_operands_spanning_2_31_elements_are_refused(triton_backend, kernel_launches):
+    """The kernel's offsets are 32-bit: what counts is how far apart an operand's elements lie, not
+    how many there are (2 rows 2**31 elements apart). torch.empty leaves the 4 GB untouched."""
+    storage = torch.empty(2**31 + 8, dtype=torch.float16)
+    x = storage.as_strided((2, 8), (2**31, 1))
+    with pytest.raises(ValueError, match="span < 2\\*\\*31 elements"):
+        linear(x, torch.ones(4, 8, dtype=torch.float16))
+    assert kernel_launches == []
+
+
 def test_non_contiguous_input(device, triton_backend):
     x, weight, bias, _ = _inputs(37, 100, 70, torch.float32, device)
     strided = torch.randn(100, 37, device=device).t()  # column stride 37
