@@ -2,8 +2,8 @@
 # The one-command GPU check, for a fresh single-GPU machine with torch and triton preinstalled and
 # no network: installs fastencoder without dependencies, then in three stages, each under its own
 # time limit (seconds, from the environment) so that one slow stage cannot starve the next:
-#   1. the gpu-marked tests in tests/ (TESTS_S, default 210)
-#   2. `fastencoder bench --quick`, models first, its table printed last (BENCH_S, default 210)
+#   1. the gpu-marked tests in tests/ (TESTS_S, default 180)
+#   2. `fastencoder bench --quick`, models first, its table printed last (BENCH_S, default 240)
 #   3. the pytest-benchmark tests in benchmarks/ (BENCHMARKS_S, default 45)
 # A stage cut short by its limit (SIGINT) still writes what it measured. Meant to fit in 8 minutes.
 # Most of the tests' time is Triton compiling one kernel variant after another: with pytest-xdist
@@ -43,10 +43,10 @@ workers=()
 if $python -c "import xdist" 2>/dev/null; then
     workers=(-n "${TEST_WORKERS:-4}")
 fi
-stage gpu-tests "${TESTS_S:-210}" $python -m pytest -m gpu -v -p no:cacheprovider "${workers[@]}" \
+stage gpu-tests "${TESTS_S:-180}" $python -m pytest -m gpu -v -p no:cacheprovider "${workers[@]}" \
     --junitxml="$results/gpu-tests.xml" tests
 tests_status=$?
-stage bench "${BENCH_S:-210}" $python -m fastencoder bench --quick --out "$results"
+stage bench "${BENCH_S:-240}" $python -m fastencoder bench --quick --out "$results"
 bench_status=$?
 stage pytest-benchmark "${BENCHMARKS_S:-45}" $python -m pytest -m gpu -q -p no:cacheprovider \
     --benchmark-json="$results/pytest-benchmark.json" benchmarks
