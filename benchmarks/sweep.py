@@ -314,7 +314,6 @@ def time_models(models, config, case, lengths, seqlen, ceilings):
     rotating input sets), tokens/s, peak memory, and what CUDA graphs held or why they did not run."""
     inputs = [model_inputs(config, lengths, seqlen, seed) for seed in range(4)]
     flops = roofline.encoder_flops(lengths, config.num_hidden_layers, config.hidden_size, config.intermediate_size)
-    rows = []
     for variant, model in models.items():
         if variant == "fastencoder unpad" and min(lengths) == seqlen:
             continue  # without padding it runs the padded path
@@ -324,7 +323,7 @@ def time_models(models, config, case, lengths, seqlen, ceilings):
                 timing = time_calls(run, inputs, warmup=5, repeats=20)
                 memory = peak_memory(run, inputs[0])
         except Exception as error:  # e.g. a baseline that fails to compile: the other variants still run
-            rows.append(_failed("model", case, variant, error))
+            yield _failed("model", case, variant, error)
             continue
         extra = dict(tokens_per_s=sum(lengths) / (timing["median_ms"] * 1e-3), peak_memory_bytes=memory)
         if ceilings:
@@ -334,8 +333,7 @@ def time_models(models, config, case, lengths, seqlen, ceilings):
             extra["graph_memory_bytes"] = graphs.memory_bytes
             if graphs.fallback_reason:  # e.g. on a CPU smoke run: the row was not replayed
                 extra["ran_eagerly"] = graphs.fallback_reason
-        rows.append(_row("model", case, variant, timing, flops, None, ceilings, **extra))
-    return rows
+        yield _row("model", case, variant, timing, flops, None, ceilings, **extra)
 
 
 def fine_tune_cases(settings, dtype):
