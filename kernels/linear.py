@@ -200,6 +200,8 @@ def _matmul(a, b, out, *, bias=None, activation=0, residual=None, act_grad=None,
         a = _without_unit_stride_along(a, 0)
     if b.stride(1) == 1 and n % LARGEST_TILE:
         b = _without_unit_stride_along(b, 1)
+    if scale_a is not None and scale_a.stride(0) == 1 and m % LARGEST_TILE:  # read like a (one column)
+        scale_a = _without_unit_stride_along(scale_a, 0)
     grad_rows = act_grad if act_grad is not None else scale_a
     unused = out  # stands in for the pointers a variant never touches
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)

@@ -65,7 +65,8 @@ def test_no_operand_runs_along_a_ragged_m_or_n_with_unit_stride(out_features, in
     """The kernel vectorises loads along a unit stride and wraps the last M / N tile around: an
     operand with unit stride along M or N must have that extent a multiple of every tile (128),
     or the loads would reach past its end. The backward's transposed views (dhᵀ, W, x) are the
-    ones at risk; odd feature sizes get them copied into the other orientation."""
+    ones at risk, and act'(h) when out_features is 1; odd sizes get them copied into the other
+    orientation."""
     launches = []
 
     class Recording:
@@ -74,8 +75,8 @@ def test_no_operand_runs_along_a_ragged_m_or_n_with_unit_stride(out_features, in
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                m, n, stride_am, stride_bn = args[8], args[9], args[12], args[15]
-                launches.append((m, n, stride_am, stride_bn))
+                m, n, stride_am, stride_bn, stride_gm = args[8], args[9], args[12], args[15], args[19]
+                launches.append((m, n, stride_am, stride_bn, stride_gm if kwargs["SCALE_A"] else None))
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
@@ -83,9 +84,10 @@ def test_no_operand_runs_along_a_ragged_m_or_n_with_unit_stride(out_features, in
     x, weight, bias, _ = _inputs(37, in_features, out_features, torch.float32, device)
     _check(x, weight, bias, None, "gelu", torch.float32)
     assert len(launches) == 3  # forward, dx, dW
-    for m, n, stride_am, stride_bn in launches:
-        assert stride_am != 1 or m % 128 == 0, (m, n, stride_am, stride_bn)
-        assert stride_bn != 1 or n % 128 == 0, (m, n, stride_am, stride_bn)
+    for m, n, stride_am, stride_bn, stride_gm in launches:  # stride_gm: act'(h), read along M like A
+        assert stride_am != 1 or m % 128 == 0, launches
+        assert stride_bn != 1 or n % 128 == 0, launches
+        assert stride_gm != 1 or m % 128 == 0, launches
 
 
 def test_operands_spanning_2_31_elements_are_refused(triton_backend, kernel_launches):
