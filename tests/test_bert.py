@@ -453,28 +453,33 @@ def test_half_precision(backend):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_16_bit_error_at_most_twice_hugging_faces(dtype, unpad, triton_backend):
     """BERT-base layers in fp16 / bf16 on the GPU (bf16 matmuls cannot be checked in the
-    interpreter), on a ragged batch: the distance to Hugging Face in fp32 is at most twice Hugging
-    Face's own in the same 16-bit dtype (the criterion FlashAttention tests its kernels by), plus
-    1e-4. Relative errors seen on CPU with the PyTorch references: about 1e-3 in fp16, 8e-3 in
-    bf16, for both models."""
+    interpreter), on a ragged batch, forward and backward: the distance of the outputs and of the
+    parameter gradients to Hugging Face in fp32 is at most twice Hugging Face's own in the same
+    16-bit dtype (the criterion FlashAttention tests its kernels by), plus 1e-4. Relative errors
+    seen on CPU with the PyTorch references: about 1e-3 in fp16, 8e-3 in bf16, for both models."""
     config = bert_config(vocab_size=1000, hidden_size=768, num_attention_heads=12, intermediate_size=3072,
                          max_position_embeddings=512, attn_implementation="sdpa")
-    exact = randomize(transformers.BertModel(config)).cuda().eval()
-    theirs = transformers.BertModel(config).cuda().eval()
+    exact = randomize(transformers.BertModel(config)).cuda()
+    theirs = transformers.BertModel(config).cuda()
     theirs.load_state_dict(exact.state_dict())
-    ours = models.BertModel(config, unpad=unpad).cuda().eval()
+    ours = models.BertModel(config, unpad=unpad).cuda()
     ours.load_state_dict(exact.state_dict())
     theirs.to(dtype), ours.to(dtype)
     inputs = {name: value.cuda() for name, value in ragged_batch(config, batch=8, seqlen=128).items()}
     real = inputs["attention_mask"].bool()
     first_is_real = real[:, 0]  # the pooler reads position 0 (padding when left-padded, unless unpadded)
-    with torch.no_grad():
-        outputs = {name: model(**inputs) for name, model in (("exact", exact), ("theirs", theirs), ("ours", ours))}
-    for field, select in (("last_hidden_state", lambda t: t[real]), ("pooler_output", lambda t: t[first_is_real])):
-        reference = select(outputs["exact"][field])
-        error = {name: (select(outputs[name][field]).float() - reference).norm() / reference.norm()
-                 for name in ("theirs", "ours")}
-        assert error["ours"] <= 2 * error["theirs"] + 1e-4, (field, error)
+    selected = {"last_hidden_state": lambda t: t[real], "pooler_output": lambda t: t[first_is_real]}
+    projections = {field: torch.randn_like(select(exact(**inputs)[field])) for field, select in selected.items()}
+    found = {}
+    for name, model in (("exact", exact), ("theirs", theirs), ("ours", ours)):
+        output = model.train()(**inputs)  # dropout is 0: train mode only turns the backward on
+        fields = {field: select(output[field]).float() for field, select in selected.items()}
+        sum((fields[field] * projections[field]).sum() for field in fields).backward()
+        gradients = torch.cat([param.grad.float().flatten() for _, param in sorted(model.named_parameters())])
+        found[name] = dict(fields, gradients=gradients)
+    for what, reference in found["exact"].items():
+        error = {name: (found[name][what] - reference).norm() / reference.norm() for name in ("theirs", "ours")}
+        assert error["ours"] <= 2 * error["theirs"] + 1e-4, (what, error)
 
 
 def test_autocast_runs_encoder_in_weight_dtype(torch_backend):
