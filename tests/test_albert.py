@@ -14,6 +14,7 @@ from test_bert import (
     assert_same_outputs,
     assert_same_values,
     backend,  # noqa: F401 (fixture)
+    check_16_bit_against_transformers,
     check_gradient_checkpointing,
     check_parity,
     ragged_batch,
@@ -197,3 +198,14 @@ def test_config_from_path(tmp_path):
     assert model.config.embedding_size == 16 and model.encoder.embedding_hidden_mapping_in.in_features == 16
     with pytest.raises(TypeError, match="AlbertConfig"):
         models.AlbertModel(transformers.BertConfig())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("unpad", [False, True], ids=["padded", "padding-free"])
+def test_gpu_bf16_error_at_most_twice_hugging_faces(unpad, triton_backend):
+    """ALBERT-base-sized shared layers (tanh GELU, the 128 → 768 embedding mapping) in bf16: see
+    test_bert.check_16_bit_against_transformers."""
+    config = albert_config(vocab_size=1000, embedding_size=128, hidden_size=768, num_hidden_layers=2,
+                           num_hidden_groups=1, inner_group_num=1, num_attention_heads=12, intermediate_size=3072,
+                           max_position_embeddings=512, attn_implementation="sdpa")
+    check_16_bit_against_transformers(transformers.AlbertModel, models.AlbertModel, config, torch.bfloat16, unpad)

@@ -448,21 +448,16 @@ def test_half_precision(backend):
                      rtol=FP16_TOL, what=f"fp16 {field}")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("unpad", [False, True], ids=["padded", "padding-free"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_16_bit_error_at_most_twice_hugging_faces(dtype, unpad, triton_backend):
-    """BERT-base layers in fp16 / bf16 on the GPU (bf16 matmuls cannot be checked in the
-    interpreter), on a ragged batch, forward and backward: the distance of the outputs and of the
-    parameter gradients to Hugging Face in fp32 is at most twice Hugging Face's own in the same
-    16-bit dtype (the criterion FlashAttention tests its kernels by), plus 1e-4. Relative errors
-    seen on CPU with the PyTorch references: about 1e-3 in fp16, 8e-3 in bf16, for both models."""
-    config = bert_config(vocab_size=1000, hidden_size=768, num_attention_heads=12, intermediate_size=3072,
-                         max_position_embeddings=512, attn_implementation="sdpa")
-    exact = randomize(transformers.BertModel(config)).cuda()
-    theirs = transformers.BertModel(config).cuda()
+def check_16_bit_against_transformers(hf_class, our_class, config, dtype, unpad):
+    """On the GPU, in fp16 / bf16 (bf16 matmuls cannot be checked in the interpreter), on a ragged
+    batch, forward and backward: the distance of the outputs and of the parameter gradients to
+    Hugging Face in fp32 is at most twice Hugging Face's own in the same 16-bit dtype (the
+    criterion FlashAttention tests its kernels by), plus 1e-4. Relative errors seen on CPU with
+    the PyTorch references (BERT): about 1e-3 in fp16, 8e-3 in bf16, for both models."""
+    exact = randomize(hf_class(config)).cuda()
+    theirs = hf_class(config).cuda()
     theirs.load_state_dict(exact.state_dict())
-    ours = models.BertModel(config, unpad=unpad).cuda()
+    ours = our_class(config, unpad=unpad).cuda()
     ours.load_state_dict(exact.state_dict())
     theirs.to(dtype), ours.to(dtype)
     inputs = {name: value.cuda() for name, value in ragged_batch(config, batch=8, seqlen=128).items()}
@@ -480,6 +475,16 @@ def test_gpu_16_bit_error_at_most_twice_hugging_faces(dtype, unpad, triton_backe
     for what, reference in found["exact"].items():
         error = {name: (found[name][what] - reference).norm() / reference.norm() for name in ("theirs", "ours")}
         assert error["ours"] <= 2 * error["theirs"] + 1e-4, (what, error)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("unpad", [False, True], ids=["padded", "padding-free"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_16_bit_error_at_most_twice_hugging_faces(dtype, unpad, triton_backend):
+    """Two BERT-base-sized layers: see check_16_bit_against_transformers."""
+    config = bert_config(vocab_size=1000, hidden_size=768, num_attention_heads=12, intermediate_size=3072,
+                         max_position_embeddings=512, attn_implementation="sdpa")
+    check_16_bit_against_transformers(transformers.BertModel, models.BertModel, config, dtype, unpad)
 
 
 def test_autocast_runs_encoder_in_weight_dtype(torch_backend):
