@@ -56,7 +56,7 @@ class GraphRunner:
             return "only a 2-D padding mask is captured"
         if self.bucket(input_ids.shape[1]) is None:
             return f"sequence length {input_ids.shape[1]} is beyond the largest bucket ({self.buckets[-1]})"
-        if input_ids.device.type != "cuda":
+        if not can_capture(input_ids.device):
             return "CUDA graphs need input_ids on a CUDA device"
         return None
 
@@ -102,26 +102,37 @@ class GraphRunner:
         unpad, model.unpad = model.unpad, False
         self.capturing = True
         try:
-            # warm up on a side stream first: autotuning and lazy initialisation must not be captured
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    model(**inputs, return_dict=True)
-            torch.cuda.current_stream(device).wait_stream(stream)
-            # the capture empties the cache first: so does the measurement, to count only the graph
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
-            before = torch.cuda.memory_reserved(device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                output = model(**inputs, return_dict=True)
-            self.pool = graph.pool()
-            self.memory_bytes += torch.cuda.memory_reserved(device) - before
+            graph, output, reserved = capture(lambda: model(**inputs, return_dict=True), device, self.pool)
         finally:
             self.capturing = False
             model.unpad = unpad
+        self.pool = graph.pool()
+        self.memory_bytes += reserved
         return _Graph(graph, inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"], output)
+
+
+def can_capture(device):
+    return device.type == "cuda"
+
+
+def capture(forward, device, pool):
+    """Warm forward() up on a side stream (autotuning and lazy initialisation must not be
+    captured), then capture it into a CUDA graph sharing `pool`. Returns the graph, the output
+    (whose tensors live in the graph's memory) and the device memory the capture reserved."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    # the capture empties the cache first: so does the measurement, to count only the graph
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = forward()
+    return graph, output, torch.cuda.memory_reserved(device) - before
 
 
 def _stamp(tensors):

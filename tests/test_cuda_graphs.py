@@ -1,12 +1,16 @@
-"""Opt-in CUDA graphs: what falls back to eager (and why) everywhere, capture and replay on a GPU."""
+"""Opt-in CUDA graphs: what falls back to eager (and why) everywhere; the runner's logic on the
+CPU with a simulated graph; capture and replay on a GPU."""
+import contextlib
+
 import pytest
 import torch
 import transformers
 
 import fastencoder
-from fastencoder import models
+from fastencoder import cuda_graphs, models
 from fastencoder.cuda_graphs import GraphRunner, _stamp
-from test_bert import bert_config, ragged_batch, twin_models
+from fastencoder.models import layers
+from test_bert import FP32_TOL, bert_config, ragged_batch, twin_models
 
 
 def test_buckets_are_capped_by_max_position_embeddings():
@@ -66,6 +70,106 @@ def test_weight_changes_are_seen():
     stamp = _stamp(weights)
     model.double()  # the same Parameter objects, new storage
     assert _stamp(weights) != stamp
+
+
+@contextlib.contextmanager
+def as_if_capturing(monkeypatch):
+    """What the model sees inside a real capture: tracing() is true, so no decision depends on data,
+    and the eager path runs (a real replay reruns those kernels without entering Python at all)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(layers, "tracing", lambda: True)
+        patch.setattr(layers.EncoderOptionsMixin, "replay_cuda_graph", lambda self, *args, **kwargs: None)
+        yield
+
+
+class SimulatedGraph:
+    """A CUDA graph's behaviour on the CPU: capturing runs forward() as under a capture, and
+    replay() runs it again the same way, writing into the output tensors the capture returned, as a
+    replay rewrites the same memory from the same static inputs."""
+
+    def __init__(self, forward, monkeypatch):
+        self.forward, self.monkeypatch = forward, monkeypatch
+        with as_if_capturing(monkeypatch):
+            self.output = forward()
+
+    def replay(self):
+        with as_if_capturing(self.monkeypatch), torch.inference_mode():
+            fresh = self.forward()
+            self.output.last_hidden_state.copy_(fresh.last_hidden_state)
+            self.output.pooler_output.copy_(fresh.pooler_output)
+
+    def pool(self):
+        return "the shared pool"
+
+
+@pytest.fixture
+def simulated_captures(monkeypatch):
+    """Every graph the runner captures, simulated (capture() and can_capture() are the runner's only
+    CUDA-specific parts); each capture reports 1000 bytes."""
+    graphs = []
+
+    def simulated_capture(forward, device, pool):
+        assert pool == (None if not graphs else "the shared pool") or pool is None
+        for _ in range(2):
+            forward()  # the warm-up, which runs outside the capture
+        graphs.append(SimulatedGraph(forward, monkeypatch))
+        return graphs[-1], graphs[-1].output, 1000
+
+    monkeypatch.setattr(cuda_graphs, "capture", simulated_capture)
+    monkeypatch.setattr(cuda_graphs, "can_capture", lambda device: True)
+    return graphs
+
+
+def eager_output(model, batch):
+    runner = model.__dict__.pop("cuda_graph_runner")
+    try:
+        return model(**batch)
+    finally:
+        model.__dict__["cuda_graph_runner"] = runner
+
+
+def assert_same_on_real_positions(replayed, eager, batch):
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(replayed.last_hidden_state[real], eager.last_hidden_state[real],
+                               atol=FP32_TOL, rtol=FP32_TOL)
+    torch.testing.assert_close(replayed.pooler_output, eager.pooler_output, atol=FP32_TOL, rtol=FP32_TOL)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_simulated_replay_matches_eager_and_captures_once_per_bucket(backend, request, simulated_captures):
+    request.getfixturevalue(f"{backend}_backend")
+    model = models.BertModel(bert_config(max_position_embeddings=128, vocab_size=100)).eval()
+    model.cuda_graphs = True
+    runner = model.cuda_graph_runner
+    with torch.inference_mode():
+        for seqlen, graphs in ((20, 1), (31, 1), (40, 2), (64, 2), (20, 2)):  # buckets 32, 32, 64, 64, 32
+            batch = ragged_batch(model.config, seqlen=seqlen)
+            replayed = model(**batch)
+            assert runner.fallback_reason is None and len(runner.graphs) == len(simulated_captures) == graphs
+            assert replayed.last_hidden_state.shape[1] == seqlen
+            assert_same_on_real_positions(replayed, eager_output(model, batch), batch)
+    assert runner.memory_bytes == 2000
+
+
+def test_simulated_graphs_follow_weight_changes_modes_and_unpad(torch_backend, simulated_captures):
+    """Captured under inference_mode, replayed under no_grad; an unpad=True model captures the
+    padded path and keeps its option; weights loaded in place drop the graphs and their memory."""
+    config = bert_config(max_position_embeddings=128, vocab_size=100)
+    reference, other = twin_models(transformers.BertModel, models.BertModel, config)
+    model = models.BertModel(config, unpad=True).eval()
+    model.cuda_graphs = True
+    runner = model.cuda_graph_runner
+    batch = ragged_batch(config, seqlen=20)
+    with torch.inference_mode():
+        first = model(**batch)
+    assert model.unpad is True and len(simulated_captures) == 1
+    with torch.no_grad():
+        again = model(**batch)
+        assert torch.equal(again.last_hidden_state, first.last_hidden_state) and len(simulated_captures) == 1
+        model.load_state_dict(other.state_dict())
+        replayed = model(**batch)
+        assert len(simulated_captures) == 2 and len(runner.graphs) == 1 and runner.memory_bytes == 1000
+        assert_same_on_real_positions(replayed, other.eval()(**batch), batch)
 
 
 @pytest.mark.gpu
