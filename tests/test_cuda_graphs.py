@@ -148,6 +148,11 @@ def test_simulated_replay_matches_eager_and_captures_once_per_bucket(backend, re
             assert runner.fallback_reason is None and len(runner.graphs) == len(simulated_captures) == graphs
             assert replayed.last_hidden_state.shape[1] == seqlen
             assert_same_on_real_positions(replayed, eager_output(model, batch), batch)
+        only_ids = dict(input_ids=ragged_batch(model.config, seqlen=20)["input_ids"])  # no mask, type 0
+        replayed = model(**only_ids)
+        assert runner.fallback_reason is None and len(simulated_captures) == 2
+        assert_same_on_real_positions(replayed, eager_output(model, only_ids),
+                                      dict(attention_mask=torch.ones_like(only_ids["input_ids"])))
     assert runner.memory_bytes == 2000
 
 
