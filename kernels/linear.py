@@ -80,7 +80,8 @@ def _linear_kernel(
     m_ok = rm < M
     n_ok = rn < N
     # Rows and columns past the edge load a wrapped-around valid row instead of being masked: only
-    # the K edge needs a mask in the loop, and the extra results are never stored.
+    # the K edge needs a mask in the loop, and the extra results are never stored. (The hints below
+    # are false on a ragged edge tile: _matmul keeps unit strides off a ragged M or N.)
     rm_load = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
     rn_load = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
     a_ptrs = A + rm_load[:, None] * stride_am + rk[None, :] * stride_ak
