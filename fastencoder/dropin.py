@@ -10,6 +10,8 @@ The new encoder holds the very same parameter and buffer tensors, so optimisers,
 Hugging Face attention implementation, so `model.set_attn_implementation("fastencoder")` runs it
 inside the unchanged Hugging Face model.
 """
+import sys
+
 import torch
 import transformers
 from transformers import AttentionInterface
@@ -17,7 +19,8 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from fastencoder import models
 from fastencoder.kernels.attention import attention
-from fastencoder.models.layers import check_supported, checked_unpad
+from fastencoder.models.inputs import check_supported
+from fastencoder.models.packing import checked_unpad
 
 _FASTENCODER_CLASS = {transformers.BertModel: models.BertModel, transformers.AlbertModel: models.AlbertModel}
 _ORIGINAL = "_fastencoder_original"  # kept in the module's __dict__: not a submodule, not in state_dict
@@ -37,6 +40,9 @@ def optimize(model, *, unpad=None, cuda_graphs=None):
     if slot is not None:
         holder, name = slot
         setattr(holder, name, optimize(getattr(holder, name), **options))
+        return model
+    if _is_peft_model(model):
+        optimize(model.get_base_model(), **options)
         return model
     if isinstance(model, tuple(_FASTENCODER_CLASS.values())):
         for name, value in options.items():
@@ -61,6 +67,9 @@ def restore(model):
         holder, name = slot
         setattr(holder, name, restore(getattr(holder, name)))
         return model
+    if _is_peft_model(model):
+        restore(model.get_base_model())
+        return model
     if _ORIGINAL in vars(model):
         return vars(model)[_ORIGINAL]
     inner = _inner_encoder(model)
@@ -75,6 +84,12 @@ def _inner_encoder(model):
     if isinstance(inner, tuple(_FASTENCODER_CLASS.values())) or type(inner) in _FASTENCODER_CLASS:
         return inner
     return None
+
+
+def _is_peft_model(model):
+    """A peft PeftModel (adapters on a Hugging Face model, which `get_base_model()` returns)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def _sentence_transformer_slot(model):
@@ -94,15 +109,35 @@ def _sentence_transformer_slot(model):
     return None
 
 
+# what a module's hooks live in: shared between a Hugging Face container and fastencoder's, so
+# that hooks registered on either fire and their handles still remove them
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
 def _fastencoder_encoder(original):
-    """fastencoder's encoder holding `original`'s parameter and buffer tensors themselves."""
+    """fastencoder's encoder built around `original`'s own modules: every module that holds weights
+    (Linear, LayerNorm, Embedding, and whatever wraps or replaces them: peft's LoRA layers, quantised
+    modules) is the very object `original` holds, with its hooks; fastencoder's containers, which
+    compute the fused layer, share their hooks with the Hugging Face containers they replace."""
     check_supported(original.config)
     with torch.device("meta"):
         encoder = _FASTENCODER_CLASS[type(original)](original.config, add_pooling_layer=original.pooler is not None)
-    encoder.load_state_dict(original.state_dict(keep_vars=True), strict=True, assign=True)
-    for name, buffer in original.named_buffers():  # non-persistent ones are not in the state dict
-        owner, _, leaf = name.rpartition(".")
-        encoder.get_submodule(owner)._buffers[leaf] = buffer
+    for name, ours in list(encoder.named_modules()):
+        theirs = original.get_submodule(name)
+        if next(ours.children(), None) is None:
+            owner, _, leaf = name.rpartition(".")
+            setattr(encoder.get_submodule(owner), leaf, theirs)
+            continue
+        for hooks in _HOOK_DICTS:
+            setattr(ours, hooks, getattr(theirs, hooks))
+        for key, value in theirs._parameters.items():  # held by a container itself (none in BERT / ALBERT)
+            ours._parameters[key] = value
+        ours._buffers.update(theirs._buffers)  # embeddings' position_ids, token_type_ids
+    if encoder.state_dict().keys() != original.state_dict().keys():
+        missing = sorted(original.state_dict().keys() - encoder.state_dict().keys())
+        raise NotImplementedError(f"fastencoder's {type(encoder).__name__} cannot hold these weights of the model: "
+                                  f"{missing[:5]}")
     encoder.train(original.training)
     if any(getattr(module, "gradient_checkpointing", False) for module in original.modules()):
         encoder.gradient_checkpointing_enable()

@@ -402,35 +402,81 @@ def test_save_and_load_round_trip(tmp_path, torch_backend):
                                    loaded.bert(**inputs).last_hidden_state, rtol=0, atol=0)
 
 
-def test_fused_qkv_cache_follows_parameter_updates(torch_backend):
+def _write_data_copy(linear, w, b):
+    linear.weight.data.copy_(w)
+    linear.bias.data.copy_(b)
+
+
+def _write_data_slice(linear, w, b):
+    linear.weight.data[:] = w
+    linear.bias.data[:] = b
+
+
+def _write_in_place(linear, w, b):
+    with torch.no_grad():
+        linear.weight.mul_(0).add_(w)
+        linear.bias.copy_(b)
+
+
+def _assign_data(linear, w, b):
+    linear.weight.data = w.clone()
+    linear.bias.data = b.clone()
+
+
+def _replace_parameters(linear, w, b):
+    linear.weight = torch.nn.Parameter(w.clone())
+    linear.bias = torch.nn.Parameter(b.clone())
+
+
+@pytest.mark.parametrize("write", [_write_data_copy, _write_data_slice, _write_in_place, _assign_data,
+                                   _replace_parameters])
+@pytest.mark.parametrize("module", ["query", "value"])
+def test_weight_changes_are_never_stale(write, module, backend):
+    """Every documented way of changing a projection's weights shows in the next forward (eval mode,
+    inference, where a cached fused Q/K/V weight went stale after `.data` writes)."""
+    config = bert_config()
+    reference, ours = twin_models(transformers.BertModel, models.BertModel, config)
+    inputs = ragged_batch(config)
+    reference.eval(), ours.eval()
+    with torch.inference_mode():
+        before = ours(**inputs).last_hidden_state
+    linear = getattr(ours.encoder.layer[1].attention.self, module)
+    w, b = torch.randn_like(linear.weight) / 4, torch.randn_like(linear.bias)
+    write(linear, w, b)
+    write(getattr(reference.encoder.layer[1].attention.self, module), w, b)
+    with torch.inference_mode():
+        after = ours(**inputs).last_hidden_state
+        assert (after - before).abs().max() > 1e-2, "the new weights should change the outputs"
+        assert_same_values(after, reference(**inputs).last_hidden_state, FP32_TOL, write.__name__)
+
+
+def test_optimiser_steps_load_state_dict_and_moves_are_never_stale(torch_backend):
     config = bert_config()
     reference, ours = twin_models(transformers.BertForSequenceClassification,
                                   models.BertForSequenceClassification, config)
     inputs = ragged_batch(config)
-    projection = ours.bert.encoder.layer[0].attention.self
-    ours.eval()
-    with torch.no_grad():
-        before = ours(**inputs).logits
-        cached_weight, _ = projection.fused_weight_and_bias()
-        assert projection.fused_weight_and_bias()[0] is cached_weight, "inference should reuse the concatenation"
 
+    def check(what):
+        fresh = transformers.BertForSequenceClassification(config).to(next(ours.parameters()).dtype).eval()
+        fresh.load_state_dict(ours.state_dict())
+        ours.eval()
+        with torch.no_grad():
+            assert_same_values(ours(**inputs).logits, fresh(**inputs).logits,
+                               FP32_TOL if fresh.dtype == torch.float32 else FP16_TOL, what)
+            return ours(**inputs).logits
+
+    before = check("initially")
     optimizer = torch.optim.SGD(ours.parameters(), lr=1.0)
     ours.train()
     ours(**inputs, labels=torch.randint(0, config.num_labels, (3,))).loss.backward()
     optimizer.step()
-    ours.eval()
-    with torch.no_grad():
-        after = ours(**inputs).logits
-        fresh = transformers.BertForSequenceClassification(config).eval()
-        fresh.load_state_dict(ours.state_dict())
-        assert (after - before).abs().max() > 1e-3, "the step should change the outputs"
-        assert_same_values(after, fresh(**inputs).logits, FP32_TOL, "after the optimiser step")
-        weight, bias = projection.fused_weight_and_bias()
-        torch.testing.assert_close(weight, torch.cat([projection.query.weight, projection.key.weight,
-                                                      projection.value.weight]), rtol=0, atol=0)
-
-        ours.load_state_dict(reference.state_dict())
-        assert_same_values(ours(**inputs).logits, before, FP32_TOL, "after load_state_dict")
+    assert (check("after an optimiser step") - before).abs().max() > 1e-3, "the step should change the outputs"
+    ours.load_state_dict(reference.state_dict())
+    assert_same_values(check("after load_state_dict"), before, FP32_TOL, "after load_state_dict")
+    ours.half()
+    check("after .half()")
+    ours.float()
+    check("after .float()")
 
 
 def test_half_precision(backend):
@@ -487,24 +533,6 @@ def test_gpu_16_bit_error_at_most_twice_hugging_faces(dtype, unpad, triton_backe
     check_16_bit_against_transformers(transformers.BertModel, models.BertModel, config, dtype, unpad)
 
 
-def test_autocast_runs_encoder_in_weight_dtype(torch_backend):
-    """Under autocast the fused ops would see mixed dtypes: the encoder runs in its weights' dtype
-    (fp32 here) and leaves the weights alone; Hugging Face's heads still autocast."""
-    config = bert_config()
-    reference, ours = twin_models(transformers.BertForSequenceClassification,
-                                  models.BertForSequenceClassification, config)
-    weights = {name: param.detach().clone() for name, param in ours.named_parameters()}
-    inputs = ragged_batch(config)
-    with torch.no_grad():
-        expected = reference.eval()(**inputs, output_hidden_states=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            actual = ours.eval()(**inputs, output_hidden_states=True)
-    assert actual.logits.dtype == torch.bfloat16
-    assert_same_values(actual.hidden_states, expected.hidden_states, FP32_TOL, "hidden states under autocast")
-    for name, param in ours.named_parameters():
-        assert param.dtype == torch.float32 and torch.equal(param, weights[name]), name
-
-
 def test_mlm_training_lowers_loss(torch_backend):
     """150 AdamW steps of masked-token prediction on sequences with structure (a random 3-token
     motif repeated 4 times, so a masked token can be copied from 3 positions away): the loss falls
@@ -532,7 +560,7 @@ def test_config_from_path(tmp_path):
     config.save_pretrained(tmp_path)
     for source in (tmp_path, str(tmp_path / "config.json")):
         model = models.BertModel(source)
-        assert model.config.hidden_size == 32 and model.encoder.layer[0].activation == "gelu_tanh"
+        assert model.config.hidden_size == 32 and model.encoder.layer[0].intermediate.activation == "gelu_tanh"
     sequence_model = models.BertForSequenceClassification(tmp_path / "config.json")
     assert sequence_model.classifier.out_features == config.num_labels
 
@@ -553,7 +581,7 @@ def test_unsupported_configs_are_refused(overrides, error, match):
 def test_supported_activations():
     expected = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
     for hidden_act, fused in expected.items():
-        assert models.BertModel(bert_config(hidden_act=hidden_act)).encoder.layer[1].activation == fused
+        assert models.BertModel(bert_config(hidden_act=hidden_act)).encoder.layer[1].intermediate.activation == fused
 
 
 def test_relu_model_matches_transformers(torch_backend):

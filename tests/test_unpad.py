@@ -16,7 +16,7 @@ from helpers import assert_close
 import fastencoder
 from fastencoder import models
 from fastencoder.kernels import padding
-from fastencoder.models import layers
+from fastencoder.models import layers, packing
 from test_albert import albert_config
 from test_bert import FP32_TOL, assert_same_grads, bert_config, twin_models
 
@@ -226,7 +226,7 @@ def test_hidden_states_are_scattered_back(torch_backend, plans):
     (False, ["1111111111111111", "1111111100000000"], False, False),
 ])
 def test_path_choice(unpad, rows, output_attentions, packed, torch_backend, plans):
-    assert layers.AUTO_UNPAD_MIN_PADDING == 0.10
+    assert packing.AUTO_UNPAD_MIN_PADDING == 0.10
     config = bert_config()
     model = models.BertModel(config, unpad=unpad).eval()
     attention_mask = mask_from_rows(rows)

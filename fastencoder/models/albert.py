@@ -10,25 +10,20 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.albert import modeling_albert
 
-from fastencoder.kernels import linear
-
+from .inputs import as_config, check_inputs, check_supported, fused_activation, output_flags
 from .layers import (
-    DEFAULT_UNPAD,
     EncoderHeadsMixin,
     EncoderOptionsMixin,
     FusedEmbeddingsMixin,
     FusedEncoderLayer,
-    LayerParts,
     QKVProjection,
-    as_config,
-    check_inputs,
-    check_supported,
-    first_token_rows,
-    gather_tokens,
-    output_flags,
+    compute_dtype,
+    in_dtype,
     run_layers,
     without_autocast,
 )
+from .packing import DEFAULT_UNPAD, first_token_rows, gather_tokens
+from .submodules import add_norm, project
 
 
 class AlbertEmbeddings(FusedEmbeddingsMixin, modeling_albert.AlbertEmbeddings):
@@ -36,29 +31,39 @@ class AlbertEmbeddings(FusedEmbeddingsMixin, modeling_albert.AlbertEmbeddings):
 
 
 class AlbertAttention(QKVProjection):
-    """query / key / value, the output projection and its LayerNorm, under Hugging Face's names.
-    Its forward is the fused QKV projection; FusedEncoderLayer runs the rest."""
+    """query / key / value, the output projection and its LayerNorm, under Hugging Face's names;
+    never called itself (AlbertLayer runs its parts)."""
 
     def __init__(self, config):
         super().__init__(config.hidden_size)
+        self.output_dropout = nn.Dropout(config.hidden_dropout_prob)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
 
 class AlbertLayer(FusedEncoderLayer):
     def __init__(self, config):
-        # Hugging Face's ALBERT applies no dropout to the FFN output
-        super().__init__(config, ffn_output_dropout=0.0)
+        super().__init__(config)
         self.full_layer_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = AlbertAttention(config)
         self.ffn = nn.Linear(config.hidden_size, config.intermediate_size)
         self.ffn_output = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.activation = fused_activation(config)
 
-    def parts(self):
-        return LayerParts(
-            qkv=self.attention, attention_dense=self.attention.dense, attention_norm=self.attention.LayerNorm,
-            ffn_in=self.ffn, ffn_out=self.ffn_output, ffn_norm=self.full_layer_layer_norm,
-        )
+    def qkv(self):
+        return self.attention
+
+    def uncalled_modules(self):
+        return {"attention": self.attention}
+
+    def attention_output(self, context, hidden_states):
+        attention = self.attention
+        return add_norm(attention.LayerNorm, attention.output_dropout(project(attention.dense, context)), hidden_states)
+
+    def feed_forward(self, attended):
+        # Hugging Face's ALBERT applies no dropout to the FFN output
+        inner = project(self.ffn, attended, activation=self.activation)
+        return add_norm(self.full_layer_layer_norm, project(self.ffn_output, inner), attended)
 
 
 class AlbertLayerGroup(nn.Module):
@@ -148,21 +153,22 @@ class AlbertModel(EncoderOptionsMixin, modeling_albert.AlbertPreTrainedModel):
             self.config, input_ids, inputs_embeds, token_type_ids, position_ids, head_mask,
             self.config.embedding_size, {},
         )
-        word_embeddings = self.embeddings.word_embeddings.weight
+        weights = self.embeddings.word_embeddings.weight
+        dtype = compute_dtype(weights)
         mask, packing = self.attention_plan(attention_mask, position_ids, batch, seqlen, output_attentions,
-                                            word_embeddings.dtype, word_embeddings.device)
-        with without_autocast(word_embeddings.device):
+                                            dtype, weights.device)
+        with without_autocast(weights.device):
             embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
-            mapping = self.encoder.embedding_hidden_mapping_in
             # gathered before the mapping: it too runs on the real tokens only
-            hidden_states = linear(gather_tokens(embeddings, packing), mapping.weight, mapping.bias)
+            hidden_states = project(self.encoder.embedding_hidden_mapping_in, gather_tokens(embeddings, packing).to(dtype))
             sequence_output, all_hidden_states, attentions = run_layers(
                 self.encoder.layer_calls(), hidden_states, mask, output_attentions, output_hidden_states, packing
             )
             pooled_output = None
             if self.pooler is not None:
-                pooled_output = linear(first_token_rows(sequence_output, packing), self.pooler.weight,
-                                       self.pooler.bias).tanh()
+                pooled_output = project(self.pooler, first_token_rows(sequence_output, packing)).tanh()
+        # hidden states in the weights' dtype, as Hugging Face's LayerNorms give them under autocast
+        sequence_output, all_hidden_states = in_dtype(weights.dtype, sequence_output, all_hidden_states)
         output = BaseModelOutputWithPooling(
             last_hidden_state=sequence_output,
             pooler_output=pooled_output,

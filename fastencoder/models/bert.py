@@ -10,25 +10,20 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 from transformers.models.bert import modeling_bert
 
-from fastencoder.kernels import linear
-
+from .inputs import as_config, check_inputs, check_supported, fused_activation, output_flags
 from .layers import (
-    DEFAULT_UNPAD,
     EncoderHeadsMixin,
     EncoderOptionsMixin,
     FusedEmbeddingsMixin,
     FusedEncoderLayer,
-    LayerParts,
     QKVProjection,
-    as_config,
-    check_inputs,
-    check_supported,
-    first_token_rows,
-    gather_tokens,
-    output_flags,
+    compute_dtype,
+    in_dtype,
     run_layers,
     without_autocast,
 )
+from .packing import DEFAULT_UNPAD, first_token_rows, gather_tokens
+from .submodules import add_norm, project
 
 
 class BertEmbeddings(FusedEmbeddingsMixin, modeling_bert.BertEmbeddings):
@@ -40,6 +35,10 @@ class BertSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, input_tensor):
+        return add_norm(self.LayerNorm, self.dropout(project(self.dense, hidden_states)), input_tensor)
 
 
 class BertAttention(nn.Module):
@@ -53,28 +52,39 @@ class BertIntermediate(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation = fused_activation(config)
+
+    def forward(self, hidden_states):
+        return project(self.dense, hidden_states, activation=self.activation)
 
 
-class BertOutput(nn.Module):
+class BertOutput(BertSelfOutput):
     def __init__(self, config):
-        super().__init__()
+        super().__init__(config)
         self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
 
 class BertLayer(FusedEncoderLayer):
+    """Hugging Face's modules and names; `attention.output`, `intermediate` and `output` are called
+    with Hugging Face's arguments (hooks on them see what they would see there)."""
+
     def __init__(self, config):
-        super().__init__(config, ffn_output_dropout=config.hidden_dropout_prob)
+        super().__init__(config)
         self.attention = BertAttention(config)
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def parts(self):
-        return LayerParts(
-            qkv=self.attention.self, attention_dense=self.attention.output.dense,
-            attention_norm=self.attention.output.LayerNorm, ffn_in=self.intermediate.dense,
-            ffn_out=self.output.dense, ffn_norm=self.output.LayerNorm,
-        )
+    def qkv(self):
+        return self.attention.self
+
+    def uncalled_modules(self):
+        return {"attention": self.attention, "attention.self": self.attention.self}
+
+    def attention_output(self, context, hidden_states):
+        return self.attention.output(context, hidden_states)
+
+    def feed_forward(self, attended):
+        return self.output(self.intermediate(attended), attended)
 
 
 class BertEncoder(nn.Module):
@@ -89,7 +99,7 @@ class BertPooler(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, hidden_states, packing=None):
-        return linear(first_token_rows(hidden_states, packing), self.dense.weight, self.dense.bias).tanh()
+        return project(self.dense, first_token_rows(hidden_states, packing)).tanh()
 
 
 class BertModel(EncoderOptionsMixin, modeling_bert.BertPreTrainedModel):
@@ -157,16 +167,19 @@ class BertModel(EncoderOptionsMixin, modeling_bert.BertPreTrainedModel):
             dict(encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
                  cache=cache, past_key_values=kwargs.get("past_key_values")),
         )
-        word_embeddings = self.embeddings.word_embeddings.weight
+        weights = self.embeddings.word_embeddings.weight
+        dtype = compute_dtype(weights)
         mask, packing = self.attention_plan(attention_mask, position_ids, batch, seqlen, output_attentions,
-                                            word_embeddings.dtype, word_embeddings.device)
-        with without_autocast(word_embeddings.device):
+                                            dtype, weights.device)
+        with without_autocast(weights.device):
             embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
             sequence_output, hidden_states, attentions = run_layers(
-                self.encoder.layer, gather_tokens(embeddings, packing), mask, output_attentions,
+                self.encoder.layer, gather_tokens(embeddings, packing).to(dtype), mask, output_attentions,
                 output_hidden_states, packing,
             )
             pooled_output = self.pooler(sequence_output, packing) if self.pooler is not None else None
+        # hidden states in the weights' dtype, as Hugging Face's LayerNorms give them under autocast
+        sequence_output, hidden_states = in_dtype(weights.dtype, sequence_output, hidden_states)
         output = BaseModelOutputWithPoolingAndCrossAttentions(
             last_hidden_state=sequence_output,
             pooler_output=pooled_output,

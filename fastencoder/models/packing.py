@@ -1,0 +1,96 @@
+"""Padding-free execution (`unpad`): when a batch is padded, its real tokens are gathered once
+after the embeddings ([B, S, H] → [T, H]), every layer runs on those T rows with the attention in
+its packed layout (cu_seqlens), and the result is scattered back once at the end, zeros at padding."""
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from fastencoder.kernels import padding
+
+from .inputs import tracing
+
+# Off by default: under unpadding, padded positions of last_hidden_state are zeros instead of the
+# values Hugging Face computes there, which code comparing or pooling whole tensors would notice.
+DEFAULT_UNPAD = False
+# unpad="auto" runs padding-free when more than this fraction of the batch's positions is padding.
+# PROVISIONAL, not measured: no GPU was available. Unpadding costs a gather and a scatter of [T, H]
+# (plus a host sync to size T) and saves the padding's share of every GEMM, LayerNorm and of the
+# attention, so it should pay off at a few percent of padding; 10% leaves margin until measured
+# (`fastencoder bench`'s "N% padding" cases time both paths from 2 to 30% padding).
+AUTO_UNPAD_MIN_PADDING = 0.10
+
+
+def checked_unpad(value):
+    # `is` comparisons: 1 and 0 compare equal to True and False but are refused
+    if not (value == "auto" or value is True or value is False):
+        raise ValueError(f"unpad must be 'auto', True or False, got {value!r}")
+    return value
+
+
+
+class PackedTokens(NamedTuple):
+    """The padding-free layout of a batch: its real tokens back to back, as sequences."""
+    indices: torch.Tensor  # int64 [T]: flat positions b·S + s of the real tokens, increasing
+    cu_seqlens: torch.Tensor  # int32 [sequences + 1]: where each sequence starts among the T rows
+    max_seqlen: int
+    first_positions: torch.Tensor  # int64 [B]: each row's first real token, which the pooler reads
+    batch: int
+    seqlen: int
+
+
+def plan_unpadding(unpad, attention_mask, document_starts, batch, seqlen, output_attentions, device):
+    """The PackedTokens to run a batch on, or None for the padded path.
+
+    unpad=True runs padding-free whenever the mask is a 2-D padding mask or absent; "auto" only when
+    that removes more than AUTO_UNPAD_MIN_PADDING of the positions and no row is left-padded (so that
+    the pooler's first real token is position 0, as in Hugging Face), or for packed documents. Never
+    with output_attentions (its probabilities come from the unfused padded path), with a 3-D / 4-D
+    mask (a per-query mask the packed layout cannot express) or while tracing (T is data
+    dependent)."""
+    if unpad is False or output_attentions or tracing():
+        return None
+    if attention_mask is None:
+        if unpad == "auto" and document_starts is None:
+            return None  # nothing to remove
+        real = torch.ones((batch, seqlen), dtype=torch.bool, device=device)
+    elif attention_mask.dim() == 2:
+        real = attention_mask.bool()
+    else:
+        return None
+    # built outside inference mode so that the ops' checks can remember them (`read_back` in
+    # kernels/_checks.py), and sized by one device-to-host copy
+    with torch.inference_mode(False):
+        first_positions = real.int().argmax(1)  # argmax returns the first maximum: the first real token
+        starts = real & (torch.arange(seqlen, device=device) == first_positions[:, None])
+        if document_starts is not None:
+            starts |= document_starts
+        # each real token's sequence is the number of starts up to it, minus one
+        sequence_of = (starts.flatten().cumsum(0) - 1).clamp(min=0)
+        lengths = torch.zeros(batch * seqlen, dtype=torch.long, device=device)
+        lengths.scatter_add_(0, sequence_of, real.flatten().long())
+        counts = torch.stack([real.sum(), starts.sum(), lengths.max(), (~real[:, 0]).any().long()])
+        real_tokens, sequences, max_seqlen, left_padded = counts.tolist()
+        if real_tokens == 0:
+            return None  # nothing to run the packed layout on
+        if unpad == "auto" and document_starts is None:
+            if left_padded or 1 - real_tokens / (batch * seqlen) <= AUTO_UNPAD_MIN_PADDING:
+                return None
+        indices = torch.nonzero_static(real.flatten(), size=real_tokens)[:, 0]
+        cu_seqlens = F.pad(lengths[:sequences].cumsum(0), (1, 0)).to(torch.int32)
+    return PackedTokens(indices, cu_seqlens, max_seqlen, first_positions, batch, seqlen)
+
+
+def first_token_rows(sequence_output, packing):
+    """What the pooler reads: position 0 of each row (Hugging Face), or under unpadding each row's
+    first real token (the same for right padding; for left padding Hugging Face reads a padding
+    position)."""
+    if packing is None:
+        return sequence_output[:, 0]
+    return sequence_output[torch.arange(packing.batch, device=sequence_output.device), packing.first_positions]
+
+
+
+def gather_tokens(hidden_states, packing):
+    """[B, S, *] → [T, *] under unpadding, else unchanged."""
+    return hidden_states if packing is None else padding.unpad(hidden_states, packing.indices)

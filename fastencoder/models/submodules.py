@@ -1,0 +1,142 @@
+"""How the fused layers compute with Hugging Face's submodules (the projections and LayerNorms).
+
+Nothing is copied out of a module: every call reads the module that holds the weights, so no
+change to them (an optimiser step, a `.data` write, `load_state_dict`, `.to()`, a replaced
+parameter) can leave a stale copy behind. Each module runs in one of three ways, decided at
+every call from a few attribute reads:
+  * fused: an exact `nn.Linear` / `nn.LayerNorm` without hooks runs in fastencoder's op, with the
+    activation and residual add fused;
+  * fused + low-rank update: a peft LoRA layer over such a Linear runs its base projection in
+    the op (Q, K and V still one GEMM) and adds each active adapter's update
+    lora_B(lora_A(dropout(x))) · scaling on top, as peft does;
+  * called: anything else (a module with forward hooks or pre-hooks, a parametrised, quantised or
+    custom module, a LoRA variant such as DoRA) is called as Hugging Face calls it, so it computes
+    what it would there; only that op is unfused.
+
+Every op computes in the dtype of its input activations: under autocast the models hand the
+layers 16-bit activations, and fp32 weights are cast to that dtype where they are used (a
+differentiable cast: gradients reach the fp32 weights in fp32), never modified.
+"""
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as module_hooks
+
+from fastencoder.kernels import backend, layer_norm, linear
+
+ACTIVATIONS = {
+    None: lambda h: h,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def _hf_output_capture(hook):
+    # transformers records hidden states and attentions with forward hooks of this name, inert
+    # outside its own models' forward
+    return getattr(hook, "__name__", None) == "output_capturing_hook"
+
+
+def has_hooks(module):
+    """True when calling `module` would run forward hooks or pre-hooks (its own or global ones)."""
+    return bool(
+        module._forward_pre_hooks or module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
+        or module._forward_hooks and not all(map(_hf_output_capture, module._forward_hooks.values()))
+    )
+
+
+def _fusable(module, module_type):
+    return type(module) is module_type and not has_hooks(module)
+
+
+def _peft_lora_linear():
+    """peft's LoRA Linear class when peft is in use (it is never imported here), else None."""
+    lora_layer = sys.modules.get("peft.tuners.lora.layer")
+    return getattr(lora_layer, "Linear", None)
+
+
+def _lora(module):
+    """(base Linear, adapters) for a peft LoRA Linear that the fused path computes exactly as peft
+    would, adapters being (lora_A, lora_B, dropout, scaling) for each active one; else None."""
+    lora_linear = _peft_lora_linear()
+    if lora_linear is None or type(module) is not lora_linear or has_hooks(module):
+        return None
+    base = module.base_layer
+    variants = getattr(module, "lora_variant", None)  # DoRA and other variants are called
+    if not _fusable(base, nn.Linear) or variants is None or (module.merged and module.disable_adapters):
+        return None  # (peft unmerges inside the forward of a disabled merged layer)
+    if module.merged or module.disable_adapters:
+        return base, []
+    names = [name for name in module.active_adapters if name in module.lora_A]
+    if any(name in variants for name in names):
+        return None
+    return base, [(module.lora_A[n], module.lora_B[n], module.lora_dropout[n], module.scaling[n]) for n in names]
+
+
+def _add_low_rank(result, x, adapters):
+    for lora_A, lora_B, dropout, scaling in adapters:
+        result = result + (lora_B(lora_A(dropout(x.to(lora_A.weight.dtype)))) * scaling).to(result.dtype)
+    return result
+
+
+def _as(tensor, dtype):
+    return None if tensor is None else tensor.to(dtype)
+
+
+def _call(module, x):
+    """module(x) in the dtype of the module's parameters, the result back in x's dtype."""
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), x.dtype)
+    return module(x.to(dtype)).to(x.dtype)
+
+
+def project(module, x, activation=None, residual=None):
+    """act(module(x)) + residual, computed as described in the module docstring."""
+    if _fusable(module, nn.Linear):
+        return linear(x, module.weight.to(x.dtype), _as(module.bias, x.dtype), activation=activation,
+                      residual=residual)
+    lora = _lora(module)
+    if lora is not None and not lora[1]:  # adapters merged or disabled: the base layer alone
+        return project(lora[0], x, activation, residual)
+    if lora is None:
+        h = _call(module, x)
+    else:
+        base, adapters = lora
+        h = _add_low_rank(linear(x, base.weight.to(x.dtype), _as(base.bias, x.dtype)), x, adapters)
+    h = ACTIVATIONS[activation](h)
+    return h if residual is None else h + residual
+
+
+def project_qkv(query, key, value, x):
+    """(q, k, v): the three projections of x. With the Triton kernels, when each is a plain Linear
+    or a LoRA layer over one, their (base) weights are concatenated at every call and run as one
+    GEMM, low-rank updates added to its slices; otherwise each runs as `project` runs it (three
+    GEMMs cost what one does in PyTorch's CPU and pre-Ampere paths, and skip the concatenation)."""
+    modules = (query, key, value)
+    if backend.use_triton(x.device):
+        parts = [(m, []) if _fusable(m, nn.Linear) else _lora(m) for m in modules]
+        if all(part is not None and part[0].bias is not None for part in parts):
+            weight = torch.cat([base.weight for base, _ in parts]).to(x.dtype)
+            bias = torch.cat([base.bias for base, _ in parts]).to(x.dtype)
+            fused = linear(x, weight, bias).split([base.out_features for base, _ in parts], -1)
+            return tuple(_add_low_rank(h, x, adapters) for h, (_, adapters) in zip(fused, parts))
+    return tuple(project(m, x) for m in modules)
+
+
+def add_norm(norm, x, residual):
+    """norm(x + residual), the add fused into fastencoder's LayerNorm for a plain nn.LayerNorm."""
+    if _fusable(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None:
+        return layer_norm(x, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps, residual=residual)
+    return _call(norm, x + residual)
+
+
+def refuse_hooks(module, name, supported):
+    """Hooks on a module the fused layer never calls would silently not fire: refuse them."""
+    if has_hooks(module):
+        raise NotImplementedError(
+            f"{name} ({type(module).__name__}) has forward hooks or pre-hooks, but fastencoder computes it "
+            f"fused and never calls it, so they would not fire. Hooks are supported on {supported}; "
+            "or restore() the Hugging Face model"
+        )
