@@ -8,9 +8,11 @@ ones. Anything a graph cannot serve — training or autograd, CPU tensors, lengt
 bucket, options other than input_ids / attention_mask / token_type_ids — runs eagerly, and
 `fallback_reason` says why.
 
-A graph reads the weights where they were at capture: when a parameter or buffer changes in place
-(load_state_dict, an optimiser step) or moves (.to(), .half()), every graph is dropped and captured
-anew. A parameter replaced by another object is not seen: turn cuda_graphs off and on after that.
+A graph reads the weights from where they were at capture, and every value derived from them (the
+concatenated Q/K/V weight) is recomputed inside it, so writes into the weights' memory (`.data`
+writes included) show in the next replay. When a parameter or buffer changes in place through
+autograd's view (load_state_dict, an optimiser step), moves (.to(), .half()) or is replaced by
+another object, every graph is dropped and captured anew. Graphs are kept per autocast dtype too.
 """
 from typing import NamedTuple
 
@@ -36,8 +38,7 @@ class GraphRunner:
         self.memory_bytes = 0  # device memory the captured graphs hold
         self.fallback_reason = None  # why the last call ran eagerly, or None
         self.capturing = False
-        self.weights = []  # the model's parameters and buffers, as the graphs read them
-        self.weights_stamp = None
+        self.weights_stamp = None  # the model's parameters and buffers, as the graphs read them
 
     def bucket(self, seqlen):
         return next((bucket for bucket in self.buckets if bucket >= seqlen), None)
@@ -69,11 +70,15 @@ class GraphRunner:
             return None
         batch, seqlen = input_ids.shape
         model.check_ids(input_ids, token_type_ids)  # the graph skips data-dependent checks
-        if self.graphs and _stamp(self.weights) != self.weights_stamp:
+        stamp = _stamp([*model.parameters(), *model.buffers()])
+        if self.graphs and stamp != self.weights_stamp:
             self.reset()  # the weights changed since the graphs were captured
-        key = (batch, self.bucket(seqlen), input_ids.device)
+        self.weights_stamp = stamp
+        device = input_ids.device
+        autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        key = (batch, self.bucket(seqlen), device, autocast)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(model, *key)
+            self.graphs[key] = self._capture(model, batch, key[1], device)
         graph = self.graphs[key]
         graph.input_ids.zero_()[:, :seqlen].copy_(input_ids)
         graph.attention_mask.zero_()[:, :seqlen].copy_(1 if attention_mask is None else attention_mask)
@@ -90,9 +95,6 @@ class GraphRunner:
         self.graphs, self.pool, self.memory_bytes = {}, None, 0
 
     def _capture(self, model, batch, bucket, device):
-        if not self.graphs:
-            self.weights = [*model.parameters(), *model.buffers()]
-            self.weights_stamp = _stamp(self.weights)
         # normal tensors even under inference_mode, so that later no_grad calls may refill them
         with torch.inference_mode(False):
             inputs = {name: torch.zeros((batch, bucket), dtype=torch.long, device=device)
@@ -119,6 +121,11 @@ def capture(forward, device, pool):
     """Warm forward() up on a side stream (autotuning and lazy initialisation must not be
     captured), then capture it into a CUDA graph sharing `pool`. Returns the graph, the output
     (whose tensors live in the graph's memory) and the device memory the capture reserved."""
+    with torch.cuda.device(device):  # the capture records the current device's stream
+        return _capture_on_current_device(forward, device, pool)
+
+
+def _capture_on_current_device(forward, device, pool):
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
@@ -136,6 +143,6 @@ def capture(forward, device, pool):
 
 
 def _stamp(tensors):
-    """Where each tensor's storage is and how often it was changed in place (inference tensors keep
-    no count)."""
-    return [(t.data_ptr(), None if t.is_inference() else t._version) for t in tensors]
+    """Which tensors, where each one's storage is and how often it was changed in place (inference
+    tensors keep no count)."""
+    return [(id(t), t.data_ptr(), None if t.is_inference() else t._version) for t in tensors]

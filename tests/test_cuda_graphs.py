@@ -9,7 +9,7 @@ import transformers
 import fastencoder
 from fastencoder import cuda_graphs, models
 from fastencoder.cuda_graphs import GraphRunner, _stamp
-from fastencoder.models import layers
+from fastencoder.models import inputs, layers, packing
 from test_bert import FP32_TOL, bert_config, ragged_batch, twin_models
 
 
@@ -59,7 +59,7 @@ def test_optimize_turns_graphs_on_and_off(torch_backend):
 
 
 def test_weight_changes_are_seen():
-    """What makes the runner drop its graphs: an in-place change or a move of any weight."""
+    """What makes the runner drop its graphs: an in-place change, a move or a replacement of any weight."""
     model = models.BertModel(bert_config())
     weights = [*model.parameters(), *model.buffers()]
     stamp = _stamp(weights)
@@ -70,6 +70,9 @@ def test_weight_changes_are_seen():
     stamp = _stamp(weights)
     model.double()  # the same Parameter objects, new storage
     assert _stamp(weights) != stamp
+    stamp = _stamp([*model.parameters(), *model.buffers()])
+    model.pooler.dense.weight = torch.nn.Parameter(model.pooler.dense.weight.detach().clone())
+    assert _stamp([*model.parameters(), *model.buffers()]) != stamp
 
 
 @contextlib.contextmanager
@@ -77,7 +80,8 @@ def as_if_capturing(monkeypatch):
     """What the model sees inside a real capture: tracing() is true, so no decision depends on data,
     and the eager path runs (a real replay reruns those kernels without entering Python at all)."""
     with monkeypatch.context() as patch:
-        patch.setattr(layers, "tracing", lambda: True)
+        for module in (inputs, packing):
+            patch.setattr(module, "tracing", lambda: True)
         patch.setattr(layers.EncoderOptionsMixin, "replay_cuda_graph", lambda self, *args, **kwargs: None)
         yield
 

@@ -52,15 +52,18 @@ def check_supported(config):
 def output_flags(config, output_attentions, output_hidden_states, return_dict):
     """Each flag as passed, else the config's default (as Hugging Face resolves them). As in
     Hugging Face, output_hidden_states may select hidden states by index instead (an int or a list
-    of ints, negative ones counting from the end): it then comes back as a list, else as a bool."""
+    of ints, negative ones counting back from config.num_hidden_layers + 1, out-of-range ones
+    dropped): it then comes back as the set of selected indices, else as a bool."""
     pick = lambda value, name, default: value if value is not None else getattr(config, name, default)
     hidden_states = pick(output_hidden_states, "output_hidden_states", False)
     if isinstance(hidden_states, int) and not isinstance(hidden_states, bool):
         hidden_states = [hidden_states]
-    hidden_states = list(hidden_states) if isinstance(hidden_states, (list, tuple)) else bool(hidden_states)
+    if isinstance(hidden_states, (list, tuple)):
+        count = config.num_hidden_layers + 1
+        hidden_states = {index % count for index in hidden_states if -count <= index < count} if hidden_states else False
     return (
         bool(pick(output_attentions, "output_attentions", False)),
-        hidden_states,
+        hidden_states if isinstance(hidden_states, set) else bool(hidden_states),
         bool(pick(return_dict, "return_dict", True)),
     )
 

@@ -142,8 +142,8 @@ def run_layers(layers, hidden_states, mask, output_attentions, output_hidden_sta
     """Run `layers` (a sequence of FusedEncoderLayer calls, shared modules allowed) and collect
     (last hidden state, the hidden states asked for or None, every attention map or None).
 
-    output_hidden_states: a bool, or a list of indices into the hidden states (negative ones from
-    the end; those not selected are None, as in Hugging Face). With `packing`, hidden_states are
+    output_hidden_states: a bool, or the set of indices of the hidden states to keep (`output_flags`;
+    the others are None, as in Hugging Face). With `packing`, hidden_states are
     the gathered [T, H] rows (`gather_tokens`); the last and every collected hidden state come back
     scattered to [B, S, H], zeros at padding."""
     if packing is None:
@@ -152,11 +152,10 @@ def run_layers(layers, hidden_states, mask, output_attentions, output_hidden_sta
     else:
         layer_kwargs = dict(cu_seqlens=packing.cu_seqlens, max_seqlen=packing.max_seqlen)
         as_padded = lambda rows: padding.pad(rows, packing.indices, packing.batch, packing.seqlen)
-    count = len(layers) + 1
-    if isinstance(output_hidden_states, list):
-        selected = {index % count for index in output_hidden_states if -count <= index < count}
+    if isinstance(output_hidden_states, set):
+        selected = output_hidden_states
     else:
-        selected = set(range(count)) if output_hidden_states else set()
+        selected = set(range(len(layers) + 1)) if output_hidden_states else set()
     keep = lambda index, rows: as_padded(rows) if index in selected else None
     all_hidden = [keep(0, hidden_states)]
     all_attentions = [] if output_attentions else None
