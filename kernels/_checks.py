@@ -50,3 +50,10 @@ def read_back(tensor, summarize):
         summary = summarize(tensor)
         known[summarize] = (tensor._version, summary)
     return summary
+
+
+def remember(tensor, summarize, summary):
+    """Record summary as what summarize(tensor) returns, for a tensor whose caller knows it without
+    a read back (it built the tensor and read what it needed in one copy)."""
+    if not (tensor.is_inference() or torch.compiler.is_compiling()):
+        _read_back.setdefault(tensor, {})[summarize] = (tensor._version, summary)

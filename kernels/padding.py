@@ -156,7 +156,7 @@ def pad_reference(rows, indices, batch, seqlen):
     return out.view(batch, seqlen, *rows.shape[1:])
 
 
-def _index_facts(indices):
+def index_facts(indices):
     """(lowest, highest, strictly increasing) of non-empty indices, in one device-to-host copy."""
     low, high = torch.aminmax(indices)
     increasing = (indices[1:] > indices[:-1]).all()
@@ -178,7 +178,7 @@ def _check_indices(indices, device, num_positions):
     capturing = indices.is_cuda and torch.cuda.is_current_stream_capturing()
     if indices.numel() == 0 or torch.compiler.is_compiling() or capturing:
         return
-    low, high, increasing = read_back(indices, _index_facts)
+    low, high, increasing = read_back(indices, index_facts)
     if low < 0 or high >= num_positions or not increasing:
         raise ValueError(f"indices must be strictly increasing positions in [0, {num_positions}) "
                          f"(B x S), got values in [{low}, {high}]"

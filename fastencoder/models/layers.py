@@ -215,7 +215,9 @@ class EncoderOptionsMixin:
         A model with hooks on any submodule runs padded, so that they see Hugging Face's shapes."""
         mask = attention_mask_for(attention_mask, batch, seqlen, self.config.num_attention_heads, dtype)  # validates
         documents = packed_document_starts(position_ids, attention_mask, batch, seqlen)
-        unpad = self.unpad and not any(has_hooks(module) for module in self.modules())
+        unpad = self.unpad
+        if unpad is not False and any(has_hooks(module) for module in self.modules()):
+            unpad = False
         packing = plan_unpadding(unpad, attention_mask, documents, batch, seqlen, output_attentions, device)
         if packing is not None:
             return AttentionMask(None, None), packing

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastencoder.kernels import padding
+from fastencoder.kernels._checks import remember
 
 from .inputs import tracing
 
@@ -58,8 +59,9 @@ def plan_unpadding(unpad, attention_mask, document_starts, batch, seqlen, output
         real = attention_mask.bool()
     else:
         return None
-    # built outside inference mode so that the ops' checks can remember them (`read_back` in
-    # kernels/_checks.py), and sized by one device-to-host copy
+    # Sized by one device-to-host copy, which also brings back what the ops' input checks would
+    # otherwise read back from indices and cu_seqlens (`read_back` in kernels/_checks.py): they are
+    # told instead. Built outside inference mode, so that they can be remembered.
     with torch.inference_mode(False):
         first_positions = real.int().argmax(1)  # argmax returns the first maximum: the first real token
         starts = real & (torch.arange(seqlen, device=device) == first_positions[:, None])
@@ -69,15 +71,22 @@ def plan_unpadding(unpad, attention_mask, document_starts, batch, seqlen, output
         sequence_of = (starts.flatten().cumsum(0) - 1).clamp(min=0)
         lengths = torch.zeros(batch * seqlen, dtype=torch.long, device=device)
         lengths.scatter_add_(0, sequence_of, real.flatten().long())
-        counts = torch.stack([real.sum(), starts.sum(), lengths.max(), (~real[:, 0]).any().long()])
-        real_tokens, sequences, max_seqlen, left_padded = counts.tolist()
+        flat = real.flatten()
+        first_real, last_real = flat.int().argmax(), flat.numel() - 1 - flat.flip(0).int().argmax()
+        sequence_ends = lengths[:batch].cumsum(0)  # every sequence's, unless documents make more than B
+        facts = torch.cat([torch.stack([real.sum(), starts.sum(), lengths.max(), (~real[:, 0]).any().long(),
+                                        first_real, last_real]), sequence_ends]).tolist()
+        real_tokens, sequences, max_seqlen, left_padded, first_real, last_real = facts[:6]
         if real_tokens == 0:
             return None  # nothing to run the packed layout on
         if unpad == "auto" and document_starts is None:
             if left_padded or 1 - real_tokens / (batch * seqlen) <= AUTO_UNPAD_MIN_PADDING:
                 return None
-        indices = torch.nonzero_static(real.flatten(), size=real_tokens)[:, 0]
+        indices = torch.nonzero_static(flat, size=real_tokens)[:, 0]
         cu_seqlens = F.pad(lengths[:sequences].cumsum(0), (1, 0)).to(torch.int32)
+    remember(indices, padding.index_facts, (first_real, last_real, True))
+    if sequences <= batch:
+        remember(cu_seqlens, torch.Tensor.tolist, [0, *facts[6:6 + sequences]])
     return PackedTokens(indices, cu_seqlens, max_seqlen, first_positions, batch, seqlen)
 
 
