@@ -31,6 +31,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
 
 from . import backend
 from ._checks import check_float, check_like, read_back
+from ._launch import launches_on_input_device, on_device_of
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 MAX_DROPOUT_SEQLEN = 46340  # i·S + j < 2³¹ for the dropout counters
@@ -473,6 +474,7 @@ def _aligned_bias(bias, batch, heads, max_seqlen):
 
 
 @torch.library.custom_op("fastencoder::attention_fwd", mutates_args=())
+@launches_on_input_device
 def _attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
     bias: torch.Tensor | None, cu_seqlens: torch.Tensor | None, seed: torch.Tensor | None,
@@ -510,6 +512,7 @@ def _(q, k, v, key_padding_mask, bias, cu_seqlens, seed, max_seqlen, scale, drop
 
 
 @torch.library.custom_op("fastencoder::attention_bwd", mutates_args=())
+@launches_on_input_device
 def _attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     stats: torch.Tensor, key_padding_mask: torch.Tensor | None, bias: torch.Tensor | None,
@@ -592,9 +595,10 @@ def _dropout_keep_mask(seed, batch, heads, max_seqlen, dropout_p):
     """Boolean [batch, heads, S, S] mask of the probabilities the kernels keep for this seed (by
     position within each sequence, in both layouts): the exact mask, drawn by the same code."""
     keep = torch.empty((batch, heads, max_seqlen, max_seqlen), dtype=torch.int8, device=seed.device)
-    _dropout_mask_kernel[(max_seqlen, batch * heads)](
-        keep, seed, max_seqlen, dropout_p, BLOCK=_DROPOUT_MASK_BLOCK
-    )
+    with on_device_of(keep):
+        _dropout_mask_kernel[(max_seqlen, batch * heads)](
+            keep, seed, max_seqlen, dropout_p, BLOCK=_DROPOUT_MASK_BLOCK
+        )
     return keep.bool()
 
 

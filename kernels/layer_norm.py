@@ -13,6 +13,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
 
 from . import backend
 from ._checks import check_float, check_like, check_shape, rows_view
+from ._launch import launches_on_input_device
 
 MAX_HIDDEN = 4096  # a row lives in registers; wider rows spill in the backward
 
@@ -99,6 +100,7 @@ def _bwd_programs(device, rows):
 
 
 @torch.library.custom_op("fastencoder::layer_norm_fwd", mutates_args=())
+@launches_on_input_device
 def _layer_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
     residual: torch.Tensor | None,
@@ -127,6 +129,7 @@ def _(x, weight, bias, eps, residual):
 
 
 @torch.library.custom_op("fastencoder::layer_norm_bwd", mutates_args=())
+@launches_on_input_device
 def _layer_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
     mean: torch.Tensor, rstd: torch.Tensor,

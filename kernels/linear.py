@@ -17,6 +17,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
 
 from . import backend
 from ._checks import check_float, check_like, check_shape, rows_view
+from ._launch import launches_on_input_device
 
 ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
@@ -226,6 +227,7 @@ def _matmul(a, b, out, *, bias=None, activation=0, residual=None, act_grad=None,
 
 
 @torch.library.custom_op("fastencoder::linear_fwd", mutates_args=())
+@launches_on_input_device
 def _linear_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: int,
     residual: torch.Tensor | None, save_act_grad: bool,
@@ -250,6 +252,7 @@ def _(x, weight, bias, activation, residual, save_act_grad):
 
 
 @torch.library.custom_op("fastencoder::linear_bwd", mutates_args=())
+@launches_on_input_device
 def _linear_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, act_grad: torch.Tensor | None,
     need_dx: bool, need_dweight: bool, need_dbias: bool,
