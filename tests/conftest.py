@@ -125,6 +125,22 @@ def kernel_launches(monkeypatch):
     return launched
 
 
+@pytest.fixture
+def launch_arguments(monkeypatch):
+    """(kernel name, {argument name: value}) of every kernel launched during the test (those the
+    autotuner adds while benchmarking included)."""
+    launched = []
+    launcher = _launcher()
+    original = launcher.run
+
+    def recording_run(self, *args, **kwargs):
+        launched.append((self.fn.__name__, {**dict(zip(self.arg_names, args)), **kwargs}))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(launcher, "run", recording_run)
+    return launched
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed():
     torch.manual_seed(0)

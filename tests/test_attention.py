@@ -11,9 +11,11 @@ import math
 import pytest
 import torch
 
+from fastencoder import models
 from fastencoder.kernels.attention import (
     MAX_DROPOUT_SEQLEN, _draw_dropout_seed, _dropout_keep_mask, attention, attention_reference,
 )
+from test_bert import bert_config, ragged_batch
 
 FWD = "_attention_fwd_kernel"
 BWD = ("_attention_bwd_delta_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel")
@@ -220,8 +222,7 @@ def test_dropout_keep_rate_and_mask_from_the_forward(device, triton_backend):
     kept = (out * seqlen * (1 - p)).permute(0, 2, 1, 3)  # [B, H, S, S]
     assert torch.allclose(kept, kept.round(), atol=1e-4)  # every entry exactly dropped or kept
     torch.manual_seed(1234)
-    seed = _draw_dropout_seed(device)
-    expected = _dropout_keep_mask(seed, batch, heads, seqlen, p)
+    expected = _dropout_keep_mask(_draw_dropout_seed(), batch, heads, seqlen, p, device)
     assert torch.equal(kept.round().bool(), expected)
     samples = expected.numel()
     keep_rate = expected.float().mean().item()
@@ -266,9 +267,64 @@ def test_dropout_gradients_match_reference_with_same_mask(device, triton_backend
     out.backward(grad_out)
     assert FWD in kernel_launches and all(name in kernel_launches for name in BWD)
     torch.manual_seed(99)
-    seed = _draw_dropout_seed(device)
-    keep = _dropout_keep_mask(seed, len(lengths), heads, max_seqlen, p)
+    keep = _dropout_keep_mask(_draw_dropout_seed(), len(lengths), heads, max_seqlen, p, device)
     _check_against_float64(qkv, out, grad_out, torch.float32, dropout_mask=keep, dropout_p=p, **kwargs)
+
+
+def test_dropout_seed_is_a_scalar_kernel_argument(device, triton_backend, launch_arguments):
+    """The seed reaches the kernels as a Python int (no tensor to copy to the device, no wait for the
+    copy, nothing a CUDA graph capture would refuse), drawn from torch's CPU generator, and the
+    backward kernels receive the forward's."""
+    _, (q, k, v) = _qkv(2, 33, 2, 32, torch.float32, device)
+    torch.manual_seed(11)
+    out = attention(q, k, v, dropout_p=0.2)
+    out.backward(torch.ones_like(out))
+    torch.manual_seed(11)
+    expected = int(_draw_dropout_seed())
+    seeds = {name: arguments["seed"] for name, arguments in launch_arguments if "seed" in arguments}
+    assert set(seeds) == {FWD, "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"}
+    assert all(type(seed) is int and seed == expected for seed in seeds.values()), seeds
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # gradient_checkpointing_enable's new name
+def test_gradient_checkpointing_recomputes_the_same_dropout_masks(device, triton_backend, launch_arguments):
+    """A training step with attention and hidden dropout gives bit-identical gradients with gradient
+    checkpointing and without: Hugging Face's checkpointing restores torch's CPU generator for the
+    recompute, so the recomputed attention draws the forward's seeds (shown launch by launch)."""
+    config = bert_config(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.3, num_hidden_layers=2)
+    model = models.BertModel(config).train()
+    batch = ragged_batch(config)
+    gradients, seeds = [], []
+    for checkpointing, seed in ((False, 5), (True, 5), (False, 6)):
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        else:
+            model.gradient_checkpointing_disable()
+        model.zero_grad()
+        launch_arguments.clear()
+        torch.manual_seed(seed)
+        output = model(**batch)
+        (output.last_hidden_state.square().sum() + output.pooler_output.sum()).backward()
+        gradients.append({name: param.grad.clone() for name, param in model.named_parameters()})
+        seeds.append([arguments["seed"] for name, arguments in launch_arguments if name == FWD])
+    plain, checkpointed, other_seed = gradients
+    # the backward recomputes the layers last first, each with its forward's seed
+    assert len(seeds[0]) == 2 and seeds[1] == seeds[0] + seeds[0][::-1], seeds
+    for name, gradient in plain.items():
+        assert torch.equal(checkpointed[name], gradient), name
+    assert any(not torch.equal(other_seed[name], gradient) for name, gradient in plain.items())
+
+
+@pytest.mark.gpu
+def test_gpu_dropout_training_step_never_waits_for_the_host(device, triton_backend):
+    """After a warm-up (compilation), a forward and backward with dropout make no synchronising call."""
+    qkv, (q, k, v) = _qkv(2, 100, 2, 64, torch.float16, device)
+    attention(q, k, v, dropout_p=0.1).sum().backward()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        attention(q, k, v, dropout_p=0.1).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_torch_backend_is_the_reference(device, torch_backend, kernel_launches):
@@ -291,6 +347,25 @@ def test_torch_compile_traces_the_custom_op(device, triton_backend, kernel_launc
         expected = attention_reference(q, k, v, key_padding_mask=mask) * 2
     assert FWD in kernel_launches
     torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_with_dropout_draws_as_eager_does(device, triton_backend, kernel_launches):
+    """fullgraph tracing takes the seed's draw along: under one torch.manual_seed the compiled and
+    the eager call give the same output and gradients, and a new seed a new mask."""
+    qkv, (q, k, v) = _qkv(2, 17, 2, 32, torch.float32, device)
+    compiled = torch.compile(lambda q, k, v: attention(q, k, v, dropout_p=0.3), fullgraph=True,
+                             backend="aot_eager")
+    results = []
+    for run, seed in ((compiled, 4), (lambda *qkv: attention(*qkv, dropout_p=0.3), 4), (compiled, 5)):
+        torch.manual_seed(seed)
+        out = run(q, k, v)
+        qkv.grad = None
+        out.backward(torch.ones_like(out))
+        results.append((out.detach(), qkv.grad))
+    assert FWD in kernel_launches
+    (out, grad), (eager_out, eager_grad), (other_out, _) = results
+    assert torch.equal(out, eager_out) and torch.equal(grad, eager_grad)
+    assert not torch.equal(out, other_out)
 
 
 def test_empty_input(device, triton_backend, kernel_launches):
@@ -422,6 +497,5 @@ def test_gpu_dropout_gradients(device, triton_backend, dtype):
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
     torch.manual_seed(5)
-    keep = _dropout_keep_mask(
-        _draw_dropout_seed(device), batch, heads, seqlen, p)
+    keep = _dropout_keep_mask(_draw_dropout_seed(), batch, heads, seqlen, p, device)
     _check_against_float64(qkv, out, grad_out, dtype, dropout_mask=keep, dropout_p=p)

@@ -47,7 +47,7 @@ def test_every_kernel_launches_on_its_tensors_device(device, triton_backend, ker
         model.unpad = unpad_option
         output = model(**batch)
         (output.last_hidden_state.sum() + output.pooler_output.sum()).backward()
-    _dropout_keep_mask(_draw_dropout_seed(device), 1, 2, 5, 0.5)
+    _dropout_keep_mask(_draw_dropout_seed(), 1, 2, 5, 0.5, device)
     assert set(kernel_launches) == _launched_kernels()
 
 
