@@ -484,7 +484,9 @@ def _attention_fwd(
     batch, heads, _ = _layout(q, cu_seqlens, max_seqlen)
     head_dim = q.shape[-1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    stats = torch.empty((batch, heads, 2, max_seqlen), dtype=torch.float32, device=q.device)
+    # packed: rows past a sequence's end have no query and are never written; zeros keep them defined
+    stats = (torch.zeros if packed else torch.empty)((batch, heads, 2, max_seqlen), dtype=torch.float32,
+                                                     device=q.device)
     mask, bias, mask_bias_strides = _mask_bias_args(q, key_padding_mask, bias, batch, heads, max_seqlen)
     block_m, block_n, num_warps, num_stages = _fwd_config(
         max_seqlen, head_dim, q.dtype, allow_tf32, bias.numel() > 0, seed is not None)

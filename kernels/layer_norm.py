@@ -125,7 +125,7 @@ def _layer_norm_fwd(
 def _(x, weight, bias, eps, residual):
     rows = x.numel() // x.shape[-1]
     stats = x.new_empty(rows, dtype=torch.float32)
-    return torch.empty_like(x), stats, stats.clone()
+    return x.new_empty(x.shape), stats, stats.clone()  # contiguous, whatever x's strides
 
 
 @torch.library.custom_op("fastencoder::layer_norm_bwd", mutates_args=())
@@ -154,7 +154,7 @@ def _layer_norm_bwd(
 
 @_layer_norm_bwd.register_fake
 def _(dy, x, residual, weight, mean, rstd):
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -287,7 +287,7 @@ def _linear_bwd(
 @_linear_bwd.register_fake
 def _(dy, x, weight, act_grad, need_dx, need_dweight, need_dbias):
     return (
-        torch.empty_like(x) if need_dx else dy.new_empty(0),
+        x.new_empty(x.shape) if need_dx else dy.new_empty(0),  # contiguous, whatever x's strides
         torch.empty_like(weight) if need_dweight else dy.new_empty(0),
         weight.new_empty(weight.shape[0]) if need_dbias else dy.new_empty(0),
     )
