@@ -5,6 +5,7 @@ small (B=2, H=2) but cross every block edge: S=17 and 77 end mid-block, 129 spil
 an extra query block and an extra key block (fp16 up to 128 keys without bias or dropout takes one
 128-key block, from 129 on 64-key blocks; fp32 takes 16- or 32-row blocks).
 """
+import contextlib
 import importlib
 import math
 
@@ -33,6 +34,9 @@ TOLERANCES = {
     torch.float16: dict(out=(2e-3, 2e-3), grad=(1e-2, 1e-2)),
     torch.bfloat16: dict(out=(1.6e-2, 1.6e-2), grad=(6e-2, 6e-2)),  # 2^-8 relative instead of 2^-11
 }
+# fp32 inputs with TF32 allowed: the dot products round their inputs to 10 mantissa bits (2^-11
+# relative), as fp16 does, but P and the outputs stay fp32: fp16's tolerances hold with room.
+TOLERANCES["tf32"] = TOLERANCES[torch.float16]
 
 
 def _qkv(batch, seqlen, heads, head_dim, dtype, device):
@@ -107,8 +111,8 @@ PADDED_CASES = [
 
 
 @pytest.mark.parametrize("dtype, seqlen, head_dim, lengths, left_padding, bias_kind", PADDED_CASES)
-def test_padded_matches_float64(device, triton_backend, kernel_launches, dtype, seqlen, head_dim,
-                                lengths, left_padding, bias_kind):
+def test_padded_matches_float64(device, triton_backend, kernel_launches, poisoned_allocations, dtype,
+                                seqlen, head_dim, lengths, left_padding, bias_kind):
     qkv, out, grad_out, kwargs = _run_padded(device, dtype, seqlen, head_dim, lengths, left_padding,
                                              bias_kind)
     assert kernel_launches.count(FWD) == 1 and all(name in kernel_launches for name in BWD)
@@ -128,7 +132,8 @@ def _cu_seqlens(lengths, device):
 
 
 @pytest.mark.parametrize("dtype, head_dim", [(torch.float32, 64), (torch.float16, 32)])
-def test_packed_matches_float64_and_padded(device, triton_backend, kernel_launches, dtype, head_dim):
+def test_packed_matches_float64_and_padded(device, triton_backend, kernel_launches, poisoned_allocations,
+                                           dtype, head_dim):
     # 70 ends mid-block (fp16: in the single 128-key block; fp32: after two 32-row blocks); an
     # empty sequence too
     lengths, heads = [1, 0, 70, 17], 2
@@ -159,7 +164,7 @@ def test_packed_matches_float64_and_padded(device, triton_backend, kernel_launch
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_more_sequences_x_heads_than_the_grid_takes_run_in_chunks(device, triton_backend, kernel_launches,
-                                                                  monkeypatch, layout):
+                                                                  poisoned_allocations, monkeypatch, layout):
     """CUDA's grid y axis (sequences x heads) holds 65535 blocks; beyond, the op runs in chunks of
     sequences. The limit shrunk to 5 (2 heads: 2 sequences a chunk) shows 5 sequences in 3 chunks
     giving the float64 reference's outputs and gradients, a per-sequence bias sliced along."""
@@ -180,6 +185,53 @@ def test_more_sequences_x_heads_than_the_grid_takes_run_in_chunks(device, triton
     out.backward(grad_out)
     assert kernel_launches.count(FWD) == 3
     _check_against_float64(qkv, out, grad_out, dtype, **kwargs)
+
+
+@contextlib.contextmanager
+def _tf32(allowed):
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@pytest.mark.parametrize("head_dim", [32, 80], ids=["D32", "D80"])  # head-dim buckets 64 and 128
+@pytest.mark.parametrize("bias_kind", [None, "full"], ids=["no-bias", "bias"])
+def test_tf32_configurations_match_float64(device, triton_backend, launch_arguments, poisoned_allocations,
+                                           head_dim, bias_kind):
+    """fp32 with torch.backends.cuda.matmul.allow_tf32: the forward and both backward kernels run
+    their TF32 configurations (every one, over the four cases) with TF32 dot products, and match
+    float64 within TF32's tolerance. The interpreter computes TF32 dots in fp32; on a GPU they
+    round (test_gpu_tf32_only_when_allowed shows it)."""
+    module = importlib.import_module("fastencoder.kernels.attention")
+    with _tf32(True):
+        qkv, out, grad_out, kwargs = _run_padded(device, torch.float32, 77, head_dim, [77, 30], False, bias_kind)
+    key = ("tf32", 64 if head_dim <= 64 else 128, bias_kind is not None)
+    expected = dict(zip((FWD, "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"),
+                        (module._FWD_CONFIGS[key], *module._BWD_CONFIGS[key])))
+    launched = {name: (arguments["BLOCK_M"], arguments["BLOCK_N"], arguments["num_warps"],
+                       arguments["num_stages"])
+                for name, arguments in launch_arguments if arguments.get("ALLOW_TF32") is True}
+    assert launched == expected
+    assert all(arguments.get("ALLOW_TF32") in (True, None) for _, arguments in launch_arguments)
+    _check_against_float64(qkv, out, grad_out, "tf32", **kwargs)
+
+
+@pytest.mark.gpu
+def test_gpu_tf32_only_when_allowed(device, triton_backend):
+    """On a GPU, TF32 shows: fp32-exact without it (errors ~1e-6), TF32-sized errors with it."""
+    errors = {}
+    for allow_tf32 in (False, True):
+        torch.manual_seed(0)
+        with _tf32(allow_tf32):
+            qkv, out, grad_out, kwargs = _run_padded(device, torch.float32, 256, 64, [256, 100], False, "full")
+        _check_against_float64(qkv, out, grad_out, "tf32" if allow_tf32 else torch.float32, **kwargs)
+        reference = qkv.detach().double()
+        expected = attention_reference(*reference.unbind(2), **{n: _float64(v) for n, v in kwargs.items()})
+        errors[allow_tf32] = (out.double() - expected).abs().max().item()
+    assert errors[False] < 1e-5 < errors[True], errors
 
 
 def _fp16_attention_and_grads(q, k, v, mask, grad_out):
@@ -211,9 +263,11 @@ def test_fp16_error_at_most_twice_pytorch_fp16(device, triton_backend, kernel_la
         assert our_error <= 2 * their_error + 1e-4, f"{name}: {our_error} vs PyTorch fp16 {their_error}"
 
 
-def test_dropout_keep_rate_and_mask_from_the_forward(device, triton_backend):
+def test_dropout_keep_rate_and_mask_from_the_forward(device, triton_backend, poisoned_allocations):
     """With q = k = 0 every probability is 1/S, and with v = identity the output row i is
-    keep[i, :] / (S·(1-p)): the forward kernel's own dropout mask, read back."""
+    keep[i, :] / (S·(1-p)): the forward kernel's own dropout mask, read back. It differs between
+    sequences, heads, query rows and key columns (a counter that left one of them out would repeat
+    a mask and still keep the right fraction)."""
     batch, seqlen, heads, p = 2, 64, 2, 0.3
     q = torch.zeros(batch, seqlen, heads, seqlen, device=device)
     v = torch.eye(seqlen, device=device)[None, :, None, :].expand(batch, seqlen, heads, seqlen)
@@ -224,6 +278,11 @@ def test_dropout_keep_rate_and_mask_from_the_forward(device, triton_backend):
     torch.manual_seed(1234)
     expected = _dropout_keep_mask(_draw_dropout_seed(), batch, heads, seqlen, p, device)
     assert torch.equal(kept.round().bool(), expected)
+    masks = expected.flatten(0, 1)  # [B·H, S, S]
+    assert torch.unique(masks.flatten(1), dim=0).shape[0] == batch * heads, "a mask repeats across (b, h)"
+    for mask in masks:
+        assert torch.unique(mask, dim=0).shape[0] == seqlen, "a mask repeats across query rows"
+        assert torch.unique(mask.t(), dim=0).shape[0] == seqlen, "a mask repeats across key columns"
     samples = expected.numel()
     keep_rate = expected.float().mean().item()
     assert abs(keep_rate - (1 - p)) <= 5 * math.sqrt(p * (1 - p) / samples), keep_rate
@@ -248,7 +307,7 @@ def test_dropout_same_seed_same_result(device, triton_backend):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_dropout_gradients_match_reference_with_same_mask(device, triton_backend, kernel_launches,
-                                                          packed):
+                                                          poisoned_allocations, packed):
     p, heads, head_dim = 0.25, 2, 32
     lengths = [77, 20]
     max_seqlen = max(lengths)

@@ -139,13 +139,13 @@ def test_results_do_not_depend_on_the_bucket(tokens, device, triton_backend):
     _check(x, weight, bias, None, "gelu", torch.float32)
 
 
-def test_operands_spanning_2_31_elements_are_refused(triton_backend, kernel_launches):
+def test_operands_spanning_2_31_elements_are_refused(device, triton_backend, kernel_launches):
     """The kernel's offsets are 32-bit: what counts is how far apart an operand's elements lie, not
     how many there are (2 rows 2**31 elements apart). torch.empty leaves the 4 GB untouched."""
-    storage = torch.empty(2**31 + 8, dtype=torch.float16)
+    storage = torch.empty(2**31 + 8, dtype=torch.float16, device=device)
     x = storage.as_strided((2, 8), (2**31, 1))
     with pytest.raises(ValueError, match="span < 2\\*\\*31 elements"):
-        linear(x, torch.ones(4, 8, dtype=torch.float16))
+        linear(x, torch.ones(4, 8, dtype=torch.float16, device=device))
     assert kernel_launches == []
 
 
