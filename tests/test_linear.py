@@ -219,6 +219,27 @@ def test_bert_shapes_on_gpu(dtype, activation, shape, device, triton_backend):
     assert_close(y, expected, atol * 4, rtol, "y")  # K up to 3072: 4× the K=100 accumulation error
 
 
+# Every autotune configuration, not only the tuner's pick, with the epilogues the models launch:
+# the forward with a bias and no activation, erf or tanh GELU (storing act' for the backward), the
+# dx product applying act', the dW product reducing the bias gradient. M = 300 and N = 200 leave
+# ragged last tiles in every configuration.
+EVERY_CONFIG = [pytest.param(dtype, config, id=f"{name}-{'x'.join(map(str, config.kwargs.values()))}"
+                             f"-w{config.num_warps}s{config.num_stages}")
+                for dtype, name, configs in ((torch.float16, "fp16", linear_module.CONFIGS_16BIT),
+                                             (torch.bfloat16, "bf16", linear_module.CONFIGS_16BIT),
+                                             (torch.float32, "fp32", linear_module.CONFIGS_FP32))
+                for config in configs]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, config", EVERY_CONFIG)
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh"])
+def test_every_autotune_config_on_gpu(dtype, config, activation, device, triton_backend, monkeypatch):
+    monkeypatch.setitem(linear_module._KERNELS, dtype, linear_module._autotuned([config]))
+    x, weight, bias, _ = _inputs(300, 256, 200, dtype, device)
+    _check(x, weight, bias, None, activation, dtype)
+
+
 @pytest.mark.gpu
 def test_bf16_backward_on_gpu(device, triton_backend):
     """The dx (GELU' applied in its prologue) and dW (+ bias gradient) products in bf16, at BERT's
