@@ -17,7 +17,10 @@ kernels and the reference alike. float32 inputs run in the kernels too, with fp3
 
 Dropout (dropout_p > 0) is applied to the probabilities in the kernels with Philox random numbers
 (`tl.philox`): one 64-bit seed per call, drawn from torch's default CPU generator (so
-`torch.manual_seed` reproduces it); the backward regenerates the same mask from that seed.
+`torch.manual_seed` reproduces it, and gradient checkpointing, which restores that generator for
+its recompute, recomputes the same mask); the backward regenerates the same mask from that seed.
+The seed reaches the kernels as a scalar argument: nothing is copied to the device for it, so a
+training step never waits on a copy, and the launch can be captured in a CUDA graph.
 """
 import inspect
 import math
@@ -31,6 +34,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
 
 from . import backend
 from ._checks import check_float, check_like, read_back
+from ._launch import launches_on_input_device, on_device_of
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 MAX_DROPOUT_SEQLEN = 46340  # i·S + j < 2³¹ for the dropout counters
@@ -101,9 +105,9 @@ def _sequence(CuSeqlens, b, padded_len, PACKED: tl.constexpr):
 # it. (A single logsumexp m + log2 l would be cheaper but loses log2 l when |m| is huge, e.g. a row
 # masked everywhere by a finfo.min bias, and P with it.) Rows with no visible key (l = 0) store
 # out = 0, m = 0 and 1/l = 0, so that their P is 0 in the backward.
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # one compiled variant whatever the seed's value
 def _attention_fwd_kernel(
-    Q, K, V, Out, Stats, KeyMask, Bias, CuSeqlens, Seed,
+    Q, K, V, Out, Stats, KeyMask, Bias, CuSeqlens, seed,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
     stride_mb, stride_mk, stride_bb, stride_bh, stride_bm,
@@ -136,7 +140,6 @@ def _attention_fwd_kernel(
     q = tl.load(Q + rows[:, None] * stride_qs + dims[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     if HAS_DROPOUT:
-        seed = tl.load(Seed)
         keep_scale = 1.0 / (1.0 - dropout_p)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -203,9 +206,9 @@ def _attention_bwd_delta_kernel(
 #   P = exp2(s - m) / l,  dV = Σ_i (P∘Z)ᵀ·dO,  dP = (dO·Vᵀ)∘Z,  dS = P∘(dP - D),
 #   dK = scale · Σ_i dSᵀ·Q
 # Tiles are kept transposed ([keys × queries]) so that no register tile needs transposing.
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, Stats, Delta, KeyMask, Bias, CuSeqlens, Seed,
+    Q, K, V, DO, DK, DV, Stats, Delta, KeyMask, Bias, CuSeqlens, seed,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
@@ -243,7 +246,6 @@ def _attention_bwd_dkdv_kernel(
     k = tl.load(K + cols[:, None] * stride_ks + dims[None, :], mask=kv_mask, other=0.0)
     v = tl.load(V + cols[:, None] * stride_vs + dims[None, :], mask=kv_mask, other=0.0)
     if HAS_DROPOUT:
-        seed = tl.load(Seed)
         keep_scale = 1.0 / (1.0 - dropout_p)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -281,9 +283,9 @@ def _attention_bwd_dkdv_kernel(
 
 # Backward for one block of BLOCK_M queries, looping over key blocks:
 #   P = exp2(s - m) / l,  dP = (dO·Vᵀ)∘Z,  dS = P∘(dP - D),  dQ = scale · Σ_j dS·K
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attention_bwd_dq_kernel(
-    Q, K, V, DO, DQ, Stats, Delta, KeyMask, Bias, CuSeqlens, Seed,
+    Q, K, V, DO, DQ, Stats, Delta, KeyMask, Bias, CuSeqlens, seed,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
@@ -323,7 +325,6 @@ def _attention_bwd_dq_kernel(
     inv_sum = tl.load(Stats + max_seqlen + rows, mask=row_ok, other=0.0)
     delta = tl.load(Delta + batch_head.to(tl.int64) * max_seqlen + rows, mask=row_ok, other=0.0)
     if HAS_DROPOUT:
-        seed = tl.load(Seed)
         keep_scale = 1.0 / (1.0 - dropout_p)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for key_start in range(0, seqlen, BLOCK_N):
@@ -349,13 +350,13 @@ def _attention_bwd_dq_kernel(
 
 
 # The dropout keep mask as a tensor [B, H, S, S], drawn exactly as the attention kernels draw it.
-@triton.jit
-def _dropout_mask_kernel(Keep, Seed, max_seqlen, dropout_p, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_mask_kernel(Keep, seed, max_seqlen, dropout_p, BLOCK: tl.constexpr):
     batch_head = tl.program_id(1)
     q_idx = tl.program_id(0)
     for key_start in range(0, max_seqlen, BLOCK):
         k_idx = key_start + tl.arange(0, BLOCK)
-        keep = _dropout_keep(tl.load(Seed), batch_head, q_idx, k_idx, max_seqlen, dropout_p)
+        keep = _dropout_keep(seed, batch_head, q_idx, k_idx, max_seqlen, dropout_p)
         offsets = (batch_head.to(tl.int64) * max_seqlen + q_idx) * max_seqlen + k_idx
         tl.store(Keep + offsets, keep.to(tl.int8), mask=k_idx < max_seqlen)
 
@@ -473,6 +474,7 @@ def _aligned_bias(bias, batch, heads, max_seqlen):
 
 
 @torch.library.custom_op("fastencoder::attention_fwd", mutates_args=())
+@launches_on_input_device
 def _attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
     bias: torch.Tensor | None, cu_seqlens: torch.Tensor | None, seed: torch.Tensor | None,
@@ -482,14 +484,15 @@ def _attention_fwd(
     batch, heads, _ = _layout(q, cu_seqlens, max_seqlen)
     head_dim = q.shape[-1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    stats = torch.empty((batch, heads, 2, max_seqlen), dtype=torch.float32, device=q.device)
+    # packed: rows past a sequence's end have no query and are never written; zeros keep them defined
+    stats = (torch.zeros if packed else torch.empty)((batch, heads, 2, max_seqlen), dtype=torch.float32,
+                                                     device=q.device)
     mask, bias, mask_bias_strides = _mask_bias_args(q, key_padding_mask, bias, batch, heads, max_seqlen)
     block_m, block_n, num_warps, num_stages = _fwd_config(
         max_seqlen, head_dim, q.dtype, allow_tf32, bias.numel() > 0, seed is not None)
     _attention_fwd_kernel[(triton.cdiv(max_seqlen, block_m), batch * heads)](
         q, k, v, out, stats, mask, bias,
-        cu_seqlens if packed else _unused(q.device, torch.int32),
-        seed if seed is not None else _unused(q.device, torch.int64),
+        cu_seqlens if packed else _unused(q.device, torch.int32), _seed_argument(seed),
         *_bsh_strides(q, packed), *_bsh_strides(k, packed), *_bsh_strides(v, packed),
         *_bsh_strides(out, packed), *mask_bias_strides,
         heads, max_seqlen, scale * LOG2E, dropout_p,
@@ -510,6 +513,7 @@ def _(q, k, v, key_padding_mask, bias, cu_seqlens, seed, max_seqlen, scale, drop
 
 
 @torch.library.custom_op("fastencoder::attention_bwd", mutates_args=())
+@launches_on_input_device
 def _attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     stats: torch.Tensor, key_padding_mask: torch.Tensor | None, bias: torch.Tensor | None,
@@ -523,7 +527,7 @@ def _attention_bwd(
     if do.stride(-1) != 1:
         do = do.contiguous()
     cu_seqlens = cu_seqlens if packed else _unused(q.device, torch.int32)
-    seed_arg = seed if seed is not None else _unused(q.device, torch.int64)
+    seed_arg = _seed_argument(seed)
     mask, bias, mask_bias_strides = _mask_bias_args(q, key_padding_mask, bias, batch, heads, max_seqlen)
     flags = dict(
         HEAD_DIM=head_dim, BLOCK_D=block_d, PACKED=packed,
@@ -583,18 +587,28 @@ def _backward(ctx, dout, _dstats):
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _draw_dropout_seed(device):
-    """The Philox seed of one attention call, from torch's default CPU generator."""
-    return torch.empty((), dtype=torch.int64).random_().to(device)
+def _draw_dropout_seed():
+    """The Philox seed of one attention call, from torch's default CPU generator, as an int64 CPU
+    tensor: torch.compile traces this draw (and replays it at run time) where reading an int would
+    break the graph; the ops read the int from CPU memory. From 2**31 on, every seed reaches Triton
+    as the same 64-bit integer type (smaller ones would compile a 32-bit variant)."""
+    return torch.randint(2**31, 2**63 - 1, (), dtype=torch.int64, device="cpu")
 
 
-def _dropout_keep_mask(seed, batch, heads, max_seqlen, dropout_p):
+def _seed_argument(seed):
+    """The seed as the kernels take it: a scalar (0 where dropout is off and it goes unread).
+    Read from CPU memory: no device synchronisation."""
+    return 0 if seed is None else int(seed)
+
+
+def _dropout_keep_mask(seed, batch, heads, max_seqlen, dropout_p, device):
     """Boolean [batch, heads, S, S] mask of the probabilities the kernels keep for this seed (by
     position within each sequence, in both layouts): the exact mask, drawn by the same code."""
-    keep = torch.empty((batch, heads, max_seqlen, max_seqlen), dtype=torch.int8, device=seed.device)
-    _dropout_mask_kernel[(max_seqlen, batch * heads)](
-        keep, seed, max_seqlen, dropout_p, BLOCK=_DROPOUT_MASK_BLOCK
-    )
+    keep = torch.empty((batch, heads, max_seqlen, max_seqlen), dtype=torch.int8, device=device)
+    with on_device_of(keep):
+        _dropout_mask_kernel[(max_seqlen, batch * heads)](
+            keep, _seed_argument(seed), max_seqlen, dropout_p, BLOCK=_DROPOUT_MASK_BLOCK
+        )
     return keep.bool()
 
 
@@ -763,7 +777,7 @@ def attention(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dropout_
         raise ValueError(f"the Triton attention takes at most {MAX_BATCH_HEADS} heads, got {heads}")
     if batch * heads > MAX_BATCH_HEADS:
         return _in_batch_chunks(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen)
-    seed = _draw_dropout_seed(q.device) if dropout_p > 0 else None
+    seed = _draw_dropout_seed() if dropout_p > 0 else None
     allow_tf32 = q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     return _attention_fwd(q, k, v, key_padding_mask, bias, cu_seqlens, seed, max_seqlen, scale,
                           dropout_p, allow_tf32)[0]
@@ -790,9 +804,8 @@ def _in_batch_chunks(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqle
 
 
 _TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_POINTER_TYPES = dict(Stats="*fp32", Delta="*fp32", KeyMask="*u8", CuSeqlens="*i32", Seed="*i64",
-                      Keep="*i8")
-_FLOAT_SCALARS = ("scale", "scale_log2", "dropout_p")
+_POINTER_TYPES = dict(Stats="*fp32", Delta="*fp32", KeyMask="*u8", CuSeqlens="*i32", Keep="*i8")
+_SCALAR_TYPES = dict(scale="fp32", scale_log2="fp32", dropout_p="fp32", seed="i64")
 
 
 def _signature(kernel, element_type, constexprs):
@@ -800,7 +813,7 @@ def _signature(kernel, element_type, constexprs):
     names = inspect.signature(kernel.fn).parameters
     return {
         name: _POINTER_TYPES.get(name, f"*{element_type}" if name[0].isupper() else
-                                 ("fp32" if name in _FLOAT_SCALARS else "i32"))
+                                 _SCALAR_TYPES.get(name, "i32"))
         for name in names if name not in constexprs
     }
 

@@ -13,6 +13,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
 
 from . import backend
 from ._checks import check_float, check_like, check_shape, rows_view
+from ._launch import launches_on_input_device
 
 MAX_HIDDEN = 4096  # a row lives in registers; wider rows spill in the backward
 
@@ -99,6 +100,7 @@ def _bwd_programs(device, rows):
 
 
 @torch.library.custom_op("fastencoder::layer_norm_fwd", mutates_args=())
+@launches_on_input_device
 def _layer_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
     residual: torch.Tensor | None,
@@ -123,10 +125,11 @@ def _layer_norm_fwd(
 def _(x, weight, bias, eps, residual):
     rows = x.numel() // x.shape[-1]
     stats = x.new_empty(rows, dtype=torch.float32)
-    return torch.empty_like(x), stats, stats.clone()
+    return x.new_empty(x.shape), stats, stats.clone()  # contiguous, whatever x's strides
 
 
 @torch.library.custom_op("fastencoder::layer_norm_bwd", mutates_args=())
+@launches_on_input_device
 def _layer_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
     mean: torch.Tensor, rstd: torch.Tensor,
@@ -151,7 +154,7 @@ def _layer_norm_bwd(
 
 @_layer_norm_bwd.register_fake
 def _(dy, x, residual, weight, mean, rstd):
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
 
 def _setup_context(ctx, inputs, output):

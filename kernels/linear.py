@@ -17,6 +17,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
 
 from . import backend
 from ._checks import check_float, check_like, check_shape, rows_view
+from ._launch import launches_on_input_device
 
 ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
@@ -57,7 +58,7 @@ def _activation(h, ACT: tl.constexpr, WITH_GRAD: tl.constexpr):
 @triton.jit
 def _linear_kernel(
     A, B, C, Bias, Residual, ActGrad, DA, RowSum,
-    M, N, K, M_BUCKET,
+    M, N, K, M_BUCKET, K_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_rm, stride_gm,
     stride_dam,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
@@ -157,8 +158,9 @@ INTERPRETER_CONFIGS = [_config(32, 32, 32, 1, 4)]
 def _autotuned(configs):
     return triton.autotune(
         configs=INTERPRETER_CONFIGS if backend.INTERPRET else configs,
-        # M only through a power-of-two bucket: a new batch size must not trigger a new tuning run
-        key=["M_BUCKET", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL", "STORE_ACT_GRAD",
+        # M and K (the token count in the dW product) only through power-of-two buckets: a new batch
+        # size or padded length must not trigger a new tuning run. The kernel bounds with exact M, K.
+        key=["M_BUCKET", "N", "K_BUCKET", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL", "STORE_ACT_GRAD",
              "SCALE_A", "STORE_A", "ROWSUM_A", "ALLOW_TF32"],
     )(_linear_kernel)
 
@@ -170,8 +172,9 @@ _KERNELS = {
 }
 
 
-def _m_bucket(m):
-    return min(triton.next_power_of_2(max(m, 16)), 16384)
+def _bucket(size):
+    """The autotune key of a size that depends on the data: its power of two, within [16, 16384]."""
+    return min(triton.next_power_of_2(max(size, 16)), 16384)
 
 
 # The kernel loads the last tile along M and N wrapped around to valid rows, and vectorises loads
@@ -213,7 +216,7 @@ def _matmul(a, b, out, *, bias=None, activation=0, residual=None, act_grad=None,
         unused if grad_rows is None else grad_rows,
         unused if store_a is None else store_a,
         unused if row_sum is None else row_sum,
-        m, n, k, _m_bucket(m),
+        m, n, k, _bucket(m), _bucket(k),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         0 if residual is None else residual.stride(0),
         0 if grad_rows is None else grad_rows.stride(0),
@@ -226,6 +229,7 @@ def _matmul(a, b, out, *, bias=None, activation=0, residual=None, act_grad=None,
 
 
 @torch.library.custom_op("fastencoder::linear_fwd", mutates_args=())
+@launches_on_input_device
 def _linear_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: int,
     residual: torch.Tensor | None, save_act_grad: bool,
@@ -250,6 +254,7 @@ def _(x, weight, bias, activation, residual, save_act_grad):
 
 
 @torch.library.custom_op("fastencoder::linear_bwd", mutates_args=())
+@launches_on_input_device
 def _linear_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, act_grad: torch.Tensor | None,
     need_dx: bool, need_dweight: bool, need_dbias: bool,
@@ -282,7 +287,7 @@ def _linear_bwd(
 @_linear_bwd.register_fake
 def _(dy, x, weight, act_grad, need_dx, need_dweight, need_dbias):
     return (
-        torch.empty_like(x) if need_dx else dy.new_empty(0),
+        x.new_empty(x.shape) if need_dx else dy.new_empty(0),  # contiguous, whatever x's strides
         torch.empty_like(weight) if need_dweight else dy.new_empty(0),
         weight.new_empty(weight.shape[0]) if need_dbias else dy.new_empty(0),
     )
@@ -383,7 +388,7 @@ _VARIANTS = {
     "dx+act_grad": dict(_DX, SCALE_A=True, STORE_A=True),
     "dw+dbias": dict(_DW, ROWSUM_A=True),
 }
-_INT_ARGS = ("M", "N", "K", "M_BUCKET", "stride_am", "stride_ak", "stride_bk", "stride_bn",
+_INT_ARGS = ("M", "N", "K", "M_BUCKET", "K_BUCKET", "stride_am", "stride_ak", "stride_bk", "stride_bn",
              "stride_cm", "stride_cn", "stride_rm", "stride_gm", "stride_dam")
 
 

@@ -20,6 +20,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
 
 from . import backend
 from ._checks import check_float, read_back
+from ._launch import launches_on_input_device
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 # A tile of 16 rows x 256 features (4096 elements, 32 per thread with 4 warps): wide, coalesced
@@ -83,6 +84,7 @@ def _unit_stride(rows):
 
 
 @torch.library.custom_op("fastencoder::unpad", mutates_args=())
+@launches_on_input_device
 def _unpad(hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """hidden [positions, F] → [T, F]."""
     hidden = _unit_stride(hidden)
@@ -102,6 +104,7 @@ def _(hidden, indices):
 
 
 @torch.library.custom_op("fastencoder::pad", mutates_args=())
+@launches_on_input_device
 def _pad(rows: torch.Tensor, indices: torch.Tensor, num_positions: int) -> torch.Tensor:
     """rows [T, F] → [num_positions, F], zeros where no token lands."""
     rows = _unit_stride(rows)

@@ -17,6 +17,8 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 
 import fastencoder  # noqa: E402
+from fastencoder.kernels._launch import launch_device  # noqa: E402
+from fastencoder.kernels.backend import TRITON_AVAILABLE  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,11 +37,19 @@ def device():
 
 
 @pytest.fixture
-def triton_backend():
-    """Run the test with backend "triton", restoring the previous backend afterwards."""
+def triton_backend(device):
+    """Run the test with backend "triton", restoring the previous backend afterwards. On a GPU
+    machine, what the test creates without naming a device (tensors, models) is created on the GPU:
+    the kernels run compiled there, and outside the interpreter the backend refuses CPU tensors."""
     previous = fastencoder.get_backend()
     fastencoder.set_backend("triton")
-    yield
+    if device.type == "cpu":  # the default already; a default-device context would slow every op
+        yield
+    else:
+        previous_device = torch.get_default_device()
+        torch.set_default_device(device)
+        yield
+        torch.set_default_device(previous_device)
     fastencoder.set_backend(previous)
 
 
@@ -51,22 +61,83 @@ def torch_backend():
     fastencoder.set_backend(previous)
 
 
-@pytest.fixture
-def kernel_launches(monkeypatch):
-    """Names of the Triton kernels launched during the test: proof that the kernels, not a
-    PyTorch fallback, did the work."""
-    launched = []
+def _launcher():
+    """The class whose `run` launches a Triton kernel: compiled on a GPU, interpreted on the CPU."""
     if HAS_CUDA:
-        from triton.runtime.jit import JITFunction as launcher
-    else:
-        from triton.runtime.interpreter import InterpretedFunction as launcher
+        from triton.runtime.jit import JITFunction
+        return JITFunction
+    from triton.runtime.interpreter import InterpretedFunction
+    return InterpretedFunction
+
+
+def check_launch_device(name, args, kwargs):
+    """A launch runs inside kernels/_launch.py's guard, on the device of all of its tensors, which
+    is the current CUDA device (whose current stream Triton launches on)."""
+    device = launch_device()
+    assert device is not None, f"{name} was launched outside kernels/_launch.py's on_device_of"
+    devices = {value.device for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)}
+    assert devices == {device}, f"{name} launched for {device} with tensors on {devices}"
+    if device.type == "cuda":
+        assert torch.cuda.current_device() == device.index, f"{name}: current device is not {device}"
+
+
+@pytest.fixture(autouse=True)
+def _every_launch_runs_on_its_tensors_device(monkeypatch):
+    """Throughout the suite, a kernel launched anywhere but on its tensors' device fails the test."""
+    if not TRITON_AVAILABLE:
+        return
+    launcher = _launcher()
     original = launcher.run
 
-    def counting_run(self, *args, **kwargs):
-        launched.append(self.fn.__name__)
+    def checked_run(self, *args, **kwargs):
+        check_launch_device(self.fn.__name__, args, kwargs)
         return original(self, *args, **kwargs)
 
+    monkeypatch.setattr(launcher, "run", checked_run)
+
+
+@pytest.fixture
+def kernel_launches(monkeypatch):
+    """Names of the Triton kernels launched during the test, once per launch the ops make (not per
+    run of the autotuner's benchmark): proof that the kernels, not a PyTorch fallback, did the work."""
+    from triton.runtime.autotuner import Autotuner
+
+    launched = []
+    tuning = []  # inside Autotuner.run, whose one launch is counted there
+    launcher = _launcher()
+    original_run, original_tuned_run = launcher.run, Autotuner.run
+
+    def counting_run(self, *args, **kwargs):
+        if not tuning:
+            launched.append(self.fn.__name__)
+        return original_run(self, *args, **kwargs)
+
+    def counting_tuned_run(self, *args, **kwargs):
+        launched.append(self.base_fn.__name__)
+        tuning.append(True)
+        try:
+            return original_tuned_run(self, *args, **kwargs)
+        finally:
+            tuning.pop()
+
     monkeypatch.setattr(launcher, "run", counting_run)
+    monkeypatch.setattr(Autotuner, "run", counting_tuned_run)
+    return launched
+
+
+@pytest.fixture
+def launch_arguments(monkeypatch):
+    """(kernel name, {argument name: value}) of every kernel launched during the test (those the
+    autotuner adds while benchmarking included)."""
+    launched = []
+    launcher = _launcher()
+    original = launcher.run
+
+    def recording_run(self, *args, **kwargs):
+        launched.append((self.fn.__name__, {**dict(zip(self.arg_names, args)), **kwargs}))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(launcher, "run", recording_run)
     return launched
 
 

@@ -5,15 +5,18 @@ small (B=2, H=2) but cross every block edge: S=17 and 77 end mid-block, 129 spil
 an extra query block and an extra key block (fp16 up to 128 keys without bias or dropout takes one
 128-key block, from 129 on 64-key blocks; fp32 takes 16- or 32-row blocks).
 """
+import contextlib
 import importlib
 import math
 
 import pytest
 import torch
 
+from fastencoder import models
 from fastencoder.kernels.attention import (
     MAX_DROPOUT_SEQLEN, _draw_dropout_seed, _dropout_keep_mask, attention, attention_reference,
 )
+from test_bert import bert_config, ragged_batch
 
 FWD = "_attention_fwd_kernel"
 BWD = ("_attention_bwd_delta_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel")
@@ -31,6 +34,9 @@ TOLERANCES = {
     torch.float16: dict(out=(2e-3, 2e-3), grad=(1e-2, 1e-2)),
     torch.bfloat16: dict(out=(1.6e-2, 1.6e-2), grad=(6e-2, 6e-2)),  # 2^-8 relative instead of 2^-11
 }
+# fp32 inputs with TF32 allowed: the dot products round their inputs to 10 mantissa bits (2^-11
+# relative), as fp16 does, but P and the outputs stay fp32: fp16's tolerances hold with room.
+TOLERANCES["tf32"] = TOLERANCES[torch.float16]
 
 
 def _qkv(batch, seqlen, heads, head_dim, dtype, device):
@@ -105,8 +111,8 @@ PADDED_CASES = [
 
 
 @pytest.mark.parametrize("dtype, seqlen, head_dim, lengths, left_padding, bias_kind", PADDED_CASES)
-def test_padded_matches_float64(device, triton_backend, kernel_launches, dtype, seqlen, head_dim,
-                                lengths, left_padding, bias_kind):
+def test_padded_matches_float64(device, triton_backend, kernel_launches, poisoned_allocations, dtype,
+                                seqlen, head_dim, lengths, left_padding, bias_kind):
     qkv, out, grad_out, kwargs = _run_padded(device, dtype, seqlen, head_dim, lengths, left_padding,
                                              bias_kind)
     assert kernel_launches.count(FWD) == 1 and all(name in kernel_launches for name in BWD)
@@ -126,7 +132,8 @@ def _cu_seqlens(lengths, device):
 
 
 @pytest.mark.parametrize("dtype, head_dim", [(torch.float32, 64), (torch.float16, 32)])
-def test_packed_matches_float64_and_padded(device, triton_backend, kernel_launches, dtype, head_dim):
+def test_packed_matches_float64_and_padded(device, triton_backend, kernel_launches, poisoned_allocations,
+                                           dtype, head_dim):
     # 70 ends mid-block (fp16: in the single 128-key block; fp32: after two 32-row blocks); an
     # empty sequence too
     lengths, heads = [1, 0, 70, 17], 2
@@ -157,7 +164,7 @@ def test_packed_matches_float64_and_padded(device, triton_backend, kernel_launch
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_more_sequences_x_heads_than_the_grid_takes_run_in_chunks(device, triton_backend, kernel_launches,
-                                                                  monkeypatch, layout):
+                                                                  poisoned_allocations, monkeypatch, layout):
     """CUDA's grid y axis (sequences x heads) holds 65535 blocks; beyond, the op runs in chunks of
     sequences. The limit shrunk to 5 (2 heads: 2 sequences a chunk) shows 5 sequences in 3 chunks
     giving the float64 reference's outputs and gradients, a per-sequence bias sliced along."""
@@ -178,6 +185,53 @@ def test_more_sequences_x_heads_than_the_grid_takes_run_in_chunks(device, triton
     out.backward(grad_out)
     assert kernel_launches.count(FWD) == 3
     _check_against_float64(qkv, out, grad_out, dtype, **kwargs)
+
+
+@contextlib.contextmanager
+def _tf32(allowed):
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@pytest.mark.parametrize("head_dim", [32, 80], ids=["D32", "D80"])  # head-dim buckets 64 and 128
+@pytest.mark.parametrize("bias_kind", [None, "full"], ids=["no-bias", "bias"])
+def test_tf32_configurations_match_float64(device, triton_backend, launch_arguments, poisoned_allocations,
+                                           head_dim, bias_kind):
+    """fp32 with torch.backends.cuda.matmul.allow_tf32: the forward and both backward kernels run
+    their TF32 configurations (every one, over the four cases) with TF32 dot products, and match
+    float64 within TF32's tolerance. The interpreter computes TF32 dots in fp32; on a GPU they
+    round (test_gpu_tf32_only_when_allowed shows it)."""
+    module = importlib.import_module("fastencoder.kernels.attention")
+    with _tf32(True):
+        qkv, out, grad_out, kwargs = _run_padded(device, torch.float32, 77, head_dim, [77, 30], False, bias_kind)
+    key = ("tf32", 64 if head_dim <= 64 else 128, bias_kind is not None)
+    expected = dict(zip((FWD, "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"),
+                        (module._FWD_CONFIGS[key], *module._BWD_CONFIGS[key])))
+    launched = {name: (arguments["BLOCK_M"], arguments["BLOCK_N"], arguments["num_warps"],
+                       arguments["num_stages"])
+                for name, arguments in launch_arguments if arguments.get("ALLOW_TF32") is True}
+    assert launched == expected
+    assert all(arguments.get("ALLOW_TF32") in (True, None) for _, arguments in launch_arguments)
+    _check_against_float64(qkv, out, grad_out, "tf32", **kwargs)
+
+
+@pytest.mark.gpu
+def test_gpu_tf32_only_when_allowed(device, triton_backend):
+    """On a GPU, TF32 shows: fp32-exact without it (errors ~1e-6), TF32-sized errors with it."""
+    errors = {}
+    for allow_tf32 in (False, True):
+        torch.manual_seed(0)
+        with _tf32(allow_tf32):
+            qkv, out, grad_out, kwargs = _run_padded(device, torch.float32, 256, 64, [256, 100], False, "full")
+        _check_against_float64(qkv, out, grad_out, "tf32" if allow_tf32 else torch.float32, **kwargs)
+        reference = qkv.detach().double()
+        expected = attention_reference(*reference.unbind(2), **{n: _float64(v) for n, v in kwargs.items()})
+        errors[allow_tf32] = (out.double() - expected).abs().max().item()
+    assert errors[False] < 1e-5 < errors[True], errors
 
 
 def _fp16_attention_and_grads(q, k, v, mask, grad_out):
@@ -209,9 +263,11 @@ def test_fp16_error_at_most_twice_pytorch_fp16(device, triton_backend, kernel_la
         assert our_error <= 2 * their_error + 1e-4, f"{name}: {our_error} vs PyTorch fp16 {their_error}"
 
 
-def test_dropout_keep_rate_and_mask_from_the_forward(device, triton_backend):
+def test_dropout_keep_rate_and_mask_from_the_forward(device, triton_backend, poisoned_allocations):
     """With q = k = 0 every probability is 1/S, and with v = identity the output row i is
-    keep[i, :] / (S·(1-p)): the forward kernel's own dropout mask, read back."""
+    keep[i, :] / (S·(1-p)): the forward kernel's own dropout mask, read back. It differs between
+    sequences, heads, query rows and key columns (a counter that left one of them out would repeat
+    a mask and still keep the right fraction)."""
     batch, seqlen, heads, p = 2, 64, 2, 0.3
     q = torch.zeros(batch, seqlen, heads, seqlen, device=device)
     v = torch.eye(seqlen, device=device)[None, :, None, :].expand(batch, seqlen, heads, seqlen)
@@ -220,9 +276,13 @@ def test_dropout_keep_rate_and_mask_from_the_forward(device, triton_backend):
     kept = (out * seqlen * (1 - p)).permute(0, 2, 1, 3)  # [B, H, S, S]
     assert torch.allclose(kept, kept.round(), atol=1e-4)  # every entry exactly dropped or kept
     torch.manual_seed(1234)
-    seed = _draw_dropout_seed(device)
-    expected = _dropout_keep_mask(seed, batch, heads, seqlen, p)
+    expected = _dropout_keep_mask(_draw_dropout_seed(), batch, heads, seqlen, p, device)
     assert torch.equal(kept.round().bool(), expected)
+    masks = expected.flatten(0, 1)  # [B·H, S, S]
+    assert torch.unique(masks.flatten(1), dim=0).shape[0] == batch * heads, "a mask repeats across (b, h)"
+    for mask in masks:
+        assert torch.unique(mask, dim=0).shape[0] == seqlen, "a mask repeats across query rows"
+        assert torch.unique(mask.t(), dim=0).shape[0] == seqlen, "a mask repeats across key columns"
     samples = expected.numel()
     keep_rate = expected.float().mean().item()
     assert abs(keep_rate - (1 - p)) <= 5 * math.sqrt(p * (1 - p) / samples), keep_rate
@@ -247,7 +307,7 @@ def test_dropout_same_seed_same_result(device, triton_backend):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_dropout_gradients_match_reference_with_same_mask(device, triton_backend, kernel_launches,
-                                                          packed):
+                                                          poisoned_allocations, packed):
     p, heads, head_dim = 0.25, 2, 32
     lengths = [77, 20]
     max_seqlen = max(lengths)
@@ -266,9 +326,64 @@ def test_dropout_gradients_match_reference_with_same_mask(device, triton_backend
     out.backward(grad_out)
     assert FWD in kernel_launches and all(name in kernel_launches for name in BWD)
     torch.manual_seed(99)
-    seed = _draw_dropout_seed(device)
-    keep = _dropout_keep_mask(seed, len(lengths), heads, max_seqlen, p)
+    keep = _dropout_keep_mask(_draw_dropout_seed(), len(lengths), heads, max_seqlen, p, device)
     _check_against_float64(qkv, out, grad_out, torch.float32, dropout_mask=keep, dropout_p=p, **kwargs)
+
+
+def test_dropout_seed_is_a_scalar_kernel_argument(device, triton_backend, launch_arguments):
+    """The seed reaches the kernels as a Python int (no tensor to copy to the device, no wait for the
+    copy, nothing a CUDA graph capture would refuse), drawn from torch's CPU generator, and the
+    backward kernels receive the forward's."""
+    _, (q, k, v) = _qkv(2, 33, 2, 32, torch.float32, device)
+    torch.manual_seed(11)
+    out = attention(q, k, v, dropout_p=0.2)
+    out.backward(torch.ones_like(out))
+    torch.manual_seed(11)
+    expected = int(_draw_dropout_seed())
+    seeds = {name: arguments["seed"] for name, arguments in launch_arguments if "seed" in arguments}
+    assert set(seeds) == {FWD, "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"}
+    assert all(type(seed) is int and seed == expected for seed in seeds.values()), seeds
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # gradient_checkpointing_enable's new name
+def test_gradient_checkpointing_recomputes_the_same_dropout_masks(device, triton_backend, launch_arguments):
+    """A training step with attention and hidden dropout gives bit-identical gradients with gradient
+    checkpointing and without: Hugging Face's checkpointing restores torch's CPU generator for the
+    recompute, so the recomputed attention draws the forward's seeds (shown launch by launch)."""
+    config = bert_config(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.3, num_hidden_layers=2)
+    model = models.BertModel(config).train()
+    batch = ragged_batch(config)
+    gradients, seeds = [], []
+    for checkpointing, seed in ((False, 5), (True, 5), (False, 6)):
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        else:
+            model.gradient_checkpointing_disable()
+        model.zero_grad()
+        launch_arguments.clear()
+        torch.manual_seed(seed)
+        output = model(**batch)
+        (output.last_hidden_state.square().sum() + output.pooler_output.sum()).backward()
+        gradients.append({name: param.grad.clone() for name, param in model.named_parameters()})
+        seeds.append([arguments["seed"] for name, arguments in launch_arguments if name == FWD])
+    plain, checkpointed, other_seed = gradients
+    # the backward recomputes the layers last first, each with its forward's seed
+    assert len(seeds[0]) == 2 and seeds[1] == seeds[0] + seeds[0][::-1], seeds
+    for name, gradient in plain.items():
+        assert torch.equal(checkpointed[name], gradient), name
+    assert any(not torch.equal(other_seed[name], gradient) for name, gradient in plain.items())
+
+
+@pytest.mark.gpu
+def test_gpu_dropout_training_step_never_waits_for_the_host(device, triton_backend):
+    """After a warm-up (compilation), a forward and backward with dropout make no synchronising call."""
+    qkv, (q, k, v) = _qkv(2, 100, 2, 64, torch.float16, device)
+    attention(q, k, v, dropout_p=0.1).sum().backward()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        attention(q, k, v, dropout_p=0.1).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_torch_backend_is_the_reference(device, torch_backend, kernel_launches):
@@ -291,6 +406,25 @@ def test_torch_compile_traces_the_custom_op(device, triton_backend, kernel_launc
         expected = attention_reference(q, k, v, key_padding_mask=mask) * 2
     assert FWD in kernel_launches
     torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_with_dropout_draws_as_eager_does(device, triton_backend, kernel_launches):
+    """fullgraph tracing takes the seed's draw along: under one torch.manual_seed the compiled and
+    the eager call give the same output and gradients, and a new seed a new mask."""
+    qkv, (q, k, v) = _qkv(2, 17, 2, 32, torch.float32, device)
+    compiled = torch.compile(lambda q, k, v: attention(q, k, v, dropout_p=0.3), fullgraph=True,
+                             backend="aot_eager")
+    results = []
+    for run, seed in ((compiled, 4), (lambda *qkv: attention(*qkv, dropout_p=0.3), 4), (compiled, 5)):
+        torch.manual_seed(seed)
+        out = run(q, k, v)
+        qkv.grad = None
+        out.backward(torch.ones_like(out))
+        results.append((out.detach(), qkv.grad))
+    assert FWD in kernel_launches
+    (out, grad), (eager_out, eager_grad), (other_out, _) = results
+    assert torch.equal(out, eager_out) and torch.equal(grad, eager_grad)
+    assert not torch.equal(out, other_out)
 
 
 def test_empty_input(device, triton_backend, kernel_launches):
@@ -422,6 +556,5 @@ def test_gpu_dropout_gradients(device, triton_backend, dtype):
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
     torch.manual_seed(5)
-    keep = _dropout_keep_mask(
-        _draw_dropout_seed(device), batch, heads, seqlen, p)
+    keep = _dropout_keep_mask(_draw_dropout_seed(), batch, heads, seqlen, p, device)
     _check_against_float64(qkv, out, grad_out, dtype, dropout_mask=keep, dropout_p=p)

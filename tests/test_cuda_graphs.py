@@ -91,8 +91,8 @@ class SimulatedGraph:
     replay() runs it again the same way, writing into the output tensors the capture returned, as a
     replay rewrites the same memory from the same static inputs."""
 
-    def __init__(self, forward, monkeypatch):
-        self.forward, self.monkeypatch = forward, monkeypatch
+    def __init__(self, forward, pool, monkeypatch):
+        self.forward, self.pool_given, self.monkeypatch = forward, pool, monkeypatch
         with as_if_capturing(monkeypatch):
             self.output = forward()
 
@@ -109,14 +109,13 @@ class SimulatedGraph:
 @pytest.fixture
 def simulated_captures(monkeypatch):
     """Every graph the runner captures, simulated (capture() and can_capture() are the runner's only
-    CUDA-specific parts); each capture reports 1000 bytes."""
+    CUDA-specific parts); each capture reports 1000 bytes and remembers the pool it was given."""
     graphs = []
 
     def simulated_capture(forward, device, pool):
-        assert pool == (None if not graphs else "the shared pool") or pool is None
         for _ in range(2):
             forward()  # the warm-up, which runs outside the capture
-        graphs.append(SimulatedGraph(forward, monkeypatch))
+        graphs.append(SimulatedGraph(forward, pool, monkeypatch))
         return graphs[-1], graphs[-1].output, 1000
 
     monkeypatch.setattr(cuda_graphs, "capture", simulated_capture)
@@ -158,6 +157,8 @@ def test_simulated_replay_matches_eager_and_captures_once_per_bucket(backend, re
         assert_same_on_real_positions(replayed, eager_output(model, only_ids),
                                       dict(attention_mask=torch.ones_like(only_ids["input_ids"])))
     assert runner.memory_bytes == 2000
+    # the first capture starts a pool, the second shares it
+    assert [graph.pool_given for graph in simulated_captures] == [None, "the shared pool"]
 
 
 def test_simulated_graphs_follow_weight_changes_modes_and_unpad(torch_backend, simulated_captures):
@@ -178,6 +179,8 @@ def test_simulated_graphs_follow_weight_changes_modes_and_unpad(torch_backend, s
         model.load_state_dict(other.state_dict())
         replayed = model(**batch)
         assert len(simulated_captures) == 2 and len(runner.graphs) == 1 and runner.memory_bytes == 1000
+        # dropping the graphs dropped their pool: the new capture starts its own
+        assert [graph.pool_given for graph in simulated_captures] == [None, None]
         assert_same_on_real_positions(replayed, other.eval()(**batch), batch)
 
 

@@ -75,8 +75,9 @@ def test_no_operand_runs_along_a_ragged_m_or_n_with_unit_stride(out_features, in
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                m, n, stride_am, stride_bn, stride_gm = args[8], args[9], args[12], args[15], args[19]
-                launches.append((m, n, stride_am, stride_bn, stride_gm if kwargs["SCALE_A"] else None))
+                named = dict(zip(self.kernel.arg_names, args), **kwargs)
+                launches.append((named["M"], named["N"], named["stride_am"], named["stride_bn"],
+                                 named["stride_gm"] if named["SCALE_A"] else None))
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
@@ -90,13 +91,61 @@ def test_no_operand_runs_along_a_ragged_m_or_n_with_unit_stride(out_features, in
         assert stride_gm != 1 or m % 128 == 0, launches
 
 
-def test_operands_spanning_2_31_elements_are_refused(triton_backend, kernel_launches):
+class _TuningKeys:
+    """Stands in for the autotuned kernels: records, per GEMM (forward, dx, dW), the key the
+    autotuner would look its tuned config up by, and launches nothing."""
+
+    def __init__(self, tuned):
+        self.tuned, self.keys = tuned, {}
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            named = dict(zip(self.tuned.arg_names, args), **kwargs)
+            gemm = "dW" if named["ROWSUM_A"] else ("dx" if named["SCALE_A"] else "forward")
+            self.keys.setdefault(gemm, set()).add(tuple(named[key] for key in self.tuned.keys))
+        return launch
+
+
+def test_autotune_keys_are_bounded_over_token_counts(monkeypatch):
+    """Token counts 1…20000 (M of the forward and dx products, K of the dW product) map to at most
+    11 keys per GEMM, so that new batch shapes do not each start a tuning run (~0.5 s per weight
+    shape on a GPU). The launches are the op's own forward and backward, run for token counts
+    covering every bucket (both ends of each, and every 97th count): each GEMM's key depends on the
+    token count through its bucket alone."""
+    keys = _TuningKeys(linear_module._KERNELS[torch.float16])
+    monkeypatch.setattr(linear_module, "_KERNELS", {torch.float16: keys})
+    weight, bias = torch.empty(48, 32, dtype=torch.float16), torch.empty(48, dtype=torch.float16)
+    counts = set(range(1, 20001, 97)) | {20000}
+    counts |= {edge + offset for power in range(15) for edge in [2**power] for offset in (0, 1) if edge + offset <= 20000}
+    buckets = {}
+    for tokens in sorted(counts):
+        keys.keys.clear()
+        x = torch.empty(tokens, 32, dtype=torch.float16)
+        _, act_grad = linear_module._linear_fwd(x, weight, bias, 1, None, True)
+        linear_module._linear_bwd(torch.empty(tokens, 48, dtype=torch.float16), x, weight, act_grad,
+                                  True, True, True)
+        found = {gemm: seen.pop() for gemm, seen in keys.keys.items()}
+        assert set(found) == {"forward", "dx", "dW"}
+        assert buckets.setdefault(linear_module._bucket(tokens), found) == found, tokens
+    assert set(buckets) == {linear_module._bucket(tokens) for tokens in range(1, 20001)}
+    assert len(buckets) <= 11  # powers of two 16 … 16384
+
+
+@pytest.mark.parametrize("tokens", [33, 61])  # both in the bucket of 64
+def test_results_do_not_depend_on_the_bucket(tokens, device, triton_backend):
+    """The kernel bounds its loops and stores with the exact sizes: two token counts that share
+    every autotune key (and so a tuned config) both give the reference's result and gradients."""
+    x, weight, bias, _ = _inputs(tokens, 40, 24, torch.float32, device)
+    _check(x, weight, bias, None, "gelu", torch.float32)
+
+
+def test_operands_spanning_2_31_elements_are_refused(device, triton_backend, kernel_launches):
     """The kernel's offsets are 32-bit: what counts is how far apart an operand's elements lie, not
     how many there are (2 rows 2**31 elements apart). torch.empty leaves the 4 GB untouched."""
-    storage = torch.empty(2**31 + 8, dtype=torch.float16)
+    storage = torch.empty(2**31 + 8, dtype=torch.float16, device=device)
     x = storage.as_strided((2, 8), (2**31, 1))
     with pytest.raises(ValueError, match="span < 2\\*\\*31 elements"):
-        linear(x, torch.ones(4, 8, dtype=torch.float16))
+        linear(x, torch.ones(4, 8, dtype=torch.float16, device=device))
     assert kernel_launches == []
 
 
@@ -168,6 +217,27 @@ def test_bert_shapes_on_gpu(dtype, activation, shape, device, triton_backend):
     y = linear(x, weight, bias, activation, residual)
     expected = linear_reference(x.double(), weight.double(), bias.double(), activation, residual.double())
     assert_close(y, expected, atol * 4, rtol, "y")  # K up to 3072: 4× the K=100 accumulation error
+
+
+# Every autotune configuration, not only the tuner's pick, with the epilogues the models launch:
+# the forward with a bias and no activation, erf or tanh GELU (storing act' for the backward), the
+# dx product applying act', the dW product reducing the bias gradient. M = 300 and N = 200 leave
+# ragged last tiles in every configuration.
+EVERY_CONFIG = [pytest.param(dtype, config, id=f"{name}-{'x'.join(map(str, config.kwargs.values()))}"
+                             f"-w{config.num_warps}s{config.num_stages}")
+                for dtype, name, configs in ((torch.float16, "fp16", linear_module.CONFIGS_16BIT),
+                                             (torch.bfloat16, "bf16", linear_module.CONFIGS_16BIT),
+                                             (torch.float32, "fp32", linear_module.CONFIGS_FP32))
+                for config in configs]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, config", EVERY_CONFIG)
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh"])
+def test_every_autotune_config_on_gpu(dtype, config, activation, device, triton_backend, monkeypatch):
+    monkeypatch.setitem(linear_module._KERNELS, dtype, linear_module._autotuned([config]))
+    x, weight, bias, _ = _inputs(300, 256, 200, dtype, device)
+    _check(x, weight, bias, None, activation, dtype)
 
 
 @pytest.mark.gpu

@@ -53,7 +53,7 @@ def mask_from_rows(rows):
 
 
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])  # copies: no tl.dot
 def test_kernels_match_reference(device, triton_backend, poisoned_allocations, kernel_launches, index_dtype, dtype):
     """3 x 13 positions (39: three 16-row blocks, the last partial) of 300 features (two 256-wide
     column blocks): a full row, an empty row, holes. Values are copied exactly, padding is zeros,

@@ -1,0 +1,46 @@
+"""Every kernel launches on the device of its tensors, on that device's current stream.
+
+Triton launches on `torch.cuda.current_device()` and its current stream, whatever device the
+tensors are on: a model on cuda:1 (without `torch.cuda.set_device`) or split over GPUs would launch
+on the wrong device, or unordered against its own stream. Every op runs its launches inside
+`on_device_of`, which makes the tensors' device current for them (the stream follows: Triton takes
+the current stream of the current device).
+"""
+import contextlib
+import functools
+import threading
+
+import torch
+
+_guard = threading.local()
+
+
+def launch_device():
+    """The device the kernels launched now run on, or None outside `on_device_of` (which the tests
+    use to prove that every launch goes through it)."""
+    return getattr(_guard, "device", None)
+
+
+@contextlib.contextmanager
+def on_device_of(tensor):
+    """Launches inside run on `tensor`'s device and that device's current stream."""
+    previous = launch_device()
+    _guard.device = tensor.device
+    try:
+        with torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext():
+            yield
+    finally:
+        _guard.device = previous
+
+
+def launches_on_input_device(op):
+    """Decorates an op's implementation: its launches run on the device of its first tensor
+    argument (the public functions check that all of them share it)."""
+
+    @functools.wraps(op)
+    def on_input_device(*args, **kwargs):
+        tensor = next(value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor))
+        with on_device_of(tensor):
+            return op(*args, **kwargs)
+
+    return on_input_device
