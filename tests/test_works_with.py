@@ -54,17 +54,17 @@ def randomize_adapters(*models_):
                     param.copy_(values[name])
 
 
-def lora_twins(order):
+def lora_twins(order, **lora_options):
     """Hugging Face + peft, and the same with fastencoder: optimised before or after peft; and the
     Hugging Face model without adapters."""
     peft = pytest.importorskip("peft", reason="peft is in the test extras")
     reference, _ = twins()
     plain, ours = copy.deepcopy(reference), copy.deepcopy(reference)
-    reference = peft.get_peft_model(reference, lora_config())
+    reference = peft.get_peft_model(reference, lora_config(**lora_options))
     if order == "optimize first":
-        ours = peft.get_peft_model(fastencoder.optimize(ours), lora_config())
+        ours = peft.get_peft_model(fastencoder.optimize(ours), lora_config(**lora_options))
     else:
-        ours = fastencoder.optimize(peft.get_peft_model(ours, lora_config()))
+        ours = fastencoder.optimize(peft.get_peft_model(ours, lora_config(**lora_options)))
     randomize_adapters(reference, ours)
     return plain, reference, ours
 
@@ -102,6 +102,20 @@ def test_lora_forward_and_gradients_match_hugging_face_with_peft(order, backend,
         assert "_linear_kernel" in kernel_launches
     with torch.no_grad():
         assert_same_values(base_only, plain(**inputs).logits, FP32_TOL, "disable_adapter() gives the base model")
+
+
+def test_lora_dropout_draws_what_peft_draws(torch_backend):
+    """Dropout on the adapter path, in training: the same masks as peft's (the same draws in the
+    same order), so the outputs are equal for the same seed."""
+    _, reference, ours = lora_twins("optimize first", lora_dropout=0.3)
+    inputs = ragged_batch(bert_config())
+    outputs = []
+    for model in (reference, ours):
+        torch.manual_seed(7)
+        outputs.append(model.train()(**inputs).logits)
+    assert_same_values(outputs[1], outputs[0], FP32_TOL, "LoRA dropout in training")
+    torch.manual_seed(8)
+    assert (ours(**inputs).logits - outputs[1]).abs().max() > 1e-3, "another seed draws other masks"
 
 
 def test_lora_merge_unmerge_and_several_adapters(backend):
@@ -209,8 +223,9 @@ def test_dynamic_quantization_matches_quantized_hugging_face(order, torch_backen
 
 
 def test_parametrized_and_custom_modules_are_called(torch_backend):
-    """A parametrised weight (here: weight normalisation) and a module of another type are
-    computed by calling them, never read as plain weights."""
+    """A parametrised weight (here: weight normalisation), a module of another type and a module
+    whose forward was replaced on the instance are computed by calling them, never read as plain
+    weights."""
     reference, ours = twins()
 
     class Doubled(torch.nn.Module):
@@ -225,6 +240,8 @@ def test_parametrized_and_custom_modules_are_called(torch_backend):
         layer = model.bert.encoder.layer[0]
         torch.nn.utils.parametrizations.weight_norm(layer.intermediate.dense)
         layer.attention.self.value = Doubled(layer.attention.self.value)
+        key = layer.attention.self.key
+        key.forward = lambda x, key=key: torch.nn.functional.linear(x, key.weight) - 1  # as accelerate's hooks do
     inputs = ragged_batch(bert_config())
     with torch.no_grad():
         assert_same_outputs(ours(**inputs), reference(**inputs), what="parametrised and custom modules")

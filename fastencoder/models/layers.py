@@ -212,11 +212,12 @@ class EncoderOptionsMixin:
 
     def attention_plan(self, attention_mask, position_ids, batch, seqlen, output_attentions, dtype, device):
         """(the padded path's masks, or the padding-free layout) for this call: exactly one is used.
-        A model with hooks on any submodule runs padded, so that they see Hugging Face's shapes."""
+        With hooks inside the encoder (where the padding-free path runs on [tokens, hidden] rows) the
+        model runs padded, so that they see Hugging Face's shapes."""
         mask = attention_mask_for(attention_mask, batch, seqlen, self.config.num_attention_heads, dtype)  # validates
         documents = packed_document_starts(position_ids, attention_mask, batch, seqlen)
         unpad = self.unpad
-        if unpad is not False and any(has_hooks(module) for module in self.modules()):
+        if unpad is not False and any(has_hooks(module) for module in self.encoder.modules()):
             unpad = False
         packing = plan_unpadding(unpad, attention_mask, documents, batch, seqlen, output_attentions, device)
         if packing is not None:

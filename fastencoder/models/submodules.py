@@ -49,7 +49,8 @@ def has_hooks(module):
 
 
 def _fusable(module, module_type):
-    return type(module) is module_type and not has_hooks(module)
+    # an instance's own forward (accelerate's device hooks replace it) must run: the module is called
+    return type(module) is module_type and not has_hooks(module) and "forward" not in module.__dict__
 
 
 def _peft_lora_linear():
@@ -78,24 +79,25 @@ def _lora(module):
 
 def _add_low_rank(result, x, adapters):
     for lora_A, lora_B, dropout, scaling in adapters:
-        result = result + (lora_B(lora_A(dropout(x.to(lora_A.weight.dtype)))) * scaling).to(result.dtype)
+        result = result + _as(lora_B(lora_A(dropout(_as(x, lora_A.weight.dtype)))) * scaling, result.dtype)
     return result
 
 
 def _as(tensor, dtype):
-    return None if tensor is None else tensor.to(dtype)
+    # `.to` even to the same dtype is a dispatcher call: skipped in the common case
+    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _call(module, x):
     """module(x) in the dtype of the module's parameters, the result back in x's dtype."""
     dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), x.dtype)
-    return module(x.to(dtype)).to(x.dtype)
+    return _as(module(_as(x, dtype)), x.dtype)
 
 
 def project(module, x, activation=None, residual=None):
     """act(module(x)) + residual, computed as described in the module docstring."""
     if _fusable(module, nn.Linear):
-        return linear(x, module.weight.to(x.dtype), _as(module.bias, x.dtype), activation=activation,
+        return linear(x, _as(module.weight, x.dtype), _as(module.bias, x.dtype), activation=activation,
                       residual=residual)
     lora = _lora(module)
     if lora is not None and not lora[1]:  # adapters merged or disabled: the base layer alone
@@ -104,7 +106,7 @@ def project(module, x, activation=None, residual=None):
         h = _call(module, x)
     else:
         base, adapters = lora
-        h = _add_low_rank(linear(x, base.weight.to(x.dtype), _as(base.bias, x.dtype)), x, adapters)
+        h = _add_low_rank(linear(x, _as(base.weight, x.dtype), _as(base.bias, x.dtype)), x, adapters)
     h = ACTIVATIONS[activation](h)
     return h if residual is None else h + residual
 
@@ -118,8 +120,8 @@ def project_qkv(query, key, value, x):
     if backend.use_triton(x.device):
         parts = [(m, []) if _fusable(m, nn.Linear) else _lora(m) for m in modules]
         if all(part is not None and part[0].bias is not None for part in parts):
-            weight = torch.cat([base.weight for base, _ in parts]).to(x.dtype)
-            bias = torch.cat([base.bias for base, _ in parts]).to(x.dtype)
+            weight = _as(torch.cat([base.weight for base, _ in parts]), x.dtype)
+            bias = _as(torch.cat([base.bias for base, _ in parts]), x.dtype)
             fused = linear(x, weight, bias).split([base.out_features for base, _ in parts], -1)
             return tuple(_add_low_rank(h, x, adapters) for h, (_, adapters) in zip(fused, parts))
     return tuple(project(m, x) for m in modules)
@@ -128,7 +130,7 @@ def project_qkv(query, key, value, x):
 def add_norm(norm, x, residual):
     """norm(x + residual), the add fused into fastencoder's LayerNorm for a plain nn.LayerNorm."""
     if _fusable(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None:
-        return layer_norm(x, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps, residual=residual)
+        return layer_norm(x, _as(norm.weight, x.dtype), _as(norm.bias, x.dtype), norm.eps, residual=residual)
     return _call(norm, x + residual)
 
 
