@@ -13,6 +13,7 @@ import torch
 
 from fastencoder.kernels.attention import (
     MAX_DROPOUT_SEQLEN, _draw_dropout_seed, _dropout_keep_mask, attention, attention_reference,
+    attention_torch,
 )
 
 FWD = "_attention_fwd_kernel"
@@ -271,12 +272,12 @@ def test_dropout_gradients_match_reference_with_same_mask(device, triton_backend
     _check_against_float64(qkv, out, grad_out, torch.float32, dropout_mask=keep, dropout_p=p, **kwargs)
 
 
-def test_torch_backend_is_the_reference(device, torch_backend, kernel_launches):
+def test_torch_backend_runs_the_pytorch_path(device, torch_backend, kernel_launches):
     _, (q, k, v) = _qkv(2, 9, 2, 24, torch.float32, device)  # D=24: no kernel limit on this path
     mask = _lengths_mask([9, 4], 9, False, device)
     out = attention(q, k, v, key_padding_mask=mask)
     assert kernel_launches == []
-    torch.testing.assert_close(out, attention_reference(q, k, v, key_padding_mask=mask), atol=0, rtol=0)
+    torch.testing.assert_close(out, attention_torch(q, k, v, key_padding_mask=mask), atol=0, rtol=0)
 
 
 def test_torch_compile_traces_the_custom_op(device, triton_backend, kernel_launches):
