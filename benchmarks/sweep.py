@@ -439,7 +439,7 @@ def fine_tune_cases(settings, dtype):
         model = model_class(config).to(device=_device(), dtype=dtype).train()
         inputs = [dict(model_inputs(config, [seqlen] * batch, seqlen, seed), labels=labels) for seed in range(2)]
         if baseline_loss is None:
-            weights = model.state_dict()
+            weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}  # before any step
             with torch.no_grad():
                 baseline_loss = model(**inputs[0]).loss
         else:  # the same weights, and the same loss before any step (dropout is off)

@@ -651,7 +651,6 @@ def attention_reference(q, k, v, *, key_padding_mask=None, bias=None, scale=None
     return torch.cat(outs)
 
 
-
 def attention_torch(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dropout_p=0.0,
                     cu_seqlens=None, max_seqlen=None):
     """The fast PyTorch path of `attention` (same arguments, same semantics): whichever
@@ -700,9 +699,10 @@ def _sdpa_mask(key_padding_mask, bias, device):
     harmless mask (every key visible, no -inf) and their output is zeroed afterwards, so no NaN
     reaches the forward or the backward. On the CPU the rare case is looked for first (reading a
     CPU tensor waits for nothing): without it, no extra pass; a padding mask without padding is
-    dropped, as Hugging Face does, so that SDPA runs unmasked. On a GPU both run unconditionally
-    (a device-to-host read would stall the stream)."""
-    on_cpu = device.type == "cpu"
+    dropped, as Hugging Face does, so that SDPA runs unmasked. On a GPU, and under torch.compile
+    (which cannot branch on data), both run unconditionally (a device-to-host read would stall the
+    stream)."""
+    on_cpu = device.type == "cpu" and not torch.compiler.is_compiling()
     if bias is None:
         if key_padding_mask is None or (on_cpu and key_padding_mask.all()):
             return None, None
@@ -727,10 +727,13 @@ SWAMPING_BIAS = -1e3
 
 def _needs_exact_backward(q, k, v, key_padding_mask, bias):
     """Whether this call's gradients must come from the unfused math (see SWAMPING_BIAS). Reads
-    one flag back from the device: only for a bias, with gradients needed."""
+    one flag back from the device: only for a bias, with gradients needed; under torch.compile,
+    which cannot branch on data, such calls always take the unfused math."""
     if bias is None or not torch.is_grad_enabled() or not any(
             t.requires_grad for t in (q, k, v, bias)):
         return False
+    if torch.compiler.is_compiling():
+        return True
     if key_padding_mask is not None:
         bias = bias.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
     largest = bias.amax(-1)

@@ -1,9 +1,9 @@
 """Which implementation runs an op: fastencoder's Triton kernels or its fast PyTorch path.
 
 One switch for the whole package: `set_backend("auto" | "triton" | "torch")`, or the environment
-variable FASTENCODER_BACKEND (read when fastencoder is imported). "torch" runs every op's fast PyTorch path (cuBLAS / oneDNN GEMMs,
-`F.scaled_dot_product_attention`, `F.layer_norm`, index ops); "triton" runs the kernels. "auto"
-picks the faster per op and device:
+variable FASTENCODER_BACKEND (read when fastencoder is imported). "torch" runs every op's fast
+PyTorch path (cuBLAS / oneDNN GEMMs, `F.scaled_dot_product_attention`, `F.layer_norm`, index ops);
+"triton" runs the kernels. "auto" picks the faster per op and device:
   * CUDA devices of compute capability 8.0 or newer: the kernels for 16-bit inputs, and for fp32
     when TF32 is allowed (torch.backends.cuda.matmul.allow_tf32). fp32 without TF32 would run the
     kernels' dot products on the FMA units, slower than cuBLAS and SDPA: the ops with dot products

@@ -106,6 +106,27 @@ def test_padded_attention_matches_float64(no_kernels, dtype, seqlen, head_dim, l
         assert (out[0, seqlen // 2, 1] == 0).all()
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_rows_without_keys_are_handled_alike_without_host_reads(no_kernels, with_bias):
+    """On a GPU the mask for SDPA is built without reading anything back (the CPU looks first and
+    skips what is not needed): both ways give the same zeros and the same values."""
+    q, k, v = (torch.randn(3, 2, 5, 8) for _ in range(3))  # [B, H, S, D], as SDPA takes them
+    key_padding_mask = _lengths_mask([5, 0, 3], 5)
+    bias = None
+    if with_bias:
+        bias = torch.randn(3, 1, 5, 5)
+        bias[0, 0, 2] = float("-inf")  # a query row of the first sequence sees no key
+    outputs = []
+    for device in ("cpu", "cuda"):  # only the device type decides
+        mask, no_keys = attention_module._sdpa_mask(key_padding_mask, bias, torch.device(device))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        outputs.append(out if no_keys is None else out.masked_fill(no_keys, 0.0))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=0, rtol=0)
+    assert (outputs[1][1] == 0).all() and outputs[1][0].abs().sum() > 0
+    if with_bias:
+        assert (outputs[1][0, :, 2] == 0).all()
+
+
 def test_a_bias_that_requires_grad_gets_its_gradient(no_kernels):
     qkv = torch.randn(2, 33, 3, 2, 32, requires_grad=True)
     bias = torch.randn(2, 2, 33, 33, requires_grad=True)
