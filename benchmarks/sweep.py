@@ -18,6 +18,7 @@ import itertools
 import json
 import platform
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -59,14 +60,15 @@ SMOKE = dict(
     fp32_rule_shapes=[(2, 16)],
 )
 
-# Without a GPU: what `fastencoder bench` times on the CPU, in about 2 minutes on 2 cores (B x S
-# shapes, fractions of padding; every case's variants interleaved for `rounds`, or until the case
-# has taken `case_budget_s`)
+# Without a GPU: what `fastencoder bench` times on the CPU (B x S shapes, fractions of padding;
+# every case's variants interleaved for `rounds`, or until the case has taken `case_budget_s` and
+# three rounds; past `total_budget_s` each remaining case gets one round)
 CPU = dict(
-    shapes=[(16, 128), (32, 128)], padding=[0.0, 0.5], rounds=9, case_budget_s=12,
+    shapes=[(16, 128), (32, 128)], padding=[0.0, 0.5], rounds=9, case_budget_s=12, total_budget_s=170,
     sentences=384, encode_batch_size=32, host_layers=(2, 8), host_rounds=15,
 )
-CPU_QUICK = dict(CPU, shapes=[(16, 128)], rounds=5, case_budget_s=6, sentences=128, host_rounds=7)
+CPU_QUICK = dict(CPU, shapes=[(16, 128)], rounds=5, case_budget_s=6, total_budget_s=60, sentences=128,
+                 host_rounds=7)
 # the tests: a random-weight 1-layer model stands in for MiniLM
 CPU_SMOKE = dict(CPU, shapes=[(2, 16)], padding=[0.0, 0.25], rounds=2, case_budget_s=1, sentences=8,
                  encode_batch_size=4, host_layers=(1, 2), host_rounds=2, model_overrides=dict(
@@ -558,6 +560,13 @@ def cpu_hf_model(settings, implementation):
     return "minilm-l6 (random weights)", transformers.BertModel(config).eval()
 
 
+def _interleaved(runs, settings, rounds=None):
+    """time_interleaved within the case's budget and what is left of the run's."""
+    left = settings["deadline"] - time.monotonic() if "deadline" in settings else settings["case_budget_s"]
+    return time_interleaved(runs, rounds or settings["rounds"], max(0.0, min(settings["case_budget_s"], left)),
+                            min_rounds=3 if left > 0 else 1)
+
+
 def cpu_model_cases(settings):
     """Hugging Face eager and SDPA against `fastencoder.optimize` at its defaults, padded and
     padding-free, dense and with padding."""
@@ -591,7 +600,7 @@ def time_side_by_side(models, case, inputs, settings, tokens):
                 continue
         runs[variant] = lambda model=model: model(**inputs)
     with torch.inference_mode():
-        timings = time_interleaved(runs, settings["rounds"], settings["case_budget_s"])
+        timings = _interleaved(runs, settings)
     for variant, timing in timings.items():
         yield _row("model", case, variant, timing, tokens_per_s=tokens / (timing["median_ms"] * 1e-3),
                    cpu_median_ms=timing["cpu_median_ms"], rounds=timing["repeats"])
@@ -624,8 +633,7 @@ def sentence_transformer_cases(settings):
         yield _failed("encode", case, "fastencoder", OutputMismatch(
             f"embeddings differ from HF sdpa's: min cosine similarity {cosine:.6f} < 0.9999"))
         return
-    timings = time_interleaved({"HF sdpa": lambda: encode(untouched), "fastencoder": lambda: encode(optimized)},
-                               settings["rounds"], settings["case_budget_s"])
+    timings = _interleaved({"HF sdpa": lambda: encode(untouched), "fastencoder": lambda: encode(optimized)}, settings)
     for variant, timing in timings.items():
         yield _row("encode", case, variant, timing, tokens_per_s=int(tokens.sum()) / (timing["median_ms"] * 1e-3),
                    cpu_median_ms=timing["cpu_median_ms"], rounds=timing["repeats"])
@@ -652,7 +660,7 @@ def host_overhead_cases(settings, calls=10):
         for variant, model in (("HF sdpa", hf), ("fastencoder", ours)):
             runs[variant, depth] = lambda model=model: [model(**inputs) for _ in range(calls)]
     with torch.inference_mode():
-        timings = time_interleaved(runs, settings["host_rounds"])
+        timings = _interleaved(runs, settings, settings["host_rounds"])
     case = "host time per layer, tiny BERT (hidden 32) B1xS8 float32"
     per_layer = lambda variant, clock: (timings[variant, layers[1]][clock] - timings[variant, layers[0]][clock]) / (
         calls * (layers[1] - layers[0]))
@@ -737,7 +745,8 @@ def run(quick=False, smoke=False, out_root=Path("results"), progress=True, cpu_s
     info["mode"] = "smoke" if smoke else ("quick" if quick else "full")
     if not torch.cuda.is_available() and not smoke:
         info["mode"] = "cpu quick" if quick else "cpu"
-        settings = cpu_settings or (CPU_QUICK if quick else CPU)
+        settings = dict(cpu_settings or (CPU_QUICK if quick else CPU))
+        settings["deadline"] = time.monotonic() + settings["total_budget_s"]
         groups = [(group, group, lambda cases=cases: cases(settings)) for group, cases in CPU_GROUPS]
         print("No CUDA GPU on this machine: the models run on the CPU (fp32, fastencoder's PyTorch path), "
               "each variant timed side by side with Hugging Face. These are CPU figures; GPU figures come "
