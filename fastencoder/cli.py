@@ -35,8 +35,11 @@ def main(argv=None):
     demo_parser = commands.add_parser("demo", help="encode a batch with a BERT-base model and print the backend used")
     demo_parser.add_argument("--batch", type=int, default=8)
     demo_parser.add_argument("--seqlen", type=int, default=128)
-    bench_parser = commands.add_parser("bench", help="benchmark kernels and models against PyTorch and Hugging Face")
-    bench_parser.add_argument("--quick", action="store_true", help="a short subset: one model, one dtype")
+    bench_parser = commands.add_parser(
+        "bench", help="benchmark kernels and models against PyTorch and Hugging Face (without a GPU: the models "
+                      "on the CPU)")
+    bench_parser.add_argument("--quick", action="store_true",
+                              help="a short subset: one model, one dtype (without a GPU: one batch size)")
     bench_parser.add_argument("--smoke", action="store_true", help="toy sizes, to check the code runs (CI)")
     bench_parser.add_argument("--out", type=Path, default=Path("results"),
                               help="results go to a folder inside this one named by GPU, versions and date")

@@ -26,6 +26,8 @@ import inspect
 import math
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
+
 try:
     import triton
     import triton.language as tl
@@ -33,7 +35,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
     from ._no_triton import tl, triton
 
 from . import backend
-from ._checks import check_float, check_like, read_back
+from ._checks import FLOAT_DTYPES, check_float, check_like, read_back
 from ._launch import launches_on_input_device, on_device_of
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
@@ -663,6 +665,120 @@ def attention_reference(q, k, v, *, key_padding_mask=None, bias=None, scale=None
     return torch.cat(outs)
 
 
+def attention_torch(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dropout_p=0.0,
+                    cu_seqlens=None, max_seqlen=None):
+    """The fast PyTorch path of `attention` (same arguments, same semantics): whichever
+    `F.scaled_dot_product_attention` backend torch picks for the device (flash, memory-efficient,
+    cuDNN, or its fused CPU kernel), on strided [B, H, S, D] views of the inputs, no copies.
+
+    Rows with no visible key give zeros, as in the kernels. The packed layout is scattered into a
+    zero-padded [B, max_seqlen] batch by index ops, attended with the padding masked and gathered
+    back: no host read, no loop over sequences. (One SDPA call per sequence on views instead was
+    measured on a 2-core CPU, MiniLM-L6 B16-32 x S128 at 40-50 % padding: 10 % faster with one
+    thread, 15 % slower with two on a busy machine, and it reads cu_seqlens back.) Dropout
+    (dropout_p > 0) is SDPA's own, drawn from torch's generator: the kernels' distribution, not
+    their mask. Gradients reach q, k, v, and a bias that requires grad.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if cu_seqlens is None:
+        return _padded_torch(q, k, v, key_padding_mask, bias, scale, dropout_p)
+    batch = cu_seqlens.shape[0] - 1
+    flat, key_mask = _packed_positions(cu_seqlens, q.shape[0], max_seqlen)
+
+    def padded(tensor):
+        rows = tensor.new_zeros((batch * max_seqlen, *tensor.shape[1:])).index_copy_(0, flat, tensor)
+        return rows.view(batch, max_seqlen, *tensor.shape[1:])
+
+    out = _padded_torch(padded(q), padded(k), padded(v), key_mask, bias, scale, dropout_p)
+    return out.view(batch * max_seqlen, *q.shape[1:]).index_select(0, flat)
+
+
+def _padded_torch(q, k, v, key_padding_mask, bias, scale, dropout_p):
+    if _needs_exact_backward(q, k, v, key_padding_mask, bias):
+        return _padded_reference(q, k, v, key_padding_mask, bias, scale, dropout_p, None)
+    mask, no_keys = _sdpa_mask(key_padding_mask, bias, q.device)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=dropout_p,
+        scale=scale)
+    if no_keys is not None:
+        out = out.masked_fill(no_keys, 0.0)
+    return out.transpose(1, 2).contiguous()  # SDPA's output is laid out [B, S, H, D] already
+
+
+def _sdpa_mask(key_padding_mask, bias, device):
+    """(SDPA's attn_mask, a mask of the query rows that see no key, or None).
+
+    SDPA's backends disagree on rows with every key masked (NaN, or zeros); such rows get a
+    harmless mask (every key visible, no -inf) and their output is zeroed afterwards, so no NaN
+    reaches the forward or the backward. On the CPU the rare case is looked for first (reading a
+    CPU tensor waits for nothing): without it, no extra pass; a padding mask without padding is
+    dropped, as Hugging Face does, so that SDPA runs unmasked. On a GPU, and under torch.compile
+    (which cannot branch on data), both run unconditionally (a device-to-host read would stall the
+    stream)."""
+    on_cpu = device.type == "cpu" and not torch.compiler.is_compiling()
+    if bias is None:
+        if key_padding_mask is None or (on_cpu and key_padding_mask.all()):
+            return None, None
+        no_keys = ~key_padding_mask.any(-1)
+        if on_cpu and not no_keys.any():
+            return key_padding_mask[:, None, None, :], None
+        return (key_padding_mask | no_keys[:, None])[:, None, None, :], no_keys[:, None, None, None]
+    if key_padding_mask is not None:
+        bias = bias.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    no_keys = (bias == float("-inf")).all(-1, keepdim=True)
+    if on_cpu and not no_keys.any():
+        return bias, None
+    return bias.masked_fill(no_keys, 0.0), no_keys
+
+
+# Below this, a row's largest visible bias swamps its scores' logsumexp in fp32 rounding (Hugging
+# Face's finfo.min masks a row everywhere that way: the forward averages the visible values
+# uniformly, as the kernels do). SDPA's backward recomputes P as exp(s - logsumexp) and would get
+# such rows wrong (P = 1 instead of 1 / keys): with gradients needed they run `_padded_reference`.
+SWAMPING_BIAS = -1e3
+
+
+def _needs_exact_backward(q, k, v, key_padding_mask, bias):
+    """Whether this call's gradients must come from the unfused math (see SWAMPING_BIAS). Reads
+    one flag back from the device: only for a bias, with gradients needed; under torch.compile,
+    which cannot branch on data, such calls always take the unfused math."""
+    if bias is None or not torch.is_grad_enabled() or not any(
+            t.requires_grad for t in (q, k, v, bias)):
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    if key_padding_mask is not None:
+        bias = bias.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    largest = bias.amax(-1)
+    return bool(((largest < SWAMPING_BIAS) & (largest > float("-inf"))).any())
+
+
+# cu_seqlens tensor → (its version, max_seqlen, tokens, flat positions, key mask): every layer of a
+# padding-free forward passes the same cu_seqlens
+_packed_layouts = WeakTensorKeyDictionary()
+
+
+def _packed_positions(cu_seqlens, tokens, max_seqlen):
+    """(int64 [T]: each token's flat position b·max_seqlen + s in the padded batch, bool
+    [B, max_seqlen]: True at the real tokens), computed on the device without a host read, and
+    remembered while cu_seqlens is unchanged (inference tensors and tracing excepted, as in
+    `read_back`)."""
+    cacheable = not (cu_seqlens.is_inference() or torch.compiler.is_compiling())
+    known = _packed_layouts.get(cu_seqlens) if cacheable else None
+    if known is not None and known[:3] == (cu_seqlens._version, max_seqlen, tokens):
+        return known[3:]
+    device = cu_seqlens.device
+    starts, lengths = cu_seqlens[:-1].long(), cu_seqlens.diff().long()
+    sequence = torch.repeat_interleave(torch.arange(lengths.shape[0], device=device), lengths,
+                                       output_size=tokens)
+    flat = sequence * max_seqlen + torch.arange(tokens, device=device) - starts[sequence]
+    key_mask = torch.arange(max_seqlen, device=device) < lengths[:, None]
+    if cacheable:
+        _packed_layouts[cu_seqlens] = (cu_seqlens._version, max_seqlen, tokens, flat, key_mask)
+    return flat, key_mask
+
+
 def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -712,6 +828,22 @@ def _check_inputs(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens,
                              f"= {target}")
 
 
+def _well_formed(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen):
+    """A model's call (padded with at most a key padding mask, or packed; no bias, default scale)
+    found valid in a few attribute reads, cu_seqlens' values aside; the full checks, whose messages
+    explain a refusal, run for the others. Per-call host time is what small batches wait for."""
+    if not (bias is None and scale is None and type(dropout_p) is float and 0.0 <= dropout_p < 1.0
+            and type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
+            and q.dtype in FLOAT_DTYPES and k.dtype == q.dtype == v.dtype and k.device == q.device == v.device
+            and k.shape == q.shape == v.shape):
+        return False
+    if cu_seqlens is not None:
+        return key_padding_mask is None and q.dim() == 3
+    return max_seqlen is None and q.dim() == 4 and (key_padding_mask is None or (
+        type(key_padding_mask) is torch.Tensor and key_padding_mask.dtype == torch.bool
+        and key_padding_mask.device == q.device and key_padding_mask.shape == q.shape[:2]))
+
+
 def _check_cu_seqlens(cu_seqlens, max_seqlen, q):
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
@@ -748,17 +880,20 @@ def attention(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dropout_
         scaled by 1/(1-p)); the seed comes from torch's default CPU generator.
     float16, bfloat16 and float32 all run in the kernels (float32 with fp32 dot products, or TF32
     when torch.backends.cuda.matmul.allow_tf32 is set). Head dims 16, 32, 64, 80, 96, 128 run
-    in the kernels, others in the PyTorch reference.
+    in the kernels, others on the PyTorch path (`attention_torch`), as does every call the
+    backend switch (kernels/backend.py) does not give to the kernels.
     Returns a contiguous tensor of q's shape; rows whose keys are all masked are zeros.
     """
-    _check_inputs(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen)
+    if not _well_formed(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen):
+        _check_inputs(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen)
+    elif cu_seqlens is not None:
+        _check_cu_seqlens(cu_seqlens, max_seqlen, q)
     head_dim = q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     dropout_p = float(dropout_p)
-    if not backend.use_triton(q.device) or head_dim not in SUPPORTED_HEAD_DIMS:
-        return attention_reference(q, k, v, key_padding_mask=key_padding_mask, bias=bias,
-                                   scale=scale, dropout_p=dropout_p, cu_seqlens=cu_seqlens,
-                                   max_seqlen=max_seqlen)
+    if not backend.use_triton(q.device, q.dtype) or head_dim not in SUPPORTED_HEAD_DIMS:
+        return attention_torch(q, k, v, key_padding_mask=key_padding_mask, bias=bias, scale=scale,
+                               dropout_p=dropout_p, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         if tensor.stride(-1) != 1:
             raise ValueError(f"{name} must have unit stride on its last (head) dim, got strides "

@@ -12,7 +12,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
     from ._no_triton import tl, triton
 
 from . import backend
-from ._checks import check_float, check_like, check_shape, rows_view
+from ._checks import FLOAT_DTYPES, check_float, check_like, check_shape, rows_view
 from ._launch import launches_on_input_device
 
 MAX_HIDDEN = 4096  # a row lives in registers; wider rows spill in the backward
@@ -183,8 +183,39 @@ def layer_norm_reference(x, weight, bias, eps, residual=None):
     return y.to(x.dtype)
 
 
+def layer_norm_torch(x, weight, bias, eps, residual=None):
+    """The fast PyTorch path of `layer_norm`: the residual add, then `F.layer_norm` in x's dtype
+    (its statistics are fp32 for 16-bit inputs too, on the CPU and on GPUs)."""
+    z = x if residual is None else x + residual
+    return torch.nn.functional.layer_norm(z, z.shape[-1:], weight, bias, eps)
+
+
 def layer_norm(x, weight, bias, eps, residual=None):
     """y = LayerNorm(x + residual) over the last dim, with affine weight and bias of shape [N]."""
+    if not _well_formed(x, weight, bias, eps, residual):
+        _check_inputs(x, weight, bias, eps, residual)
+    if not backend.use_triton(x.device) or x.shape[-1] > MAX_HIDDEN:
+        return layer_norm_torch(x, weight, bias, eps, residual)
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    return _layer_norm_fwd(x, weight, bias, float(eps), residual)[0]
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _well_formed(x, weight, bias, eps, residual):
+    """The common call (a model's: a residual, parameters, a float eps) found valid in a few
+    attribute reads; the full checks, whose messages explain a refusal, run for the others."""
+    return (type(x) is torch.Tensor and type(residual) is torch.Tensor and type(weight) in _PLAIN
+            and type(bias) in _PLAIN and type(eps) is float and eps >= 0 and x.dtype in FLOAT_DTYPES
+            and weight.dtype == x.dtype == bias.dtype == residual.dtype
+            and weight.device == x.device == bias.device == residual.device
+            and x.dim() >= 1 and x.shape[-1] > 0 and residual.shape == x.shape
+            and weight.shape == bias.shape == x.shape[-1:])
+
+
+def _check_inputs(x, weight, bias, eps, residual):
     check_float("x", x)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dim, got shape {tuple(x.shape)}")
@@ -197,11 +228,6 @@ def layer_norm(x, weight, bias, eps, residual=None):
         check_shape("residual", residual, x.shape)
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-    if not backend.use_triton(x.device) or n > MAX_HIDDEN:
-        return layer_norm_reference(x, weight, bias, eps, residual)
-    if x.numel() == 0:
-        return torch.empty_like(x)
-    return _layer_norm_fwd(x, weight, bias, float(eps), residual)[0]
 
 
 def compile_cases():

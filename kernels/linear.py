@@ -16,7 +16,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
     from ._no_triton import tl, triton
 
 from . import backend
-from ._checks import check_float, check_like, check_shape, rows_view
+from ._checks import FLOAT_DTYPES, check_float, check_like, check_shape, rows_view
 from ._launch import launches_on_input_device
 
 ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
@@ -334,6 +334,26 @@ def linear_reference(x, weight, bias=None, activation=None, residual=None):
     return y if residual is None else y + residual
 
 
+_IN_PLACE_ACTIVATIONS = {
+    "gelu": torch.ops.aten.gelu_,
+    "gelu_tanh": lambda h: torch.ops.aten.gelu_(h, approximate="tanh"),
+    "relu": torch.relu_,
+}
+
+
+def linear_torch(x, weight, bias=None, activation=None, residual=None):
+    """The fast PyTorch path of `linear`: one GEMM with the bias added in it (cuBLAS, oneDNN),
+    then the activation and the residual add in place on its output when autograd keeps no
+    reference to it (inference), so no further buffer is allocated."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    if y.requires_grad:
+        y = _TORCH_ACTIVATIONS[activation](y)
+        return y if residual is None else y + residual
+    if activation is not None:
+        y = _IN_PLACE_ACTIVATIONS[activation](y)
+    return y if residual is None else y.add_(residual)
+
+
 def _extent(tensor):
     """How many elements apart the first and last element of `tensor` lie, plus one."""
     return 1 + sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()) if size)
@@ -344,6 +364,37 @@ def linear(x, weight, bias=None, activation=None, residual=None):
 
     activation: None, "gelu" (exact erf GELU), "gelu_tanh" (tanh approximation) or "relu".
     """
+    if not _well_formed(x, weight, bias, residual) or activation not in ACTIVATIONS:
+        _check_inputs(x, weight, bias, activation, residual)
+    if not backend.use_triton(x.device, x.dtype):
+        return linear_torch(x, weight, bias, activation, residual)
+    n, k = weight.shape
+    operands = [x, weight] + ([] if residual is None else [residual])
+    if max(x.numel() // max(k, 1) * n, *(_extent(t) for t in operands)) >= 2**31:
+        raise ValueError("the Triton linear kernel indexes with 32 bits: every operand must span < 2**31 "
+                         "elements (its strides included)")
+    if x.numel() == 0 or k == 0:
+        return linear_reference(x, weight, bias, activation, residual)
+    save_act_grad = ACTIVATIONS[activation] != 0 and torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    return _linear_fwd(x, weight, bias, ACTIVATIONS[activation], residual, save_act_grad)[0]
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _well_formed(x, weight, bias, residual):
+    """The common call (a model's: a bias, no residual) found valid in a few attribute reads; the
+    full checks, whose messages explain a refusal, run for the others. Per-call host time is what
+    small batches wait for."""
+    return (residual is None and type(x) is torch.Tensor and type(weight) in _PLAIN and type(bias) in _PLAIN
+            and x.dtype in FLOAT_DTYPES and weight.dtype == x.dtype == bias.dtype
+            and weight.device == x.device == bias.device and weight.dim() == 2 and x.dim() >= 1
+            and x.shape[-1] == weight.shape[1] and bias.shape == weight.shape[:1])
+
+
+def _check_inputs(x, weight, bias, activation, residual):
     check_float("x", x)
     check_like("weight", weight, x, "x")
     if weight.dim() != 2:
@@ -359,18 +410,6 @@ def linear(x, weight, bias=None, activation=None, residual=None):
         check_shape("residual", residual, (*x.shape[:-1], n))
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
-    if not backend.use_triton(x.device):
-        return linear_reference(x, weight, bias, activation, residual)
-    operands = [x, weight] + ([] if residual is None else [residual])
-    if max(x.numel() // max(k, 1) * n, *(_extent(t) for t in operands)) >= 2**31:
-        raise ValueError("the Triton linear kernel indexes with 32 bits: every operand must span < 2**31 "
-                         "elements (its strides included)")
-    if x.numel() == 0 or k == 0:
-        return linear_reference(x, weight, bias, activation, residual)
-    save_act_grad = ACTIVATIONS[activation] != 0 and torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
-    return _linear_fwd(x, weight, bias, ACTIVATIONS[activation], residual, save_act_grad)[0]
 
 
 # What the ops launch: flag combinations and operand layouts of the forward, dx and dW products.

@@ -159,6 +159,17 @@ def pad_reference(rows, indices, batch, seqlen):
     return out.view(batch, seqlen, *rows.shape[1:])
 
 
+def unpad_torch(hidden, indices):
+    """The fast PyTorch path of `unpad`: one index_select (a gather of whole rows)."""
+    return hidden.flatten(0, 1).index_select(0, indices)
+
+
+def pad_torch(rows, indices, batch, seqlen):
+    """The fast PyTorch path of `pad`: zeros, then the rows put in place."""
+    out = rows.new_zeros((batch * seqlen, *rows.shape[1:])).index_put_((indices,), rows)
+    return out.view(batch, seqlen, *rows.shape[1:])
+
+
 def index_facts(indices):
     """(lowest, highest, strictly increasing) of non-empty indices, in one device-to-host copy."""
     low, high = torch.aminmax(indices)
@@ -200,7 +211,7 @@ def unpad(hidden, indices):
     batch, seqlen, *features = hidden.shape
     _check_indices(indices, hidden.device, batch * seqlen)
     if not backend.use_triton(hidden.device):
-        return unpad_reference(hidden, indices)
+        return unpad_torch(hidden, indices)
     rows = _unpad(hidden.reshape(batch * seqlen, math.prod(features)), indices)
     return rows.view(indices.shape[0], *features)
 
@@ -221,7 +232,7 @@ def pad(rows, indices, batch, seqlen):
     if indices.shape[0] != rows.shape[0]:
         raise ValueError(f"rows has {rows.shape[0]} rows but indices lists {indices.shape[0]} tokens")
     if not backend.use_triton(rows.device):
-        return pad_reference(rows, indices, batch, seqlen)
+        return pad_torch(rows, indices, batch, seqlen)
     features = rows.shape[1:]
     out = _pad(rows.reshape(rows.shape[0], math.prod(features)), indices, batch * seqlen)
     return out.view(batch, seqlen, *features)

@@ -15,6 +15,7 @@ import torch
 from fastencoder import models
 from fastencoder.kernels.attention import (
     MAX_DROPOUT_SEQLEN, _draw_dropout_seed, _dropout_keep_mask, attention, attention_reference,
+    attention_torch,
 )
 from test_bert import bert_config, ragged_batch
 
@@ -386,12 +387,12 @@ def test_gpu_dropout_training_step_never_waits_for_the_host(device, triton_backe
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_torch_backend_is_the_reference(device, torch_backend, kernel_launches):
+def test_torch_backend_runs_the_pytorch_path(device, torch_backend, kernel_launches):
     _, (q, k, v) = _qkv(2, 9, 2, 24, torch.float32, device)  # D=24: no kernel limit on this path
     mask = _lengths_mask([9, 4], 9, False, device)
     out = attention(q, k, v, key_padding_mask=mask)
     assert kernel_launches == []
-    torch.testing.assert_close(out, attention_reference(q, k, v, key_padding_mask=mask), atol=0, rtol=0)
+    torch.testing.assert_close(out, attention_torch(q, k, v, key_padding_mask=mask), atol=0, rtol=0)
 
 
 def test_torch_compile_traces_the_custom_op(device, triton_backend, kernel_launches):

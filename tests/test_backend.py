@@ -22,13 +22,17 @@ def test_set_backend_validates_and_round_trips(monkeypatch):
         fastencoder.set_backend(previous)
 
 
-def test_environment_variable_is_the_default(monkeypatch):
-    monkeypatch.setattr(backend, "_backend", None)
-    monkeypatch.setenv("FASTENCODER_BACKEND", "torch")
-    assert fastencoder.get_backend() == "torch"
-    monkeypatch.setenv("FASTENCODER_BACKEND", "fast")
-    with pytest.raises(ValueError, match="unknown fastencoder backend 'fast'"):
-        fastencoder.get_backend()
+@pytest.mark.parametrize("value, expected", [("torch", "torch"), ("fast", "unknown fastencoder backend 'fast'")])
+def test_environment_variable_is_the_default(value, expected):
+    """FASTENCODER_BACKEND as set when fastencoder is imported (read once: every op asks)."""
+    code = (
+        "import fastencoder\n"
+        "try:\n    print(fastencoder.get_backend())\n"
+        "except ValueError as error:\n    print(error)\n"
+    )
+    env = dict(os.environ, FASTENCODER_BACKEND=value)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert expected in result.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="describes a machine without CUDA")
@@ -106,3 +110,59 @@ def test_without_triton_the_package_imports_and_runs_the_references():
     lines = result.stdout.splitlines()
     assert lines[0] == "False (2, 5, 8) (2, 5, 2, 4)"
     assert "needs the triton package" in lines[1]
+
+
+@pytest.fixture
+def simulated_gpu(monkeypatch):
+    """The switch as it decides on a machine with compiled kernels and a CUDA device 0 of the
+    compute capability the test sets (the decision itself needs no GPU); counts capability reads."""
+    monkeypatch.setattr(backend, "_backend", "auto")
+    monkeypatch.setattr(backend, "TRITON_AVAILABLE", True)
+    monkeypatch.setattr(backend, "INTERPRET", False)
+    monkeypatch.setattr(backend, "_capability_8", {})
+    reads = []
+    state = dict(capability=(8, 0))
+
+    def capability(index):
+        reads.append(index)
+        return state["capability"]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    return state, reads
+
+
+@pytest.fixture
+def allow_tf32():
+    """Sets torch.backends.cuda.matmul.allow_tf32 for the test (a flag; no GPU needed)."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+
+    def set_flag(value):
+        torch.backends.cuda.matmul.allow_tf32 = value
+
+    yield set_flag
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def test_auto_rules_on_sm80_and_newer(simulated_gpu, allow_tf32):
+    """16-bit: the kernels. fp32: the kernels only with TF32 allowed, else the PyTorch path for the
+    ops with dot products; the memory-bound ops (no matmul dtype) keep their kernels."""
+    _, reads = simulated_gpu
+    gpu = torch.device("cuda", 0)
+    allow_tf32(False)
+    assert backend.use_triton(gpu, torch.float16) and backend.use_triton(gpu, torch.bfloat16)
+    assert not backend.use_triton(gpu, torch.float32)
+    assert backend.use_triton(gpu)
+    allow_tf32(True)
+    assert backend.use_triton(gpu, torch.float32)
+    assert not backend.use_triton(torch.device("cpu"), torch.float16)
+    assert reads == [0], "the capability is read once per device, not once per op"
+
+
+def test_auto_runs_the_pytorch_path_on_older_gpus(simulated_gpu):
+    state, _ = simulated_gpu
+    state["capability"] = (7, 5)  # T4
+    gpu = torch.device("cuda", 0)
+    assert not any(backend.use_triton(gpu, dtype) for dtype in (torch.float16, torch.float32, None))
+    backend.set_backend("triton")  # asked for explicitly, the kernels refuse the device
+    with pytest.raises(RuntimeError, match="compute capability 8.0 or newer"):
+        backend.use_triton(gpu, torch.float16)

@@ -117,7 +117,7 @@ def project_qkv(query, key, value, x):
     GEMM, low-rank updates added to its slices; otherwise each runs as `project` runs it (three
     GEMMs cost what one does in PyTorch's CPU and pre-Ampere paths, and skip the concatenation)."""
     modules = (query, key, value)
-    if backend.use_triton(x.device):
+    if backend.use_triton(x.device, x.dtype):
         parts = [(m, []) if _fusable(m, nn.Linear) else _lora(m) for m in modules]
         if all(part is not None and part[0].bias is not None for part in parts):
             weight = _as(torch.cat([base.weight for base, _ in parts]), x.dtype)
