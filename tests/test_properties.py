@@ -8,7 +8,6 @@ are ~0. pad/unpad copy values, so they must be exact.
 
 Examples are few (the interpreter runs ~1.5 ms per program) and derandomized: CI sees the same
 examples on every run; torch data comes from a seed hypothesis draws."""
-import importlib
 import math
 
 import torch
@@ -17,8 +16,6 @@ from hypothesis import strategies as st
 
 from fastencoder.kernels import attention, layer_norm, linear, pad, unpad
 from fastencoder.kernels.linear import linear_reference
-
-attention_module = importlib.import_module("fastencoder.kernels.attention")
 
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 DTYPES = st.sampled_from([torch.float32, torch.float16])
