@@ -1,0 +1,1 @@
+"""`fastencoder compare`: BERT against ALBERT, pretrained and fine-tuned on the same data."""
