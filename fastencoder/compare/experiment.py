@@ -1,6 +1,5 @@
 """The comparison: presets, the two models' configs, and the run from corpus to report."""
 import copy
-import dataclasses
 import math
 import platform
 import time
@@ -172,7 +171,10 @@ def prepare_data(preset, corpus_paths, tokenizer_dir, classification_file, qa_fi
     else:
         train = tasks.word_order_examples(train_documents, preset.classification_examples, seed)
         evaluation = tasks.word_order_examples(held_out_documents, eval_count, seed)
-        data["classification"] = dict(name="word order (built from the corpus)", labels=["shuffled", "as written"])
+        if not train or not evaluation:
+            raise ValueError("the corpus is too small to build the classification task from it; "
+                             "give one with --classification")
+        data["classification"] = dict(name="word order (built from the corpus)", labels=["reversed", "as written"])
     data["classification"].update(
         train=tasks.classification_features(tokenizer, train, vocabulary, preset.max_length),
         eval=tasks.classification_features(tokenizer, evaluation, vocabulary, preset.max_length),
@@ -189,6 +191,9 @@ def prepare_data(preset, corpus_paths, tokenizer_dir, classification_file, qa_fi
         train = tasks.odd_word_examples(train_documents, counts, preset.qa_examples, passage_words, seed)
         evaluation = tasks.odd_word_examples(held_out_documents, counts, max(1, preset.qa_examples // 4),
                                              passage_words, seed)
+        if not train or not evaluation:
+            raise ValueError("the corpus is too small to build the question-answering task from it; "
+                             "give one with --qa")
         data["qa"] = dict(name="odd word out (built from the corpus)",
                           baselines=tasks.odd_word_baselines(evaluation, counts))
     train_tensors, _ = tasks.qa_features(tokenizer, train, vocabulary, preset.qa_max_length, training=True)
@@ -280,7 +285,3 @@ def run(preset="tiny", corpus_paths=(), classification_file=None, qa_file=None, 
     report.write(result, data, settings, phases.seconds, out)
     return result
 
-
-def preset_table():
-    """The presets as rows of (name, field: value) for the help text."""
-    return {name: dataclasses.asdict(preset) for name, preset in PRESETS.items()}
