@@ -9,9 +9,8 @@ split, held-out documents for the evaluation split), and made so that no keyword
   trivial baseline is the majority label of the evaluation split (about 50 %). Order is the only
   signal: where the sentence's words and its full stop stand, which word follows which.
 - Odd word out (question answering). A passage of consecutive sentences of a document in which one
-  word (lower-case letters only, at least three) was replaced by a word drawn from another
-  document, with probability proportional to its frequency in the corpus, and absent from the
-  passage. The question is always "Which word does not belong here?"; the answer is the inserted
+  word (lower-case letters only, at least three) was replaced by a word of the training documents,
+  drawn in proportion to its frequency there, that the passage does not contain. The question is always "Which word does not belong here?"; the answer is the inserted
   word. The question names nothing to look up; the trivial baselines (the passage's rarest word by
   corpus frequency, or its first word) are reported next to the models.
 
@@ -67,7 +66,7 @@ def word_counts(documents):
 
 def odd_word_examples(documents, replacement_counts, count, max_words, seed=0):
     """Up to `count` SQuAD-style questions ({id, context, question, answers}) built from `documents`,
-    the inserted words drawn from `replacement_counts` (word counts of other documents)."""
+    the inserted words drawn from `replacement_counts` (the training documents' word counts)."""
     rng = random.Random(seed)
     pool, weights = zip(*sorted(replacement_counts.items()))
     order = list(range(len(documents)))

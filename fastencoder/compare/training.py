@@ -138,6 +138,7 @@ def feature_batches(tensors, batch_size, steps=None, seed=0):
 
 
 def fine_tune(model, tensors, steps, batch_size, learning_rate, warmup_share, device, description, seed=0):
+    """`steps` optimiser steps on shuffled batches of a task's features (labels included)."""
     model.train()
     optimizer, schedule = optimizer_and_schedule(model, learning_rate, steps, warmup_share)
     bar = progress(feature_batches(tensors, batch_size, steps, seed), steps, description)
