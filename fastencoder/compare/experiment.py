@@ -1,6 +1,5 @@
 """The comparison: presets, the two models' configs, and the run from corpus to report."""
 import copy
-import math
 import platform
 import time
 from dataclasses import dataclass
@@ -216,10 +215,12 @@ def run_model(kind, config, preset, data, steps, seed, device, unpad, phases):
                                                    preset.batch_size, steps, seed)
     pretraining = training.pretrain(model, batches, steps, preset.learning_rate, preset.warmup_share, device,
                                     f"{name} pretraining ({objective.upper()})")
-    eval_batches = pretraining_data.pretraining_batches(data["eval_pairs"][objective], data["vocabulary"], objective,
-                                                        preset.batch_size, math.ceil(
-                                                            len(data["eval_pairs"][objective]) / preset.batch_size),
-                                                        seed + 1)
+    # the held-out pairs once each, masked once, the same masks for every run with this seed
+    generator = torch.Generator().manual_seed(seed + 1)
+    eval_pairs = data["eval_pairs"][objective]
+    eval_batches = [pretraining_data.pretraining_batch(eval_pairs[i:i + preset.batch_size], data["vocabulary"],
+                                                       objective, generator)
+                    for i in range(0, len(eval_pairs), preset.batch_size)]
     mlm_accuracy, pair_accuracy = training.evaluate_pretraining(model, eval_batches, pair_label, device)
     phases.done(f"{kind} pretraining")
 
