@@ -36,8 +36,8 @@ class Preset:
 
 
 PRESETS = {
-    # a 2-core CPU in a few minutes: 3 layers of width 128 (ALBERT's embeddings 64 wide, half the
-    # hidden size, so that they are factorised at this width too)
+    # for a CPU: 3 layers of width 128 (ALBERT's embeddings 64 wide, half the hidden size, so that
+    # they are factorised at this width too)
     "tiny": Preset(vocab_size=2048, max_length=64, qa_max_length=96, hidden_size=128, num_hidden_layers=3,
                    num_attention_heads=2, intermediate_size=512, embedding_size=64, dropout=0.0, batch_size=16,
                    steps=200, learning_rate=1e-3, classification_examples=2000, qa_examples=2000,
