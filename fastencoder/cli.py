@@ -1,4 +1,4 @@
-"""The `fastencoder` command: `bench`, `demo` and `report` (the static kernel report)."""
+"""The `fastencoder` command: `bench`, `demo`, `report` (the static kernel report) and `compare`."""
 import argparse
 import os
 import sys
@@ -45,6 +45,20 @@ def main(argv=None):
                               help="results go to a folder inside this one named by GPU, versions and date")
     commands.add_parser("report", help="static kernel report: compile every kernel for sm_80 and sm_90a",
                         add_help=False)
+    compare_parser = commands.add_parser(
+        "compare", help="pretrain BERT (MLM+NSP) and ALBERT (MLM+SOP), fine-tune both, compare them")
+    compare_parser.add_argument("--preset", choices=("tiny", "small", "base"), default="tiny",
+                                help="model and run size: tiny (a CPU), small, base (BERT-base; a GPU)")
+    compare_parser.add_argument("--corpus", type=Path, nargs="+", default=(),
+                                help="text files, documents separated by blank lines (default: Python's "
+                                     "standard library docstrings)")
+    compare_parser.add_argument("--tokenizer", type=Path, help="a folder with tokenizer.json or vocab.txt "
+                                                               "(default: WordPiece trained on the corpus)")
+    compare_parser.add_argument("--classification", type=Path, help="CSV or JSON lines with text and label")
+    compare_parser.add_argument("--qa", type=Path, help="SQuAD-format JSON")
+    compare_parser.add_argument("--steps", type=int, help="pretraining steps (fine-tuning scales with them)")
+    compare_parser.add_argument("--seed", type=int, default=0)
+    compare_parser.add_argument("--out", type=Path, default=Path("compare"))
     args, rest = parser.parse_known_args(argv)
     if args.command == "report":
         from fastencoder.kernels import report
@@ -57,6 +71,11 @@ def main(argv=None):
 
         out_dir = sweep.run(quick=args.quick, smoke=args.smoke, out_root=args.out)
         return 1 if sweep.failed_rows(out_dir) else 0
+    elif args.command == "compare":
+        from fastencoder import compare
+
+        compare.run(preset=args.preset, corpus_paths=args.corpus, classification_file=args.classification,
+                    qa_file=args.qa, tokenizer_dir=args.tokenizer, steps=args.steps, seed=args.seed, out=args.out)
     else:
         demo(args)
     return 0

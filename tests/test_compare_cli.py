@@ -1,0 +1,85 @@
+"""`fastencoder compare` end to end at smoke size: a couple of pretraining steps, then every output."""
+import json
+
+import pytest
+
+from fastencoder import cli
+
+PRETRAINING_FIELDS = {"objective", "steps", "loss", "mlm_accuracy", "pair_accuracy", "tokens_per_s",
+                      "peak_memory_bytes"}
+
+
+def assert_fraction(value):
+    assert isinstance(value, float) and 0.0 <= value <= 1.0, value
+
+
+def check_schema(result, preset, steps):
+    """compare.json as the issue defines it, every field present and typed."""
+    assert set(result) == {"environment", "preset", "models"}
+    assert result["preset"] == preset
+    assert {"device", "dtype", "torch", "transformers"} <= set(result["environment"])
+    assert set(result["models"]) == {"bert", "albert"}
+    for kind, objective in (("bert", "mlm+nsp"), ("albert", "mlm+sop")):
+        model = result["models"][kind]
+        assert set(model) == {"config", "parameters", "pretraining", "classification", "qa"}
+        assert model["config"]["model_type"] == kind
+        assert set(model["parameters"]) == {"total", "embeddings", "encoder"}
+        assert all(isinstance(count, int) and count > 0 for count in model["parameters"].values())
+        pretraining = model["pretraining"]
+        assert set(pretraining) == PRETRAINING_FIELDS
+        assert pretraining["objective"] == objective and pretraining["steps"] == steps
+        assert len(pretraining["loss"]) == steps and all(isinstance(x, float) and x > 0 for x in pretraining["loss"])
+        assert_fraction(pretraining["mlm_accuracy"])
+        assert_fraction(pretraining["pair_accuracy"])
+        assert isinstance(pretraining["tokens_per_s"], float) and pretraining["tokens_per_s"] > 0
+        assert pretraining["peak_memory_bytes"] is None or isinstance(pretraining["peak_memory_bytes"], int)
+        assert set(model["classification"]) == {"accuracy", "majority_baseline"}
+        assert set(model["qa"]) == {"exact_match", "f1"}
+        for value in (*model["classification"].values(), *model["qa"].values()):
+            assert_fraction(value)
+    bert, albert = result["models"]["bert"], result["models"]["albert"]
+    assert albert["parameters"]["total"] < bert["parameters"]["total"]
+    assert albert["parameters"]["embeddings"] < bert["parameters"]["embeddings"]
+
+
+def test_compare_smoke_on_the_default_corpus(tmp_path, capsys):
+    assert cli.main(["compare", "--preset", "tiny", "--steps", "2", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "compare.json").read_text())
+    check_schema(result, "tiny", steps=2)
+    table = (tmp_path / "compare.md").read_text()
+    assert "| parameters: total |" in table and "majority baseline" in table
+    assert "| parameters: total |" in capsys.readouterr().out  # the table, on the terminal too
+    pytest.importorskip("matplotlib")
+    for plot in ("pretraining_loss.png", "metrics.png"):
+        assert (tmp_path / plot).read_bytes().startswith(b"\x89PNG")
+
+
+def test_compare_on_user_files(tmp_path):
+    sentences = ["The parser reads one token at a time.", "Each token is checked against the grammar.",
+                 "Errors are reported with their line number.", "The result is a syntax tree."]
+    documents = [" ".join(sentences[i:] + sentences[:i]) for i in range(4)] * 5
+    (tmp_path / "corpus.txt").write_text("\n\n".join(documents))
+    (tmp_path / "labels.jsonl").write_text("\n".join(
+        json.dumps({"text": sentence, "label": "long" if len(sentence) > 40 else "short"})
+        for sentence in sentences * 5))
+    context = " ".join(sentences)
+    start = context.index("grammar")
+    squad = {"data": [{"title": "t", "paragraphs": [
+        {"context": context, "qas": [{"id": str(i), "question": "What is each token checked against?",
+                                      "answers": [{"text": "grammar", "answer_start": start}]}]}
+        for i in range(10)]}]}
+    (tmp_path / "qa.json").write_text(json.dumps(squad))
+    out = tmp_path / "out"
+    assert cli.main(["compare", "--corpus", str(tmp_path / "corpus.txt"), "--classification",
+                     str(tmp_path / "labels.jsonl"), "--qa", str(tmp_path / "qa.json"), "--steps", "1",
+                     "--out", str(out)]) == 0
+    check_schema(json.loads((out / "compare.json").read_text()), "tiny", steps=1)
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    # the saved tokenizer can be reused
+    assert cli.main(["compare", "--corpus", str(tmp_path / "corpus.txt"), "--tokenizer", str(out / "tokenizer"),
+                     "--classification", str(tmp_path / "labels.jsonl"), "--qa", str(tmp_path / "qa.json"),
+                     "--steps", "1", "--out", str(tmp_path / "again")]) == 0
+    assert not (tmp_path / "again" / "tokenizer").exists()
+    # a corpus of four sentences repeated cannot yield the odd-word task: a clear error, not a crash
+    with pytest.raises(ValueError, match="too small"):
+        cli.main(["compare", "--corpus", str(tmp_path / "corpus.txt"), "--steps", "1", "--out", str(tmp_path / "x")])
