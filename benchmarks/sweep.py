@@ -424,42 +424,62 @@ def time_models(models, config, case, lengths, seqlen, ceilings, dtype, referenc
 
 
 def fine_tune_cases(settings, dtype):
-    """One fine-tuning step (forward, backward, AdamW) of a sequence classifier."""
+    """One fine-tuning step (forward, backward, AdamW) of a sequence classifier with its weights in
+    `dtype`; and, once per sweep, with fp32 weights under autocast bf16, as most fine-tuning runs
+    (Trainer's bf16=True), where torch.compile is timed too."""
+    yield from _fine_tune_case(settings, dtype, None)
+    if dtype == settings["dtypes"][0]:
+        yield from _fine_tune_case(settings, torch.float32, torch.bfloat16)
+
+
+def _fine_tune_case(settings, dtype, autocast):
     import transformers
 
     import fastencoder.models as ours
 
     batch, seqlen = settings["fine_tune"]
-    case = f"bert-base {_dtype_name(dtype)} fine-tune step B{batch}xS{seqlen}"
+    precision = _dtype_name(dtype) if autocast is None else f"{_dtype_name(dtype)} autocast {_dtype_name(autocast)}"
+    case = f"bert-base {precision} fine-tune step B{batch}xS{seqlen}"
     labels = torch.randint(0, 2, (batch,), device=_device())
+    variants = [("HF sdpa", transformers.BertForSequenceClassification, False),
+                ("fastencoder", ours.BertForSequenceClassification, False)]
+    if autocast is not None and settings["compile_shapes"] != []:
+        variants.append(("torch.compile(HF sdpa)", transformers.BertForSequenceClassification, True))
     baseline_loss = None
-    for variant, model_class in (("HF sdpa", transformers.BertForSequenceClassification),
-                                 ("fastencoder", ours.BertForSequenceClassification)):
+    for variant, model_class, compiled in variants:
         _, config = model_config("bert-base", settings["model_overrides"], num_labels=2)
         config._attn_implementation = "sdpa"
         torch.manual_seed(0)
         model = model_class(config).to(device=_device(), dtype=dtype).train()
         inputs = [dict(model_inputs(config, [seqlen] * batch, seqlen, seed), labels=labels) for seed in range(2)]
+        precision_scope = lambda: torch.autocast(_device().type, dtype=autocast, enabled=autocast is not None)
         if baseline_loss is None:
             weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}  # before any step
-            with torch.no_grad():
+            with torch.no_grad(), precision_scope():
                 baseline_loss = model(**inputs[0]).loss
         else:  # the same weights, and the same loss before any step (dropout is off)
             model.load_state_dict(weights)
             try:
-                with torch.no_grad():
-                    check_output(model(**inputs[0]).loss, baseline_loss, dtype, "HF sdpa")
+                with torch.no_grad(), precision_scope():
+                    check_output(model(**inputs[0]).loss, baseline_loss, autocast or dtype, "HF sdpa")
             except OutputMismatch as error:
                 yield _failed("model", case, variant, error)
                 continue
+        forward = torch.compile(model) if compiled else model
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
-        def step(kwargs, model=model, optimizer=optimizer):
-            model(**kwargs).loss.backward()
+        def step(kwargs, forward=forward, optimizer=optimizer):
+            with precision_scope():
+                loss = forward(**kwargs).loss
+            loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        timing = time_calls(step, inputs, warmup=3, repeats=10)
+        try:
+            timing = time_calls(step, inputs, warmup=3, repeats=10)
+        except Exception as error:  # e.g. a baseline that fails to compile: the other variants still run
+            yield _failed("model", case, variant, error)
+            continue
         yield _row("model", case, variant, timing, tokens_per_s=batch * seqlen / (timing["median_ms"] * 1e-3),
                    peak_memory_bytes=peak_memory(step, inputs[0]))
 

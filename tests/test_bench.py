@@ -21,6 +21,9 @@ def test_smoke_sweep_runs_every_case(tmp_path):
     assert any(case.startswith("bert-base") and "fwd" in case for case in cases)
     assert any(case.startswith("albert-base") for case in cases)
     assert any("fine-tune step" in case for case in cases)
+    # fine-tuning as most users run it: fp32 weights under autocast bf16, fastencoder against Hugging Face
+    autocast_case = "bert-base float32 autocast bfloat16 fine-tune step B2xS16"
+    assert {row["variant"] for row in rows if row["case"] == autocast_case} == {"HF sdpa", "fastencoder"}
     # every case ran fastencoder and at least one baseline, and got a speedup entry per baseline
     for case in cases:
         variants = {row["variant"] for row in rows if row["case"] == case}
