@@ -84,7 +84,7 @@ def render_cpu(run):
         f"every variant of a case timed side by side, interleaved over up to {rounds} rounds; speedups are "
         "ratios of medians, of wall-clock time and (in brackets) of the CPU time the process used, which "
         "waiting for a busy core does not inflate. `default` is `optimize(model)` at its defaults, `padded` "
-        "is `unpad=False`, `unpad` is `unpad=True`.",
+        "is `unpad=False`, `unpad` is `unpad=True`, `unpad=auto` is `unpad=\"auto\"`.",
         "",
         "| case | fastencoder variant | ms | vs HF eager | vs HF sdpa | rate |",
         "|---|---|---|---|---|---|",

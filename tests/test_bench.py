@@ -113,7 +113,7 @@ def test_bench_without_gpu_times_the_models_on_the_cpu(tmp_path, capsys):
     assert results["environment"]["mode"] == "cpu" and results["environment"]["gpu"] is None
     rows = results["rows"]
     assert not [row for row in rows if "error" in row]
-    variants = {"HF eager", "HF sdpa", "fastencoder", "fastencoder padded", "fastencoder unpad"}
+    variants = {"HF eager", "HF sdpa", "fastencoder", "fastencoder padded", "fastencoder unpad", "fastencoder unpad=auto"}
     for case in ("minilm-l6 (random weights) float32 fwd B2xS16 no padding",
                  "minilm-l6 (random weights) float32 fwd B2xS16 25% padding"):
         case_rows = {row["variant"]: row for row in rows if row["case"] == case}
@@ -126,7 +126,7 @@ def test_bench_without_gpu_times_the_models_on_the_cpu(tmp_path, capsys):
     assert set(host) == {"HF sdpa", "fastencoder"} and all(row["us_per_layer"] for row in host.values())
     if sweep.minilm_checkpoint() is not None and importlib.util.find_spec("sentence_transformers"):
         encode = {row["variant"] for row in rows if row["group"] == "encode"}
-        assert encode == {"HF sdpa", "fastencoder"}
+        assert encode == {"HF sdpa", "fastencoder", "fastencoder unpad=auto"}
     assert (out / "results.csv").read_text().startswith("group,case,variant")
     assert (out / "model_speedups.png").exists()
     assert "speedups are ratios of medians" in printed and " ms " in printed
