@@ -33,6 +33,11 @@ def newest_cpu_run(results_root):
     return max(runs, key=lambda run: run["environment"]["date"], default=None)
 
 
+def _load(info):
+    load = info.get("load_average")
+    return "" if load is None else f"load average {load:.1f} when the run began; "
+
+
 def _speedup(row, baseline):
     key = f"speedup_vs_{baseline}"
     return f"{row[key]:.2f}x" if key in row else "-"
@@ -79,6 +84,7 @@ def render_cpu(run):
     rounds = max((row.get("rounds", 0) for row in run["rows"]), default=0)
     lines = [
         f"**CPU figures** ({info.get('cpu') or 'CPU'}, {info.get('cpu_threads', '?')} threads, {info['date']}; "
+        f"{_load(info)}"
         f"torch {info['torch']}, transformers {info.get('transformers')}; {info['mode']} sweep"
         f"{', cut short: partial' if info.get('interrupted') else ''}). fp32 on fastencoder's PyTorch path, "
         f"every variant of a case timed side by side, interleaved over up to {rounds} rounds; speedups are "

@@ -16,6 +16,7 @@ import csv
 import datetime
 import itertools
 import json
+import os
 import platform
 import re
 import time
@@ -84,6 +85,7 @@ def environment():
         date=datetime.date.today().isoformat(), torch=torch.__version__, python=platform.python_version(),
         gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         cpu=platform.processor() or platform.machine(), cpu_threads=torch.get_num_threads(),
+        load_average=os.getloadavg()[0],  # other work on the machine, when the run began
     )
     with contextlib.suppress(ImportError):
         import triton
@@ -770,20 +772,28 @@ def run(quick=False, smoke=False, out_root=Path("results"), progress=True, cpu_s
             groups.append(("model", "fp32 rule", lambda: fp32_rule_cases(settings)))
     out_dir = Path(out_root) / results_dir_name(info)
     rows, ceilings = [], {}
-    bar = _progress(1 + len(groups), progress and not smoke)
+    # the CPU sweep's bar advances per case (its model group is most of the run), the GPU's per group
+    per_case = "dtypes" not in settings
+    steps = len(settings["shapes"]) * len(settings["padding"]) + len(groups) - 1 if per_case else len(groups)
+    bar = _progress(1 + steps, progress and not smoke)
     try:
-        if "dtypes" in settings:
+        if not per_case:
             for dtype in settings["dtypes"]:
                 ceilings[_dtype_name(dtype)] = measure_ceilings(dtype) if torch.cuda.is_available() else None
         bar.update(1)
         for group, label, cases in groups:
+            done = set()
             try:
                 for row in cases():
                     rows.append(row)
                     write_results(out_dir, info, add_speedups(rows), ceilings, plots=False)  # kept if cut short
+                    if per_case and row["case"] not in done:  # a case's rows come together, when it is done
+                        done.add(row["case"])
+                        bar.update(1)
             except Exception as error:  # a GPU run is scarce: keep what the other groups measure
                 rows.append(_failed(group, f"every other {label} case", "all", error))
-            bar.update(1)
+            if not per_case:
+                bar.update(1)
     except KeyboardInterrupt:  # e.g. a time limit's SIGINT: keep and show what was measured
         info["interrupted"] = True
         rows.append(_failed("run", "every case not measured yet", "all", KeyboardInterrupt("interrupted")))
