@@ -33,6 +33,21 @@ def newest_cpu_run(results_root):
     return max(runs, key=lambda run: run["environment"]["date"], default=None)
 
 
+def _threads(info):
+    threads = info.get("cpu_threads", "?")
+    return f"{threads} thread{'' if threads == 1 else 's'}"
+
+
+def _default_unpad(info):
+    default = info.get("default_unpad")
+    return "" if default is None else f" (unpad={json.dumps(default) if isinstance(default, str) else default})"
+
+
+def _load(info):
+    load = info.get("load_average")
+    return "" if load is None else f"load average {load:.1f} when the run began; "
+
+
 def _speedup(row, baseline):
     key = f"speedup_vs_{baseline}"
     return f"{row[key]:.2f}x" if key in row else "-"
@@ -78,13 +93,15 @@ def render_cpu(run):
     info = run["environment"]
     rounds = max((row.get("rounds", 0) for row in run["rows"]), default=0)
     lines = [
-        f"**CPU figures** ({info.get('cpu') or 'CPU'}, {info.get('cpu_threads', '?')} threads, {info['date']}; "
+        f"**CPU figures** ({info.get('cpu') or 'CPU'}, {_threads(info)}, {info['date']}; "
+        f"{_load(info)}"
         f"torch {info['torch']}, transformers {info.get('transformers')}; {info['mode']} sweep"
         f"{', cut short: partial' if info.get('interrupted') else ''}). fp32 on fastencoder's PyTorch path, "
         f"every variant of a case timed side by side, interleaved over up to {rounds} rounds; speedups are "
         "ratios of medians, of wall-clock time and (in brackets) of the CPU time the process used, which "
-        "waiting for a busy core does not inflate. `default` is `optimize(model)` at its defaults, `padded` "
-        "is `unpad=False`, `unpad` is `unpad=True`.",
+        "waiting for a busy core does not inflate. `default` is `optimize(model)` at its defaults"
+        f"{_default_unpad(info)}, `padded` is `unpad=False`, `unpad` is `unpad=True`, `unpad=auto` is "
+        "`unpad=\"auto\"`.",
         "",
         "| case | fastencoder variant | ms | vs HF eager | vs HF sdpa | rate |",
         "|---|---|---|---|---|---|",
@@ -97,7 +114,7 @@ def render_cpu(run):
             lines.append(f"| {row['case']} | {variant} | failed: {row['error']} | | | |")
             continue
         if "us_per_layer" in row:
-            time, rate = f"{row['us_per_layer']:.1f} µs per layer", "host time"
+            time, rate = f"{row['us_per_layer']:.1f} µs per layer", "host time (fastest rounds)"
         else:
             time, rate = f"{row['median_ms']:.1f}", f"{row.get('tokens_per_s', 0):.0f} tokens/s"
         cpu_time = f" ({row['cpu_time_speedup_vs_HF sdpa']:.2f}x)" if "cpu_time_speedup_vs_HF sdpa" in row else ""

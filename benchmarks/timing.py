@@ -56,7 +56,8 @@ def time_interleaved(runs, rounds=7, budget_s=None, min_rounds=3):
             cpu[name].append(1e3 * (time.process_time() - began_cpu))
         if budget_s is not None and done + 1 >= min_rounds and time.perf_counter() - start > budget_s:
             break
-    return {name: dict(_summary(sorted(wall[name])), cpu_median_ms=statistics.median(cpu[name])) for name in runs}
+    return {name: dict(_summary(sorted(wall[name])), cpu_median_ms=statistics.median(cpu[name]),
+                       cpu_min_ms=min(cpu[name])) for name in runs}
 
 
 def _time_on_host(run, input_sets, repeats):

@@ -686,13 +686,30 @@ def attention_torch(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dr
         return _padded_torch(q, k, v, key_padding_mask, bias, scale, dropout_p)
     batch = cu_seqlens.shape[0] - 1
     flat, key_mask = _packed_positions(cu_seqlens, q.shape[0], max_seqlen)
+    q, k, v = _scattered(q, k, v, flat, batch * max_seqlen)
+    q, k, v = (t.view(batch, max_seqlen, *t.shape[1:]) for t in (q, k, v))
+    if bias is None:  # every query row sees a key (see _packed_positions): SDPA as it is
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask[:, None, None, :],
+            dropout_p=dropout_p, scale=scale).transpose(1, 2)
+    else:
+        out = _padded_torch(q, k, v, key_mask, bias, scale, dropout_p)
+    return out.reshape(batch * max_seqlen, *out.shape[2:]).index_select(0, flat)
 
-    def padded(tensor):
-        rows = tensor.new_zeros((batch * max_seqlen, *tensor.shape[1:])).index_copy_(0, flat, tensor)
-        return rows.view(batch, max_seqlen, *tensor.shape[1:])
 
-    out = _padded_torch(padded(q), padded(k), padded(v), key_mask, bias, scale, dropout_p)
-    return out.view(batch * max_seqlen, *q.shape[1:]).index_select(0, flat)
+def _scattered(q, k, v, flat, positions):
+    """q, k, v [T, H, D] scattered to rows `flat` of zero-filled [positions, H, D] tensors. Views of
+    one fused [T, 3, H, D] projection (what the models pass) are scattered as one tensor, outside
+    autograd and tracing: one fill and one copy instead of three."""
+    heads, dim = q.shape[1:]
+    step = heads * dim
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    fused = not (needs_grad or torch.compiler.is_compiling()) and q.stride() == k.stride() == v.stride() == (
+        3 * step, dim, 1) and k.data_ptr() - q.data_ptr() == v.data_ptr() - k.data_ptr() == step * q.element_size()
+    if not fused:
+        return (t.new_zeros((positions, heads, dim)).index_copy_(0, flat, t) for t in (q, k, v))
+    qkv = q.as_strided((q.shape[0], 3, heads, dim), (3 * step, step, dim, 1))
+    return q.new_zeros((positions, 3, heads, dim)).index_copy_(0, flat, qkv).unbind(1)
 
 
 def _padded_torch(q, k, v, key_padding_mask, bias, scale, dropout_p):
@@ -762,9 +779,10 @@ _packed_layouts = WeakTensorKeyDictionary()
 
 def _packed_positions(cu_seqlens, tokens, max_seqlen):
     """(int64 [T]: each token's flat position b·max_seqlen + s in the padded batch, bool
-    [B, max_seqlen]: True at the real tokens), computed on the device without a host read, and
-    remembered while cu_seqlens is unchanged (inference tensors and tracing excepted, as in
-    `read_back`)."""
+    [B, max_seqlen]: True at the real tokens, and at every position of an empty sequence, whose
+    query rows are never gathered back: so every query row sees a key), computed on the device
+    without a host read, and remembered while cu_seqlens is unchanged (inference tensors and
+    tracing excepted, as in `read_back`)."""
     cacheable = not (cu_seqlens.is_inference() or torch.compiler.is_compiling())
     known = _packed_layouts.get(cu_seqlens) if cacheable else None
     if known is not None and known[:3] == (cu_seqlens._version, max_seqlen, tokens):
@@ -774,7 +792,7 @@ def _packed_positions(cu_seqlens, tokens, max_seqlen):
     sequence = torch.repeat_interleave(torch.arange(lengths.shape[0], device=device), lengths,
                                        output_size=tokens)
     flat = sequence * max_seqlen + torch.arange(tokens, device=device) - starts[sequence]
-    key_mask = torch.arange(max_seqlen, device=device) < lengths[:, None]
+    key_mask = (torch.arange(max_seqlen, device=device) < lengths[:, None]) | (lengths == 0)[:, None]
     if cacheable:
         _packed_layouts[cu_seqlens] = (cu_seqlens._version, max_seqlen, tokens, flat, key_mask)
     return flat, key_mask

@@ -247,3 +247,17 @@ def test_the_torch_path_functions_are_what_the_ops_run(no_kernels):
     mask = _lengths_mask([6, 2, 0, 5], 6)
     assert torch.equal(attention(q, q, q, key_padding_mask=mask),
                        attention_module.attention_torch(q, q, q, key_padding_mask=mask))
+
+
+def test_packed_attention_of_fused_qkv_views_without_autograd(no_kernels):
+    """A model's q, k, v (views of one [T, 3, H, D] projection) are scattered as one tensor when no
+    gradient is needed: the same output as three separate tensors."""
+    lengths = [5, 0, 9, 1]
+    qkv = torch.randn(sum(lengths), 3, 2, 16)
+    kwargs = dict(cu_seqlens=_cu_seqlens(lengths), max_seqlen=9)
+    with torch.no_grad():
+        fused = attention(*qkv.unbind(1), **kwargs)
+        separate = attention(*(t.clone() for t in qkv.unbind(1)), **kwargs)
+    torch.testing.assert_close(fused, separate, atol=0, rtol=0)
+    expected = attention_module.attention_reference(*qkv.double().unbind(1), **kwargs)
+    _check_close("out", fused, expected, ATTENTION_TOLERANCES[torch.float32]["out"])
