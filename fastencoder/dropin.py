@@ -31,7 +31,7 @@ def optimize(model, *, unpad=None, cuda_graphs=None):
     `model`. Applying it twice is harmless. Unsupported configurations raise before anything changes.
 
     Options of the encoder (see `fastencoder.models.layers.EncoderOptionsMixin`), None keeping its
-    setting (off for a newly swapped one): unpad ("auto", True or False: padding-free execution)
+    setting (the default, "auto", for a newly swapped one): unpad ("auto", True or False: padding-free execution)
     and cuda_graphs (True or False: inference replays CUDA graphs)."""
     options = {name: value for name, value in (("unpad", unpad), ("cuda_graphs", cuda_graphs)) if value is not None}
     if unpad is not None:

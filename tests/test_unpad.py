@@ -346,7 +346,7 @@ def test_unpad_option_survives_from_pretrained_and_is_checked(tmp_path):
     assert models.BertModel.from_pretrained(tmp_path, unpad=False).unpad is False
     assert models.AlbertModel(albert_config(), unpad=True).unpad is True
     model = models.BertForSequenceClassification(config)
-    assert model.unpad is False, "opt-in: padded positions would no longer hold Hugging Face's values"
+    assert model.unpad == "auto", "the default: padding-free where enough of the batch is padding"
     for bad in (1, "yes", None):
         with pytest.raises(ValueError, match="unpad must be"):
             model.unpad = bad
