@@ -196,6 +196,20 @@ def test_hooks_on_modules_the_layer_never_calls_are_refused(torch_backend):
         ours(**ragged_batch(bert_config()))
 
 
+def test_a_replaced_attention_module_is_refused(torch_backend):
+    """The attention itself is computed fused from its projections: a custom module in place of
+    attention.self would be ignored, so it is refused, naming it."""
+    _, ours = twins()
+
+    class MyAttention(torch.nn.Module):
+        def forward(self, hidden_states, *args, **kwargs):
+            return hidden_states, None
+
+    ours.bert.encoder.layer[1].attention.self = MyAttention()
+    with pytest.raises(NotImplementedError, match="attention.self was replaced by a MyAttention"):
+        ours(**ragged_batch(bert_config()))
+
+
 def test_hooks_run_the_padded_path(torch_backend):
     """Under unpadding the layers see packed [tokens, hidden] rows: with hooks anywhere the model runs
     padded, so that they see Hugging Face's [batch, sequence, hidden]."""

@@ -54,7 +54,7 @@ class AlbertLayer(FusedEncoderLayer):
         return self.attention
 
     def uncalled_modules(self):
-        return {"attention": self.attention}
+        return {"attention": (self.attention, AlbertAttention)}
 
     def attention_output(self, context, hidden_states):
         attention = self.attention

@@ -78,7 +78,7 @@ class BertLayer(FusedEncoderLayer):
         return self.attention.self
 
     def uncalled_modules(self):
-        return {"attention": self.attention, "attention.self": self.attention.self}
+        return {"attention": (self.attention, BertAttention), "attention.self": (self.attention.self, QKVProjection)}
 
     def attention_output(self, context, hidden_states):
         return self.attention.output(context, hidden_states)

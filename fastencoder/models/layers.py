@@ -103,7 +103,8 @@ class FusedEncoderLayer(GradientCheckpointingLayer):
         raise NotImplementedError
 
     def uncalled_modules(self):
-        """{name: module} of the containers the layer reads weights from but never calls."""
+        """{name: (module, the type it must have)} of the containers the layer reads weights from but
+        never calls."""
         raise NotImplementedError
 
     def attention_output(self, context, hidden_states):
@@ -121,7 +122,12 @@ class FusedEncoderLayer(GradientCheckpointingLayer):
 
         hidden_states: [B, S, H] (padded; masks as key_padding_mask / attention_bias) or [T, H] with
         cu_seqlens and max_seqlen (padding-free: the attention's packed layout)."""
-        for name, module in self.uncalled_modules().items():
+        for name, (module, expected) in self.uncalled_modules().items():
+            if type(module) is not expected:
+                raise NotImplementedError(
+                    f"{name} was replaced by a {type(module).__name__}: fastencoder computes the attention fused "
+                    f"from {expected.__name__}'s query, key and value modules (which may be replaced, wrapped or "
+                    "adapted), never by calling it; or restore() the Hugging Face model")
             refuse_hooks(module, name, "the projections, the LayerNorms and the modules Hugging Face calls "
                                        "with tensors only (BERT's intermediate, output, attention.output)")
         heads = self.num_heads
