@@ -300,7 +300,9 @@ def test_forward_takes_hugging_faces_arguments(ours, theirs):
     positional = lambda params: [name for name, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
     inputs = positional(hf)[:positional(hf).index("inputs_embeds") + 1]
     assert positional(mine)[:len(inputs)] == inputs
-    assert set(positional(hf)) <= set(mine)
-    assert any(p.kind is p.VAR_KEYWORD for p in mine.values())
-    for name in ("output_attentions", "output_hidden_states", "return_dict"):
-        assert name in mine, name
+    config = albert_config() if ours is models.AlbertModel else bert_config()
+    model = ours(config).eval()
+    every_argument = {name: None for name in positional(hf)}
+    with torch.no_grad():
+        model(**dict(every_argument, input_ids=torch.randint(0, config.vocab_size, (2, 5))),
+              output_attentions=False, output_hidden_states=False, return_dict=True)
