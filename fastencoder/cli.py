@@ -23,7 +23,7 @@ def demo(args):
     input_ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seqlen), device=device)
     with torch.inference_mode():
         output = model(input_ids=input_ids, attention_mask=attention_mask)
-    ran = "Triton kernels" if use_triton(device) else "PyTorch reference ops"
+    ran = "Triton kernels" if use_triton(device, dtype) else "the PyTorch path"
     print(f"backend={fastencoder.get_backend()} ({ran}), device={device}, dtype={dtype}")
     print(f"BERT-base encoded a ragged batch of {args.batch} x {args.seqlen} tokens: "
           f"last_hidden_state {tuple(output.last_hidden_state.shape)}, pooler_output {tuple(output.pooler_output.shape)}")
