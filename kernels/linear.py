@@ -320,7 +320,9 @@ def _backward(ctx, dy, _d_act_grad):
 
 _linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
-_TORCH_ACTIVATIONS = {
+# each activation of the linear op, as PyTorch computes it (the references, the PyTorch path, and
+# the models where an op is not fused)
+TORCH_ACTIVATIONS = {
     None: lambda h: h,
     "gelu": torch.nn.functional.gelu,
     "gelu_tanh": lambda h: torch.nn.functional.gelu(h, approximate="tanh"),
@@ -330,7 +332,7 @@ _TORCH_ACTIVATIONS = {
 
 def linear_reference(x, weight, bias=None, activation=None, residual=None):
     """PyTorch reference, computed as Hugging Face's BERT computes it (in x's dtype)."""
-    y = _TORCH_ACTIVATIONS[activation](torch.nn.functional.linear(x, weight, bias))
+    y = TORCH_ACTIVATIONS[activation](torch.nn.functional.linear(x, weight, bias))
     return y if residual is None else y + residual
 
 
@@ -347,7 +349,7 @@ def linear_torch(x, weight, bias=None, activation=None, residual=None):
     reference to it (inference), so no further buffer is allocated."""
     y = torch.nn.functional.linear(x, weight, bias)
     if y.requires_grad:
-        y = _TORCH_ACTIVATIONS[activation](y)
+        y = TORCH_ACTIVATIONS[activation](y)
         return y if residual is None else y + residual
     if activation is not None:
         y = _IN_PLACE_ACTIVATIONS[activation](y)

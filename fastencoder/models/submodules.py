@@ -20,18 +20,11 @@ differentiable cast: gradients reach the fp32 weights in fp32), never modified.
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_hooks
 
 from fastencoder.kernels import backend, layer_norm, linear
-
-ACTIVATIONS = {
-    None: lambda h: h,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
-    "relu": F.relu,
-}
+from fastencoder.kernels.linear import TORCH_ACTIVATIONS
 
 
 def _hf_output_capture(hook):
@@ -107,7 +100,7 @@ def project(module, x, activation=None, residual=None):
     else:
         base, adapters = lora
         h = _add_low_rank(linear(x, _as(base.weight, x.dtype), _as(base.bias, x.dtype)), x, adapters)
-    h = ACTIVATIONS[activation](h)
+    h = TORCH_ACTIVATIONS[activation](h)
     return h if residual is None else h + residual
 
 
