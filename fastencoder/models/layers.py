@@ -222,10 +222,9 @@ class EncoderOptionsMixin:
         model runs padded, so that they see Hugging Face's shapes."""
         mask = attention_mask_for(attention_mask, batch, seqlen, self.config.num_attention_heads, dtype)  # validates
         documents = packed_document_starts(position_ids, attention_mask, batch, seqlen)
-        unpad = self.unpad
-        if unpad is not False and any(has_hooks(module) for module in self.encoder.modules()):
-            unpad = False
-        packing = plan_unpadding(unpad, attention_mask, documents, batch, seqlen, output_attentions, device)
+        packing = plan_unpadding(self.unpad, attention_mask, documents, batch, seqlen, output_attentions, device)
+        if packing is not None and any(has_hooks(module) for module in self.encoder.modules()):
+            packing = None
         if packing is not None:
             return AttentionMask(None, None), packing
         if documents is not None:
