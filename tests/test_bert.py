@@ -322,14 +322,17 @@ def test_fully_masked_sequence_is_finite(backend):
 
 
 def count_attention_calls(monkeypatch):
+    """Counts the layers' calls of the attention op, on either of its paths."""
     calls = []
-    fused_attention = layers.attention
 
-    def counting_attention(*args, **kwargs):
-        calls.append(1)
-        return fused_attention(*args, **kwargs)
+    def counting(op):
+        def counting_attention(*args, **kwargs):
+            calls.append(1)
+            return op(*args, **kwargs)
+        return counting_attention
 
-    monkeypatch.setattr(layers, "attention", counting_attention)
+    for name in ("attention", "attention_torch"):
+        monkeypatch.setattr(layers, name, counting(getattr(layers, name)))
     return calls
 
 

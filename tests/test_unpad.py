@@ -37,8 +37,9 @@ def plans(monkeypatch):
     plan = layers.plan_unpadding
 
     def recording_plan(*args):
-        seen.append(plan(*args))
-        return seen[-1]
+        packing, maybe_padded = plan(*args)
+        seen.append(packing)
+        return packing, maybe_padded
 
     monkeypatch.setattr(layers, "plan_unpadding", recording_plan)
     return seen

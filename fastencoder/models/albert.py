@@ -23,7 +23,7 @@ from .layers import (
     without_autocast,
 )
 from .packing import DEFAULT_UNPAD, first_token_rows, gather_tokens
-from .submodules import add_norm, project
+from .submodules import add_norm, dropout, project
 
 
 class AlbertEmbeddings(FusedEmbeddingsMixin, modeling_albert.AlbertEmbeddings):
@@ -58,7 +58,8 @@ class AlbertLayer(FusedEncoderLayer):
 
     def attention_output(self, context, hidden_states):
         attention = self.attention
-        return add_norm(attention.LayerNorm, attention.output_dropout(project(attention.dense, context)), hidden_states)
+        return add_norm(attention.LayerNorm, dropout(attention.output_dropout, project(attention.dense, context)),
+                        hidden_states)
 
     def feed_forward(self, attended):
         # Hugging Face's ALBERT applies no dropout to the FFN output

@@ -14,12 +14,12 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from fastencoder.cuda_graphs import GraphRunner
-from fastencoder.kernels import padding
-from fastencoder.kernels.attention import attention
+from fastencoder.kernels import backend, padding
+from fastencoder.kernels.attention import attention, attention_torch
 
 from .inputs import AttentionMask, attention_mask_for, as_config, check_inputs, document_mask, packed_document_starts
 from .packing import DEFAULT_UNPAD, checked_unpad, plan_unpadding
-from .submodules import add_norm, has_hooks, project_qkv, refuse_hooks
+from .submodules import add_norm, dropout, has_hooks, project_qkv, refuse_hooks
 
 
 def compute_dtype(weight):
@@ -59,7 +59,7 @@ class FusedEmbeddingsMixin:
         else:
             token_types = self.token_type_embeddings(token_type_ids)
         others = (self.position_embeddings(position_ids) + token_types).expand_as(words)
-        return self.dropout(add_norm(self.LayerNorm, words, others))
+        return dropout(self.dropout, add_norm(self.LayerNorm, words, others))
 
 
 class QKVProjection(nn.Module):
@@ -130,17 +130,20 @@ class FusedEncoderLayer(GradientCheckpointingLayer):
                     "adapted), never by calling it; or restore() the Hugging Face model")
             refuse_hooks(module, name, "the projections, the LayerNorms and the modules Hugging Face calls "
                                        "with tensors only (BERT's intermediate, output, attention.output)")
-        heads = self.num_heads
         qkv = self.qkv()
-        q, k, v = (h.unflatten(-1, (heads, -1)) for h in project_qkv(qkv.query, qkv.key, qkv.value, hidden_states))
-        mask = AttentionMask(key_padding_mask, attention_bias)
+        q, k, v = project_qkv(qkv.query, qkv.key, qkv.value, hidden_states)
+        heads = (self.num_heads, -1)
+        q, k, v = q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads)
         dropout_p = self.attention_dropout if self.training else 0.0
         if attentions is not None:
+            mask = AttentionMask(key_padding_mask, attention_bias)
             context, probabilities = attention_with_probabilities(q, k, v, mask, dropout_p)
             attentions.append(probabilities)
         else:
-            context = attention(q, k, v, key_padding_mask=mask.key_padding, bias=mask.bias, dropout_p=dropout_p,
-                                cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            # off the kernels, straight to the op's PyTorch path (the layer's inputs are well formed)
+            fused = attention if backend.use_triton(q.device, q.dtype) else attention_torch
+            context = fused(q, k, v, key_padding_mask=key_padding_mask, bias=attention_bias, dropout_p=dropout_p,
+                            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return self.feed_forward(self.attention_output(context.flatten(-2), hidden_states))
 
 
@@ -222,14 +225,16 @@ class EncoderOptionsMixin:
         model runs padded, so that they see Hugging Face's shapes."""
         mask = attention_mask_for(attention_mask, batch, seqlen, self.config.num_attention_heads, dtype)  # validates
         documents = packed_document_starts(position_ids, attention_mask, batch, seqlen)
-        packing = plan_unpadding(self.unpad, attention_mask, documents, batch, seqlen, output_attentions, device)
+        packing, maybe_padded = plan_unpadding(self.unpad, attention_mask, documents, batch, seqlen,
+                                               output_attentions, device)
         if packing is not None and any(has_hooks(module) for module in self.encoder.modules()):
             packing = None
         if packing is not None:
             return AttentionMask(None, None), packing
         if documents is not None:
             return document_mask(documents, dtype), None
-        return mask, None
+        # a padding mask without padding is dropped, as Hugging Face does: every op then runs unmasked
+        return mask if maybe_padded else mask._replace(key_padding=None), None
 
 
 class EncoderHeadsMixin:

@@ -41,7 +41,8 @@ class PackedTokens(NamedTuple):
 
 
 def plan_unpadding(unpad, attention_mask, document_starts, batch, seqlen, output_attentions, device):
-    """The PackedTokens to run a batch on, or None for the padded path.
+    """(the PackedTokens to run a batch on, or None for the padded path; whether the batch may hold
+    padding: False when the plan's read found none, so that the padded path can drop the mask).
 
     unpad=True runs padding-free whenever the mask is a 2-D padding mask or absent; "auto" only when
     that removes more than AUTO_UNPAD_MIN_PADDING of the positions and no row is left-padded (so that
@@ -50,15 +51,21 @@ def plan_unpadding(unpad, attention_mask, document_starts, batch, seqlen, output
     mask (a per-query mask the packed layout cannot express) or while tracing (T is data
     dependent)."""
     if unpad is False or output_attentions or tracing():
-        return None
+        return None, True
     if attention_mask is None:
         if unpad == "auto" and document_starts is None:
-            return None  # nothing to remove
+            return None, False  # nothing to remove
         real = torch.ones((batch, seqlen), dtype=torch.bool, device=device)
     elif attention_mask.dim() == 2:
         real = attention_mask.bool()
     else:
-        return None
+        return None, True
+    auto = unpad == "auto" and document_starts is None
+    if auto and real.device.type == "cpu":
+        # a read of a CPU tensor waits for nothing: decide first, and build the layout only if used
+        real_tokens, left_padded = torch.stack([real.sum(), ~real[:, 0].all()]).tolist()
+        if not _unpadding_pays(real_tokens, left_padded, batch, seqlen):
+            return None, real_tokens < batch * seqlen
     # Sized by one device-to-host copy, which also brings back what the ops' input checks would
     # otherwise read back from indices and cu_seqlens (`read_back` in kernels/_checks.py): they are
     # told instead. Built outside inference mode, so that they can be remembered.
@@ -78,16 +85,20 @@ def plan_unpadding(unpad, attention_mask, document_starts, batch, seqlen, output
                                         first_real, last_real]), sequence_ends]).tolist()
         real_tokens, sequences, max_seqlen, left_padded, first_real, last_real = facts[:6]
         if real_tokens == 0:
-            return None  # nothing to run the packed layout on
-        if unpad == "auto" and document_starts is None:
-            if left_padded or 1 - real_tokens / (batch * seqlen) <= AUTO_UNPAD_MIN_PADDING:
-                return None
+            return None, True  # nothing to run the packed layout on
+        if auto and not _unpadding_pays(real_tokens, left_padded, batch, seqlen):
+            return None, real_tokens < batch * seqlen
         indices = torch.nonzero_static(flat, size=real_tokens)[:, 0]
         cu_seqlens = F.pad(lengths[:sequences].cumsum(0), (1, 0)).to(torch.int32)
     remember(indices, padding.index_facts, (first_real, last_real, True))
     if sequences <= batch:
         remember(cu_seqlens, torch.Tensor.tolist, [0, *facts[6:6 + sequences]])
-    return PackedTokens(indices, cu_seqlens, max_seqlen, first_positions, batch, seqlen)
+    return PackedTokens(indices, cu_seqlens, max_seqlen, first_positions, batch, seqlen), True
+
+
+def _unpadding_pays(real_tokens, left_padded, batch, seqlen):
+    """unpad="auto"'s rule for a padding mask."""
+    return not left_padded and 1 - real_tokens / (batch * seqlen) > AUTO_UNPAD_MIN_PADDING
 
 
 def first_token_rows(sequence_output, packing):

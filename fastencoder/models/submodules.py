@@ -24,7 +24,8 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 
 from fastencoder.kernels import backend, layer_norm, linear
-from fastencoder.kernels.linear import TORCH_ACTIVATIONS
+from fastencoder.kernels.layer_norm import layer_norm_torch
+from fastencoder.kernels.linear import TORCH_ACTIVATIONS, linear_torch
 
 
 def _hf_output_capture(hook):
@@ -90,8 +91,10 @@ def _call(module, x):
 def project(module, x, activation=None, residual=None):
     """act(module(x)) + residual, computed as described in the module docstring."""
     if _fusable(module, nn.Linear):
-        return linear(x, _as(module.weight, x.dtype), _as(module.bias, x.dtype), activation=activation,
-                      residual=residual)
+        # off the kernels, straight to the op's PyTorch path: per-op host time is what small batches
+        # wait for, and nn.Linear's own checks apply there
+        fused = linear if backend.use_triton(x.device, x.dtype) else linear_torch
+        return fused(x, _as(module.weight, x.dtype), _as(module.bias, x.dtype), activation, residual)
     lora = _lora(module)
     if lora is not None and not lora[1]:  # adapters merged or disabled: the base layer alone
         return project(lora[0], x, activation, residual)
@@ -122,9 +125,17 @@ def project_qkv(query, key, value, x):
 
 def add_norm(norm, x, residual):
     """norm(x + residual), the add fused into fastencoder's LayerNorm for a plain nn.LayerNorm."""
-    if _fusable(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None:
-        return layer_norm(x, _as(norm.weight, x.dtype), _as(norm.bias, x.dtype), norm.eps, residual=residual)
+    if _fusable(norm, nn.LayerNorm):
+        weight, bias = norm.weight, norm.bias
+        if weight is not None and bias is not None:
+            fused = layer_norm if backend.use_triton(x.device) else layer_norm_torch
+            return fused(x, _as(weight, x.dtype), _as(bias, x.dtype), norm.eps, residual)
     return _call(norm, x + residual)
+
+
+def dropout(module, x):
+    """module(x), skipped where it is the identity: a plain nn.Dropout in eval mode without hooks."""
+    return x if not module.training and _fusable(module, nn.Dropout) else module(x)
 
 
 def refuse_hooks(module, name, supported):
