@@ -13,6 +13,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
 
 from . import backend
 from ._checks import FLOAT_DTYPES, check_float, check_like, check_shape, rows_view
+from ._dispatch import direct_when_eager
 from ._launch import launches_on_input_device
 
 MAX_HIDDEN = 4096  # a row lives in registers; wider rows spill in the backward
@@ -99,9 +100,8 @@ def _bwd_programs(device, rows):
     return min(rows, 8)  # the interpreter runs programs one by one: few, long ones are cheapest
 
 
-@torch.library.custom_op("fastencoder::layer_norm_fwd", mutates_args=())
 @launches_on_input_device
-def _layer_norm_fwd(
+def _layer_norm_fwd_impl(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
     residual: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -121,6 +121,9 @@ def _layer_norm_fwd(
     return y.view(x.shape), mean, rstd
 
 
+_layer_norm_fwd = torch.library.custom_op("fastencoder::layer_norm_fwd", _layer_norm_fwd_impl, mutates_args=())
+
+
 @_layer_norm_fwd.register_fake
 def _(x, weight, bias, eps, residual):
     rows = x.numel() // x.shape[-1]
@@ -128,9 +131,8 @@ def _(x, weight, bias, eps, residual):
     return x.new_empty(x.shape), stats, stats.clone()  # contiguous, whatever x's strides
 
 
-@torch.library.custom_op("fastencoder::layer_norm_bwd", mutates_args=())
 @launches_on_input_device
-def _layer_norm_bwd(
+def _layer_norm_bwd_impl(
     dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
     mean: torch.Tensor, rstd: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -152,6 +154,9 @@ def _layer_norm_bwd(
     return dz.view(x.shape), dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype)
 
 
+_layer_norm_bwd = torch.library.custom_op("fastencoder::layer_norm_bwd", _layer_norm_bwd_impl, mutates_args=())
+
+
 @_layer_norm_bwd.register_fake
 def _(dy, x, residual, weight, mean, rstd):
     return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
@@ -166,11 +171,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, residual, weight, mean, rstd = ctx.saved_tensors
-    dz, dweight, dbias = _layer_norm_bwd(dy, x, residual, weight, mean, rstd)
+    dz, dweight, dbias = _call_layer_norm_bwd(dy, x, residual, weight, mean, rstd)
     return dz, dweight, dbias, None, dz if ctx.has_residual else None
 
 
 _layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+_call_layer_norm_fwd = direct_when_eager(_layer_norm_fwd, _layer_norm_fwd_impl, _backward, _setup_context)
+_call_layer_norm_bwd = direct_when_eager(_layer_norm_bwd, _layer_norm_bwd_impl)
 
 
 def layer_norm_reference(x, weight, bias, eps, residual=None):
@@ -198,7 +205,7 @@ def layer_norm(x, weight, bias, eps, residual=None):
         return layer_norm_torch(x, weight, bias, eps, residual)
     if x.numel() == 0:
         return torch.empty_like(x)
-    return _layer_norm_fwd(x, weight, bias, float(eps), residual)[0]
+    return _call_layer_norm_fwd(x, weight, bias, float(eps), residual)[0]
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)

@@ -20,6 +20,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
 
 from . import backend
 from ._checks import check_float, read_back
+from ._dispatch import direct_when_eager
 from ._launch import launches_on_input_device
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -83,9 +84,8 @@ def _unit_stride(rows):
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-@torch.library.custom_op("fastencoder::unpad", mutates_args=())
 @launches_on_input_device
-def _unpad(hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def _unpad_impl(hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """hidden [positions, F] → [T, F]."""
     hidden = _unit_stride(hidden)
     num_tokens, width = indices.shape[0], hidden.shape[1]
@@ -98,14 +98,16 @@ def _unpad(hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+_unpad = torch.library.custom_op("fastencoder::unpad", _unpad_impl, mutates_args=())
+
+
 @_unpad.register_fake
 def _(hidden, indices):
     return hidden.new_empty((indices.shape[0], hidden.shape[1]))
 
 
-@torch.library.custom_op("fastencoder::pad", mutates_args=())
 @launches_on_input_device
-def _pad(rows: torch.Tensor, indices: torch.Tensor, num_positions: int) -> torch.Tensor:
+def _pad_impl(rows: torch.Tensor, indices: torch.Tensor, num_positions: int) -> torch.Tensor:
     """rows [T, F] → [num_positions, F], zeros where no token lands."""
     rows = _unit_stride(rows)
     num_tokens, width = rows.shape
@@ -117,6 +119,9 @@ def _pad(rows: torch.Tensor, indices: torch.Tensor, num_positions: int) -> torch
             BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS, num_warps=NUM_WARPS,
         )
     return out
+
+
+_pad = torch.library.custom_op("fastencoder::pad", _pad_impl, mutates_args=())
 
 
 @_pad.register_fake
@@ -132,7 +137,7 @@ def _unpad_setup_context(ctx, inputs, output):
 
 def _unpad_backward(ctx, grad_rows):
     (indices,) = ctx.saved_tensors
-    return _pad(grad_rows, indices, ctx.num_positions), None
+    return _call_pad(grad_rows, indices, ctx.num_positions), None
 
 
 def _pad_setup_context(ctx, inputs, output):
@@ -141,11 +146,13 @@ def _pad_setup_context(ctx, inputs, output):
 
 def _pad_backward(ctx, grad_out):
     (indices,) = ctx.saved_tensors
-    return _unpad(grad_out, indices), None, None
+    return _call_unpad(grad_out, indices), None, None
 
 
 _unpad.register_autograd(_unpad_backward, setup_context=_unpad_setup_context)
 _pad.register_autograd(_pad_backward, setup_context=_pad_setup_context)
+_call_unpad = direct_when_eager(_unpad, _unpad_impl, _unpad_backward, _unpad_setup_context)
+_call_pad = direct_when_eager(_pad, _pad_impl, _pad_backward, _pad_setup_context)
 
 
 def unpad_reference(hidden, indices):
@@ -212,7 +219,7 @@ def unpad(hidden, indices):
     _check_indices(indices, hidden.device, batch * seqlen)
     if not backend.use_triton(hidden.device):
         return unpad_torch(hidden, indices)
-    rows = _unpad(hidden.reshape(batch * seqlen, math.prod(features)), indices)
+    rows = _call_unpad(hidden.reshape(batch * seqlen, math.prod(features)), indices)
     return rows.view(indices.shape[0], *features)
 
 
@@ -234,7 +241,7 @@ def pad(rows, indices, batch, seqlen):
     if not backend.use_triton(rows.device):
         return pad_torch(rows, indices, batch, seqlen)
     features = rows.shape[1:]
-    out = _pad(rows.reshape(rows.shape[0], math.prod(features)), indices, batch * seqlen)
+    out = _call_pad(rows.reshape(rows.shape[0], math.prod(features)), indices, batch * seqlen)
     return out.view(batch, seqlen, *features)
 
 
