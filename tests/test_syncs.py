@@ -4,6 +4,9 @@
   padded training step      1  the same; the backward reads nothing back
   padding-free forward      2  the ids' ranges, and the packed layout's sizes (which also bring
                                back what the ops' checks need of cu_seqlens and the indices)
+  the same, unpad="auto"    3  and before the layout, the decision: the padding's share and
+                               whether a row is left-padded (a batch that then runs padded
+                               reads 2)
   CUDA-graph replay         1  the ids' ranges, checked before the replay
 
 On the CPU the reads are counted where they happen (`tolist` / `item`); on a GPU CUDA's own sync
@@ -18,7 +21,7 @@ from test_unpad import mask_from_rows
 
 from fastencoder import models
 
-DOCUMENTED = {"padded forward": 1, "padded training step": 1, "padding-free forward": 2, "graph replay": 1}
+DOCUMENTED = {"padded forward": 1, "padded training step": 1, "padding-free forward": 2, "padding-free forward, auto": 3, "graph replay": 1}
 
 
 def two_rows(config):
@@ -37,10 +40,12 @@ def run(case, model, batch):
 
 
 def model_for(case, config):
-    return models.BertModel(config, unpad=case == "padding-free forward")
+    return models.BertModel(config, unpad={"padding-free forward": True, "padding-free forward, auto": "auto"}.get(
+        case, False))
 
 
-@pytest.mark.parametrize("case", ["padded forward", "padded training step", "padding-free forward"])
+@pytest.mark.parametrize("case", ["padded forward", "padded training step", "padding-free forward",
+                                  "padding-free forward, auto"])
 def test_device_to_host_reads(case, triton_backend, monkeypatch):
     reads = []
     for method in ("tolist", "item"):

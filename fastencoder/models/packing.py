@@ -60,9 +60,9 @@ def plan_unpadding(unpad, attention_mask, document_starts, batch, seqlen, output
         real = attention_mask.bool()
     else:
         return None, True
-    auto = unpad == "auto" and document_starts is None
-    if auto and real.device.type == "cpu":
-        # a read of a CPU tensor waits for nothing: decide first, and build the layout only if used
+    if unpad == "auto" and document_starts is None:
+        # decided from two numbers first, so that a batch that runs padded (most, and every small
+        # one) costs four small ops and a read, not the layout's thirty: one more read when it is used
         real_tokens, left_padded = torch.stack([real.sum(), ~real[:, 0].all()]).tolist()
         if not _unpadding_pays(real_tokens, left_padded, batch, seqlen):
             return None, real_tokens < batch * seqlen
@@ -81,18 +81,16 @@ def plan_unpadding(unpad, attention_mask, document_starts, batch, seqlen, output
         flat = real.flatten()
         first_real, last_real = flat.int().argmax(), flat.numel() - 1 - flat.flip(0).int().argmax()
         sequence_ends = lengths[:batch].cumsum(0)  # every sequence's, unless documents make more than B
-        facts = torch.cat([torch.stack([real.sum(), starts.sum(), lengths.max(), (~real[:, 0]).any().long(),
-                                        first_real, last_real]), sequence_ends]).tolist()
-        real_tokens, sequences, max_seqlen, left_padded, first_real, last_real = facts[:6]
+        facts = torch.cat([torch.stack([real.sum(), starts.sum(), lengths.max(), first_real, last_real]),
+                           sequence_ends]).tolist()
+        real_tokens, sequences, max_seqlen, first_real, last_real = facts[:5]
         if real_tokens == 0:
             return None, True  # nothing to run the packed layout on
-        if auto and not _unpadding_pays(real_tokens, left_padded, batch, seqlen):
-            return None, real_tokens < batch * seqlen
         indices = torch.nonzero_static(flat, size=real_tokens)[:, 0]
         cu_seqlens = F.pad(lengths[:sequences].cumsum(0), (1, 0)).to(torch.int32)
     remember(indices, padding.index_facts, (first_real, last_real, True))
     if sequences <= batch:
-        remember(cu_seqlens, torch.Tensor.tolist, [0, *facts[6:6 + sequences]])
+        remember(cu_seqlens, torch.Tensor.tolist, [0, *facts[5:5 + sequences]])
     return PackedTokens(indices, cu_seqlens, max_seqlen, first_positions, batch, seqlen), True
 
 
