@@ -17,6 +17,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
 
 from . import backend
 from ._checks import FLOAT_DTYPES, check_float, check_like, check_shape, rows_view
+from ._dispatch import direct_when_eager
 from ._launch import launches_on_input_device
 
 ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
@@ -228,9 +229,8 @@ def _matmul(a, b, out, *, bias=None, activation=0, residual=None, act_grad=None,
     )
 
 
-@torch.library.custom_op("fastencoder::linear_fwd", mutates_args=())
 @launches_on_input_device
-def _linear_fwd(
+def _linear_fwd_impl(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: int,
     residual: torch.Tensor | None, save_act_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,6 +246,9 @@ def _linear_fwd(
     return out.view(*x.shape[:-1], n), act_grad
 
 
+_linear_fwd = torch.library.custom_op("fastencoder::linear_fwd", _linear_fwd_impl, mutates_args=())
+
+
 @_linear_fwd.register_fake
 def _(x, weight, bias, activation, residual, save_act_grad):
     out = x.new_empty(*x.shape[:-1], weight.shape[0])
@@ -253,9 +256,8 @@ def _(x, weight, bias, activation, residual, save_act_grad):
     return out, x.new_empty(rows, weight.shape[0]) if save_act_grad else x.new_empty(0)
 
 
-@torch.library.custom_op("fastencoder::linear_bwd", mutates_args=())
 @launches_on_input_device
-def _linear_bwd(
+def _linear_bwd_impl(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, act_grad: torch.Tensor | None,
     need_dx: bool, need_dweight: bool, need_dbias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -284,6 +286,9 @@ def _linear_bwd(
     return dx, dweight, dbias
 
 
+_linear_bwd = torch.library.custom_op("fastencoder::linear_bwd", _linear_bwd_impl, mutates_args=())
+
+
 @_linear_bwd.register_fake
 def _(dy, x, weight, act_grad, need_dx, need_dweight, need_dbias):
     return (
@@ -305,7 +310,7 @@ def _backward(ctx, dy, _d_act_grad):
     x, weight, act_grad = ctx.saved_tensors
     need_dx, need_dweight, need_dbias, _, need_dresidual, _ = ctx.needs_input_grad
     need_dbias = need_dbias and ctx.has_bias
-    dx, dweight, dbias = _linear_bwd(
+    dx, dweight, dbias = _call_linear_bwd(
         dy, x, weight, act_grad if ctx.has_act_grad else None, need_dx, need_dweight, need_dbias
     )
     return (
@@ -319,6 +324,8 @@ def _backward(ctx, dy, _d_act_grad):
 
 
 _linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+_call_linear_fwd = direct_when_eager(_linear_fwd, _linear_fwd_impl, _backward, _setup_context)
+_call_linear_bwd = direct_when_eager(_linear_bwd, _linear_bwd_impl)
 
 # each activation of the linear op, as PyTorch computes it (the references, the PyTorch path, and
 # the models where an op is not fused)
@@ -380,7 +387,7 @@ def linear(x, weight, bias=None, activation=None, residual=None):
     save_act_grad = ACTIVATIONS[activation] != 0 and torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    return _linear_fwd(x, weight, bias, ACTIVATIONS[activation], residual, save_act_grad)[0]
+    return _call_linear_fwd(x, weight, bias, ACTIVATIONS[activation], residual, save_act_grad)[0]
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastencoder.kernels import layer_norm, padding
+from fastencoder.kernels import layer_norm, linear, padding
 
 
 class RecordedOps(TorchDispatchMode):
@@ -25,6 +25,12 @@ def _layer_norm_case():
         "fastencoder.layer_norm_fwd", "fastencoder.layer_norm_bwd"
 
 
+def _linear_case():
+    x, weight, bias = (torch.randn(*shape, requires_grad=True) for shape in ((5, 24), (40, 24), (40,)))
+    return (x, weight, bias), lambda: linear(x, weight, bias, activation="gelu"), \
+        "fastencoder.linear_fwd", "fastencoder.linear_bwd"
+
+
 def _padding_case():
     hidden = torch.randn(3, 4, 24, requires_grad=True)
     indices = torch.tensor([0, 1, 2, 4, 8, 9, 11])
@@ -41,7 +47,7 @@ def _ops_seen(run):
     return {event.name for event in profile.events() if event.name.startswith("fastencoder::")}, out, grads
 
 
-@pytest.mark.parametrize("case", [_layer_norm_case, _padding_case])
+@pytest.mark.parametrize("case", [_layer_norm_case, _linear_case, _padding_case])
 def test_eager_calls_skip_the_dispatcher_and_traced_calls_see_the_op(device, triton_backend, case):
     torch.manual_seed(0)
     run = case()
