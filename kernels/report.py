@@ -6,7 +6,7 @@ registers, spill (stack) bytes and shared memory from the cubin with the cuobjdu
 ships, counts the SASS instructions of one iteration of the main loop, works out how many CTAs
 (program instances) fit on one SM at once, and checks that the sm_90a SASS of matmul-class kernels
 uses wgmma (HGMMA). It prints one table and exits non-zero on a compile failure, a spill, too much
-shared memory, or missing HGMMA.
+shared memory, missing HGMMA, or fewer CTAs per SM than a case is meant for.
 
     python -m fastencoder.kernels.report [--filter TEXT] [--markdown FILE] [--jobs N]
 """
@@ -162,6 +162,9 @@ def problems(case, results):
             found.append(f"{arch}: {result['shared']} bytes of shared memory > {MAX_SHARED[arch]}")
         if arch == "sm_90a" and case["matmul"] and not result["hgmma"]:
             found.append("sm_90a: no HGMMA in the SASS of a matmul-class kernel")
+        meant_for = case.get("min_ctas", {}).get(arch, 1)  # a case may name the CTAs per SM it is for
+        if result["ctas"] < meant_for:
+            found.append(f"{arch}: {result['ctas']} CTAs per SM, the config is meant for {meant_for}")
     return found
 
 
@@ -224,7 +227,7 @@ def main(argv=None):
     print(table)
     failed = [row for row in rows if row[2]]
     summary = f"{len(rows)} kernel variants, each compiled for {' and '.join(ARCHS)}: " + (
-        f"{len(failed)} with problems" if failed else "all compile, 0 spills, HGMMA where expected"
+        f"{len(failed)} with problems" if failed else "all compile, 0 spills, HGMMA and CTAs per SM where expected"
     )
     print(summary)
     if args.markdown:

@@ -27,11 +27,18 @@ def test_every_variant_compiles_without_spills(kernel, tmp_path):
 
 def test_problems_are_reported():
     case = dict(matmul=True)
-    clean = dict(registers=128, stack=0, local=0, shared=1024, hgmma=4)
+    clean = dict(registers=128, stack=0, local=0, shared=1024, hgmma=4, ctas=2)
     assert report.problems(case, {"sm_80": dict(clean, hgmma=None), "sm_90a": clean}) == []
     found = report.problems(case, {"sm_80": dict(clean, stack=16), "sm_90a": dict(clean, hgmma=0)})
     assert found == ["sm_80: spills (16 stack bytes, 0 local)", "sm_90a: no HGMMA in the SASS of a matmul-class kernel"]
     assert report.problems(case, {"sm_80": {"error": "boom"}, "sm_90a": clean}) == ["sm_80: compile failed: boom"]
+    # a case meant for two CTAs per SM on sm_90a; any kernel needs at least one
+    two = dict(case, min_ctas={"sm_90a": 2})
+    assert report.problems(two, {"sm_80": dict(clean, ctas=1), "sm_90a": clean}) == []
+    assert report.problems(two, {"sm_80": clean, "sm_90a": dict(clean, ctas=1)}) == [
+        "sm_90a: 1 CTAs per SM, the config is meant for 2"]
+    assert report.problems(case, {"sm_80": dict(clean, ctas=0), "sm_90a": clean}) == [
+        "sm_80: 0 CTAs per SM, the config is meant for 1"]
 
 
 def _sass(*lines):
