@@ -138,10 +138,22 @@ def _config(block_m, block_n, block_k, stages, warps):
     )
 
 
+# The 128×128 tile at 4 stages takes 129 KB of shared memory on sm_90a: one CTA per SM (of 228 KB).
+# At 3 stages it takes 97 KB, and two CTAs share an SM where registers allow it (≤ 128 per thread
+# at 8 warps): four tiles in flight per SM instead of three, and one CTA's epilogue running while
+# the other's main loop does. The variants within 128 registers there are the forward that stores
+# no act' (bias, any activation, residual: 110–128) and the dx and dW products without act' or
+# bias gradient (118, 122). They try this config besides the 4-stage one and the autotuner keeps
+# the faster (on sm_80 the tile holds one CTA per SM at either depth, 184 registers, where 4 stages
+# should stay ahead). Storing act', applying it and reducing the bias gradient take 145–188
+# registers: one CTA whatever the stages, so 3 stages would only shorten their pipeline; they keep
+# 4 (and find two CTAs per SM in the smaller tiles). The report checks the two CTAs per SM.
+TWO_CTAS_128X128 = _config(128, 128, 64, 3, 8)
 # Tiles for Hopper and Ampere at BERT shapes (M = tokens, N and K in 384…4096): large tiles for
 # thousands of tokens, small ones so that a 128-token batch still fills the SMs.
 CONFIGS_16BIT = [
     _config(128, 128, 64, 4, 8),
+    TWO_CTAS_128X128,
     _config(64, 128, 64, 4, 4),
     _config(128, 64, 64, 4, 8),
     _config(64, 64, 64, 4, 4),
@@ -156,6 +168,14 @@ CONFIGS_FP32 = [
 INTERPRETER_CONFIGS = [_config(32, 32, 32, 1, 4)]
 
 
+def _configs_for_variant(configs, named_args, **kwargs):
+    """The configs the autotuner tries for one variant: TWO_CTAS_128X128 only where the epilogue
+    leaves registers for two CTAs per SM (see above). The flags are among the launch's arguments."""
+    flags = {**named_args, **kwargs}
+    two_ctas = not (flags["STORE_ACT_GRAD"] or flags["SCALE_A"] or flags["ROWSUM_A"])
+    return [config for config in configs if two_ctas or config is not TWO_CTAS_128X128]
+
+
 def _autotuned(configs):
     return triton.autotune(
         configs=INTERPRETER_CONFIGS if backend.INTERPRET else configs,
@@ -163,6 +183,7 @@ def _autotuned(configs):
         # size or padded length must not trigger a new tuning run. The kernel bounds with exact M, K.
         key=["M_BUCKET", "N", "K_BUCKET", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL", "STORE_ACT_GRAD",
              "SCALE_A", "STORE_A", "ROWSUM_A", "ALLOW_TF32"],
+        prune_configs_by=dict(early_config_prune=_configs_for_variant),
     )(_linear_kernel)
 
 
@@ -449,6 +470,8 @@ def compile_cases():
             tile = "{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(**config.kwargs)
             for variant, overrides in _VARIANTS.items():
                 constexprs = {**flags, **overrides, **config.kwargs}
+                if not _configs_for_variant([config], {}, **constexprs):
+                    continue
                 p = f"*{dtype}"
                 signature = dict(A=p, B=p, C=p, Bias=p, Residual=p, ActGrad=p, DA=p, RowSum="*fp32")
                 signature.update({name: "i32" for name in _INT_ARGS if name not in constexprs})
@@ -459,4 +482,5 @@ def compile_cases():
                     divisible_by_16=[n for n in signature if n.startswith("stride") or n in ("N", "K")],
                     num_warps=config.num_warps, num_stages=config.num_stages,
                     matmul=dtype != "fp32",  # fp32 without TF32 runs on FMA units, not wgmma
+                    min_ctas={"sm_90a": 2} if config is TWO_CTAS_128X128 else {},
                 )

@@ -3,8 +3,10 @@
 For each case that a kernel module lists in `compile_cases()` (every autotune config × dtype ×
 flag variant it launches) this compiles with `triton.compile(..., target=GPUTarget(...))`, reads
 registers, spill (stack) bytes and shared memory from the cubin with the cuobjdump that Triton
-ships, and checks that the sm_90a SASS of matmul-class kernels uses wgmma (HGMMA). It prints one
-table and exits non-zero on a compile failure, a spill, too much shared memory, or missing HGMMA.
+ships, counts the SASS instructions of one iteration of the main loop, works out how many CTAs
+(program instances) fit on one SM at once, and checks that the sm_90a SASS of matmul-class kernels
+uses wgmma (HGMMA). It prints one table and exits non-zero on a compile failure, a spill, too much
+shared memory, missing HGMMA, or fewer CTAs per SM than a case is meant for.
 
     python -m fastencoder.kernels.report [--filter TEXT] [--markdown FILE] [--jobs N]
 """
@@ -23,6 +25,63 @@ ARCHS = {"sm_80": 80, "sm_90a": 90}
 # Shared memory one block may use (opt-in maximum): A100 and H100/H200.
 MAX_SHARED = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}
 
+# How many CTAs (program instances) fit on one SM at once, as NVIDIA's occupancy calculator works
+# it out (CUDA C++ Programming Guide, "Compute Capabilities" table, and the calculator's rules):
+# the least of what each resource allows, with
+#   registers: a warp gets registers*32 rounded up to 256, from one of the SM's four partitions of
+#              16K registers; a partition holds floor(16K / that) warps, the SM four times as many;
+#   warps:     64 resident warps (2048 threads) per SM;
+#   shared:    the SM's shared memory over what a CTA takes: its static and dynamic shared memory
+#              plus 1 KB the driver reserves per CTA (since compute capability 8.0), rounded up to 128 B;
+#   blocks:    32 resident CTAs per SM.
+# Compute capabilities 8.0 (A100) and 9.0 (H100/H200) share every constant but the shared memory.
+SM_SHARED = {"sm_80": 164 * 1024, "sm_90a": 228 * 1024}
+SM_REGISTER_PARTITIONS, PARTITION_REGISTERS, REGISTER_UNIT = 4, 16 * 1024, 256
+SM_WARPS, SM_CTAS = 64, 32
+RESERVED_SHARED, SHARED_UNIT = 1024, 128
+
+
+def _round_up(value, unit):
+    return -(-value // unit) * unit
+
+
+def ctas_per_sm(arch, registers, warps, shared):
+    """CTAs of `warps` warps, `registers` registers per thread and `shared` bytes of static plus
+    dynamic shared memory that can be resident on one SM of `arch` at once."""
+    warps_by_registers = PARTITION_REGISTERS // _round_up(registers * 32, REGISTER_UNIT) * SM_REGISTER_PARTITIONS
+    cta_shared = _round_up(shared + RESERVED_SHARED, SHARED_UNIT)
+    return min(warps_by_registers // warps, SM_WARPS // warps, SM_SHARED[arch] // cta_shared, SM_CTAS)
+
+
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
+# a branch, predicated or not, any variant (BRA.U, BRA.DIV...); its target is its last address
+_BRANCH = re.compile(r"(?:@!?U?P\w+\s+)?BRA\b.*?(0x[0-9a-f]+)\s*$")
+
+
+def main_loop(sass):
+    """The SASS instructions of one iteration of a kernel's main loop, [(address, instruction)],
+    from cuobjdump's SASS of one kernel; [] for a kernel without a loop.
+
+    A loop is a backward branch: from its target to the branch, inclusive (a branch to itself is
+    the endless trap ptxas puts after the last EXIT, not a loop). The main loop is the largest
+    innermost one (one that contains no other loop): an innermost loop is the one that runs most
+    often, and where a kernel has several in sequence (a loop over full blocks and one over the
+    ragged tail, or two passes over a row) the largest is the one that does the kernel's work,
+    the others being shorter versions of it or cheap passes."""
+    instructions, loops = [], []
+    for match in _INSTRUCTION.finditer(sass):
+        address, text = int(match[1], 16), match[2].strip()
+        instructions.append((address, text))
+        branch = _BRANCH.match(text)
+        if branch and int(branch[1], 16) < address:
+            loops.append((int(branch[1], 16), address))
+    innermost = [
+        (start, end) for start, end in loops
+        if not any((start, end) != other and start <= other[0] and other[1] <= end for other in loops)
+    ]
+    bodies = [[(a, text) for a, text in instructions if start <= a <= end] for start, end in innermost]
+    return max(bodies, key=len, default=[])
+
 
 def all_cases(name_filter=""):
     cases = []
@@ -38,8 +97,16 @@ def _cuobjdump():
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
-def compile_case(case, arch):
-    """Compile one case for one arch; returns a dict of what the cubin says, or an error."""
+def cuobjdump(option, cubin):
+    """What Triton's cuobjdump prints for a cubin (bytes) with one option."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        return subprocess.run([_cuobjdump(), option, file.name], capture_output=True, text=True, check=True).stdout
+
+
+def compile_for(case, arch):
+    """The Triton compilation of one case for one arch."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -57,30 +124,29 @@ def compile_case(case, arch):
         for index, (name, kind) in enumerate(signature.items())
         if kind.startswith("*") or name in divisible
     }
-    source = ASTSource(case["fn"], signature, constexprs, aligned)
+    return triton.compile(
+        ASTSource(case["fn"], signature, constexprs, aligned), target=GPUTarget("cuda", ARCHS[arch], 32),
+        options=dict(num_warps=case["num_warps"], num_stages=case["num_stages"]),
+    )
+
+
+def compile_case(case, arch):
+    """Compile one case for one arch; returns a dict of what the cubin says, or an error."""
     try:
-        compiled = triton.compile(
-            source, target=GPUTarget("cuda", ARCHS[arch], 32),
-            options=dict(num_warps=case["num_warps"], num_stages=case["num_stages"]),
-        )
+        compiled = compile_for(case, arch)
     except Exception as error:  # any compiler failure is a finding of the report
         return dict(error=f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        usage = subprocess.run(
-            [_cuobjdump(), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True
-        ).stdout
-        hgmma = None
-        if arch == "sm_90a":
-            sass = subprocess.run(
-                [_cuobjdump(), "--dump-sass", cubin.name], capture_output=True, text=True, check=True
-            ).stdout
-            hgmma = sass.count("HGMMA")
+    usage = cuobjdump("--dump-resource-usage", compiled.asm["cubin"])
+    sass = cuobjdump("--dump-sass", compiled.asm["cubin"])
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    registers, shared = int(fields["REG"]), int(fields["SHARED"]) + compiled.metadata.shared
+    # sm_90a cubins declare 1 KB of static shared memory for the driver's reserved window (a
+    # __nv_reservedSMEM symbol); counted here like the occupancy calculator counts any static
+    # shared memory, next to the reservation itself: it may cost a CTA, never add one
     return dict(
-        registers=int(fields["REG"]), stack=int(fields["STACK"]), local=int(fields["LOCAL"]),
-        shared=int(fields["SHARED"]) + compiled.metadata.shared, hgmma=hgmma,
+        registers=registers, stack=int(fields["STACK"]), local=int(fields["LOCAL"]), shared=shared,
+        hgmma=sass.count("HGMMA") if arch == "sm_90a" else None,
+        loop=len(main_loop(sass)) or None, ctas=ctas_per_sm(arch, registers, case["num_warps"], shared),
     )
 
 
@@ -96,6 +162,9 @@ def problems(case, results):
             found.append(f"{arch}: {result['shared']} bytes of shared memory > {MAX_SHARED[arch]}")
         if arch == "sm_90a" and case["matmul"] and not result["hgmma"]:
             found.append("sm_90a: no HGMMA in the SASS of a matmul-class kernel")
+        meant_for = case.get("min_ctas", {}).get(arch, 1)  # a case may name the CTAs per SM it is for
+        if result["ctas"] < meant_for:
+            found.append(f"{arch}: {result['ctas']} CTAs per SM, the config is meant for {meant_for}")
     return found
 
 
@@ -128,14 +197,20 @@ def _cell(result):
     return f"{result['registers']} / {result['stack']} / {result['shared'] // 1024}K"
 
 
+def _number(result, key):
+    return "-" if result.get(key) is None else str(result[key])
+
+
 def format_table(rows):
-    header = "| kernel variant | sm_80 regs / spill B / smem | sm_90a regs / spill B / smem | sm_90a HGMMA | ok |"
-    lines = [header, "|---|---|---|---|---|"]
+    header = ("| kernel variant | sm_80 regs / spill B / smem | sm_90a regs / spill B / smem | sm_80 CTAs/SM "
+              "| sm_90a CTAs/SM | sm_80 SASS instr / loop iter | sm_90a SASS instr / loop iter | sm_90a HGMMA | ok |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for case, result, found in rows:
-        hgmma = result["sm_90a"].get("hgmma")
+        sm80, sm90 = result["sm_80"], result["sm_90a"]
         lines.append(
-            f"| {case['name']} | {_cell(result['sm_80'])} | {_cell(result['sm_90a'])} | "
-            f"{'-' if hgmma is None else hgmma} | {'yes' if not found else 'NO: ' + '; '.join(found)} |"
+            f"| {case['name']} | {_cell(sm80)} | {_cell(sm90)} | {_number(sm80, 'ctas')} | "
+            f"{_number(sm90, 'ctas')} | {_number(sm80, 'loop')} | {_number(sm90, 'loop')} | "
+            f"{_number(sm90, 'hgmma')} | {'yes' if not found else 'NO: ' + '; '.join(found)} |"
         )
     return "\n".join(lines)
 
@@ -152,7 +227,7 @@ def main(argv=None):
     print(table)
     failed = [row for row in rows if row[2]]
     summary = f"{len(rows)} kernel variants, each compiled for {' and '.join(ARCHS)}: " + (
-        f"{len(failed)} with problems" if failed else "all compile, 0 spills, HGMMA where expected"
+        f"{len(failed)} with problems" if failed else "all compile, 0 spills, HGMMA and CTAs per SM where expected"
     )
     print(summary)
     if args.markdown:

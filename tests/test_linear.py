@@ -131,6 +131,33 @@ def test_autotune_keys_are_bounded_over_token_counts(monkeypatch):
     assert len(buckets) <= 11  # powers of two 16 … 16384
 
 
+def test_the_two_cta_config_is_tried_only_where_registers_allow_two_ctas(monkeypatch):
+    """TWO_CTAS_128X128 (3 stages: two CTAs per SM on sm_90a if the kernel stays within 128
+    registers) is among the configs the autotuner tries for the forward that stores no act' and for
+    the plain dx and dW products, and not for the epilogues above 128 registers (act' stored or
+    applied, bias gradient reduced). The launches are the op's own; the report checks the two CTAs."""
+    arg_names = linear_module._KERNELS[torch.float16].arg_names
+    launches = []
+
+    class Recording:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(dict(zip(arg_names, args), **kwargs))
+
+    monkeypatch.setattr(linear_module, "_KERNELS", {torch.float16: Recording()})
+    x, dy = torch.empty(64, 32, dtype=torch.float16), torch.empty(64, 48, dtype=torch.float16)
+    weight, bias = torch.empty(48, 32, dtype=torch.float16), torch.empty(48, dtype=torch.float16)
+    linear_module._linear_fwd(x, weight, bias, 1, None, False)  # inference, erf GELU
+    _, act_grad = linear_module._linear_fwd(x, weight, bias, 1, None, True)  # training, erf GELU
+    linear_module._linear_bwd(dy, x, weight, act_grad, True, True, True)  # dx applying act', dW + db
+    linear_module._linear_bwd(dy, x, weight, None, True, True, False)  # dx, dW without db
+    tried = [linear_module.TWO_CTAS_128X128 in linear_module._configs_for_variant(linear_module.CONFIGS_16BIT, named)
+             for named in launches]
+    assert tried == [True, False, False, False, True, True]
+    # the other configs are tried by every variant
+    assert all(len(linear_module._configs_for_variant(linear_module.CONFIGS_16BIT, named))
+               >= len(linear_module.CONFIGS_16BIT) - 1 for named in launches)
+
+
 @pytest.mark.parametrize("tokens", [33, 61])  # both in the bucket of 64
 def test_results_do_not_depend_on_the_bucket(tokens, device, triton_backend):
     """The kernel bounds its loops and stores with the exact sizes: two token counts that share

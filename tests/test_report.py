@@ -1,5 +1,7 @@
 """The static kernel report: every kernel variant compiles for sm_80 and sm_90a, with no spills and
-(for matmul-class kernels) wgmma on sm_90a. Runs without a GPU."""
+(for matmul-class kernels) wgmma on sm_90a; the main-loop instruction count and the CTAs per SM it
+lists. Runs without a GPU."""
+import json
 import os
 import subprocess
 import sys
@@ -25,8 +27,128 @@ def test_every_variant_compiles_without_spills(kernel, tmp_path):
 
 def test_problems_are_reported():
     case = dict(matmul=True)
-    clean = dict(registers=128, stack=0, local=0, shared=1024, hgmma=4)
+    clean = dict(registers=128, stack=0, local=0, shared=1024, hgmma=4, ctas=2)
     assert report.problems(case, {"sm_80": dict(clean, hgmma=None), "sm_90a": clean}) == []
     found = report.problems(case, {"sm_80": dict(clean, stack=16), "sm_90a": dict(clean, hgmma=0)})
     assert found == ["sm_80: spills (16 stack bytes, 0 local)", "sm_90a: no HGMMA in the SASS of a matmul-class kernel"]
     assert report.problems(case, {"sm_80": {"error": "boom"}, "sm_90a": clean}) == ["sm_80: compile failed: boom"]
+    # a case meant for two CTAs per SM on sm_90a; any kernel needs at least one
+    two = dict(case, min_ctas={"sm_90a": 2})
+    assert report.problems(two, {"sm_80": dict(clean, ctas=1), "sm_90a": clean}) == []
+    assert report.problems(two, {"sm_80": clean, "sm_90a": dict(clean, ctas=1)}) == [
+        "sm_90a: 1 CTAs per SM, the config is meant for 2"]
+    assert report.problems(case, {"sm_80": dict(clean, ctas=0), "sm_90a": clean}) == [
+        "sm_80: 0 CTAs per SM, the config is meant for 1"]
+
+
+def _sass(*lines):
+    """cuobjdump-style SASS of one kernel: one instruction per 16 bytes, each followed by the
+    second half of its encoding on a line of its own, as cuobjdump prints them."""
+    return "\n".join(
+        f"        /*{16 * index:04x}*/                   {line} ;   /* 0x000000000000794d */\n"
+        f"                                                   /* 0x000fea0003800000 */"
+        for index, line in enumerate(lines)
+    )
+
+
+def _kernel(*lines):
+    """SASS of a kernel that ends as ptxas ends every kernel: EXIT, then a branch to itself."""
+    return _sass(*lines, "EXIT", f"BRA 0x{16 * (len(lines) + 1):x}")
+
+
+def test_a_kernel_without_a_loop_has_no_main_loop():
+    assert report.main_loop(_kernel("S2R R0, SR_CTAID.X", "@P0 BRA 0x40", "IADD3 R1, R0, 0x1, RZ",
+                                    "STG.E [R2.64], R1")) == []
+
+
+def test_the_loop_runs_from_the_backward_branch_target_to_the_branch():
+    sass = _kernel("S2R R0, SR_CTAID.X",           # 0x00
+                   "MOV R1, RZ",                    # 0x10: loop start
+                   "HMMA.16816.F32 R4, R8, R12, R4",
+                   "IADD3 R1, R1, 0x1, RZ",
+                   "ISETP.GE.AND P0, PT, R1, R2, PT",
+                   "@!P0 BRA 0x10",                 # 0x50: back to 0x10
+                   "STG.E [R2.64], R4")
+    body = report.main_loop(sass)
+    assert [address for address, _ in body] == [0x10, 0x20, 0x30, 0x40, 0x50]
+    assert body[-1][1] == "@!P0 BRA 0x10"
+
+
+def test_forward_branches_inside_a_loop_stay_in_it():
+    sass = _kernel("MOV R1, RZ",                    # 0x00: loop start
+                   "@P1 BRA 0x40",                  # skips the masked part forward
+                   "FSEL R4, R4, -INF , P2",
+                   "BSSY B0, 0x60",
+                   "FMUL R4, R4, R5",               # 0x40
+                   "BSYNC B0",
+                   "BRA.U !UP0, 0x0")               # 0x60: unconditional-form branch back to 0x00
+    assert len(report.main_loop(sass)) == 7
+
+
+def test_nested_loops_count_the_inner_one():
+    sass = _kernel("MOV R1, RZ",                    # 0x00: outer loop start
+                   "MOV R2, RZ",                    # 0x10: inner loop start
+                   "FFMA R4, R5, R6, R4",
+                   "IADD3 R2, R2, 0x1, RZ",
+                   "@P0 BRA 0x10",                  # 0x40: inner back edge
+                   "IADD3 R1, R1, 0x1, RZ",
+                   "@P1 BRA 0x0")                   # 0x60: outer back edge
+    assert [address for address, _ in report.main_loop(sass)] == [0x10, 0x20, 0x30, 0x40]
+
+
+def test_of_loops_in_sequence_the_largest_counts():
+    sass = _kernel("FADD R4, R4, R5",               # 0x00: first pass, 2 instructions
+                   "@P0 BRA 0x0",
+                   "FMUL R6, R4, R4",               # 0x20: second pass, 4 instructions
+                   "FFMA R7, R6, R6, R7",
+                   "STG.E [R2.64], R7",
+                   "@!P1 BRA 0x20",
+                   "IADD3 R0, R0, 0x1, RZ",         # 0x60: a loop around the second pass only
+                   "@P2 BRA 0x20")
+    assert [address for address, _ in report.main_loop(sass)] == [0x20, 0x30, 0x40, 0x50]
+
+
+# The kernel the GEMM + GELU variants launch: its main loop is the K loop, which on sm_90a issues
+# every wgmma (HGMMA) of the kernel and on sm_80 every mma (HMMA), loads the next stage with
+# cp.async (LDGSTS), and stores nothing to global memory (the epilogue's STG follow the loop).
+_REAL_KERNEL = """
+import json, sys
+from fastencoder.kernels import report
+case = next(c for c in report.all_cases("linear fwd+gelu ") if c["name"].endswith("fp16"))
+print(json.dumps({arch: dict(sass=report.cuobjdump("--dump-sass", report.compile_for(case, arch).asm["cubin"]),
+                             result=report.compile_case(case, arch)) for arch in report.ARCHS}))
+"""
+
+
+def test_main_loop_of_a_compiled_gemm_is_its_k_loop():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _REAL_KERNEL], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for arch, found in json.loads(done.stdout).items():
+        sass, result = found["sass"], found["result"]
+        body = [text for _, text in report.main_loop(sass)]
+        mma = "HGMMA" if arch == "sm_90a" else "HMMA"
+        assert sum(mma in text for text in body) == sass.count(mma) > 0, arch
+        assert any(text.startswith("LDGSTS") for text in body), arch
+        assert not any(text.startswith("STG") for text in body) and "STG" in sass, arch
+        assert len(body) < len(report._INSTRUCTION.findall(sass)), arch
+        assert result["loop"] == len(body), arch
+
+
+@pytest.mark.parametrize("arch, registers, warps, shared, ctas", [
+    ("sm_90a", 128, 8, 48 * 1024, 2),    # registers: 128 x 32 = 4096 per warp, 4 warps per partition
+    ("sm_90a", 168, 8, 48 * 1024, 1),    # 5376 per warp: 3 warps per partition, 12 per SM
+    ("sm_90a", 114, 8, 48 * 1024, 2),    # 114 rounds up to 120 per thread: still 4 per partition
+    ("sm_90a", 200, 1, 0, 8),            # 6400 per warp: 2 per partition; 16K / 6400 x 4 would say 10
+    ("sm_90a", 24, 4, 0, 16),            # warp slots: 64 / 4 (registers would allow 21)
+    ("sm_90a", 32, 1, 0, 32),            # block slots
+    # registers allow 4 CTAs of 8 warps at 64 per thread; shared memory, with the 1 KB reservation:
+    ("sm_90a", 64, 8, 96 * 1024, 2),     # 2 x (96 + 1) KB fit in 228 KB
+    ("sm_80", 64, 8, 96 * 1024, 1),      # but not in 164 KB
+    ("sm_90a", 64, 8, 113 * 1024, 2),    # 2 x 114 KB = 228 KB exactly
+    ("sm_90a", 64, 8, 113 * 1024 + 1, 1),  # one byte more (rounded up to 128 B) and only one fits
+    ("sm_90a", 64, 8, 128 * 1024, 1),
+    ("sm_80", 64, 8, 40 * 1024, 4),      # 164 KB / 41 KB
+])
+def test_ctas_per_sm(arch, registers, warps, shared, ctas):
+    assert report.ctas_per_sm(arch, registers, warps, shared) == ctas
