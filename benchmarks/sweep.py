@@ -671,30 +671,35 @@ def sentence_transformer_cases(settings):
                    cpu_median_ms=timing["cpu_median_ms"], rounds=timing["repeats"])
 
 
-def host_overhead_cases(settings, calls=10):
+def host_overhead_cases(settings, device="cpu", calls=10):
     """Host time per encoder layer: a tiny BERT (hidden 32, 2 heads) on one 8-token sequence, where
-    the arithmetic is negligible and what is timed is the framework's work per op. Per layer = the
-    difference between two depths (the embeddings and the per-call work cancel out), of the
-    fastest rounds: other work on the machine only ever adds to a host time."""
+    the arithmetic is negligible and what is timed is the framework's work per op (on a GPU, fp16:
+    fastencoder's Triton kernels, whose launches are then the time). Per layer = the difference
+    between two depths (the embeddings and the per-call work cancel out), of the fastest rounds:
+    other work on the machine only ever adds to a host time."""
     import transformers
 
     import fastencoder
 
     layers = settings["host_layers"]
-    runs, inputs = {}, dict(input_ids=torch.randint(0, 128, (1, 8)), attention_mask=torch.ones(1, 8, dtype=torch.long))
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    inputs = dict(input_ids=torch.randint(0, 128, (1, 8), device=device),
+                  attention_mask=torch.ones(1, 8, dtype=torch.long, device=device))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    runs = {}
     for depth in layers:
         config = transformers.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=depth, num_attention_heads=2,
                                          intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         config._attn_implementation = "sdpa"
         torch.manual_seed(0)
-        hf = transformers.BertModel(config).eval()
+        hf = transformers.BertModel(config).eval().to(device, dtype)
         ours = fastencoder.optimize(copy.deepcopy(hf))
-        check_model_output(ours, hf, "HF sdpa", inputs, torch.float32)
+        check_model_output(ours, hf, "HF sdpa", inputs, dtype)
         for variant, model in (("HF sdpa", hf), ("fastencoder", ours)):
-            runs[variant, depth] = lambda model=model: [model(**inputs) for _ in range(calls)]
+            runs[variant, depth] = lambda model=model: ([model(**inputs) for _ in range(calls)], sync())
     with torch.inference_mode():
         timings = _interleaved(runs, settings, settings["host_rounds"])
-    case = "host time per layer, tiny BERT (hidden 32) B1xS8 float32"
+    case = f"host time per layer, tiny BERT (hidden 32) B1xS8 {_dtype_name(dtype)}" + (" on the GPU" if device == "cuda" else "")
     per_layer = lambda variant, clock: (timings[variant, layers[1]][clock] - timings[variant, layers[0]][clock]) / (
         calls * (layers[1] - layers[0]))
     for variant in ("HF sdpa", "fastencoder"):
@@ -794,6 +799,8 @@ def run(quick=False, smoke=False, out_root=Path("results"), progress=True, cpu_s
                       ("layer_norm", layer_norm_cases)))]
         if torch.cuda.is_available() or backend.INTERPRET:  # the kernels forced: compiled or interpreted
             groups.append(("model", "fp32 rule", lambda: fp32_rule_cases(settings)))
+        if torch.cuda.is_available():
+            groups.append(("host", "host", lambda: host_overhead_cases(CPU, device="cuda")))
     out_dir = Path(out_root) / results_dir_name(info)
     rows, ceilings = [], {}
     # the CPU sweep's bar advances per case (its model group is most of the run), the GPU's per group
