@@ -6,7 +6,6 @@ on the wrong device, or unordered against its own stream. Every op runs its laun
 `on_device_of`, which makes the tensors' device current for them (the stream follows: Triton takes
 the current stream of the current device).
 """
-import contextlib
 import functools
 import threading
 
@@ -21,16 +20,26 @@ def launch_device():
     return getattr(_guard, "device", None)
 
 
-@contextlib.contextmanager
-def on_device_of(tensor):
-    """Launches inside run on `tensor`'s device and that device's current stream."""
-    previous = launch_device()
-    _guard.device = tensor.device
-    try:
-        with torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext():
-            yield
-    finally:
-        _guard.device = previous
+class on_device_of:
+    """Launches inside run on `tensor`'s device and that device's current stream. (A class rather
+    than a generator-based context manager: it wraps every op call, and its cost is host time.)"""
+
+    def __init__(self, tensor):
+        self.device = tensor.device
+        self.cuda_device = torch.cuda.device(self.device) if tensor.is_cuda else None
+
+    def __enter__(self):
+        self.previous = launch_device()
+        _guard.device = self.device
+        if self.cuda_device is not None:
+            self.cuda_device.__enter__()
+
+    def __exit__(self, *exception):
+        try:
+            if self.cuda_device is not None:
+                self.cuda_device.__exit__(*exception)
+        finally:
+            _guard.device = self.previous
 
 
 def launches_on_input_device(op):
@@ -44,3 +53,13 @@ def launches_on_input_device(op):
             return op(*args, **kwargs)
 
     return on_input_device
+
+
+# The launch grids' arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are
+# constexpr functions in recent Triton, whose calls from Python cost microseconds each.
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def next_power_of_2(n):
+    return 1 << max(0, (n - 1).bit_length())

@@ -14,7 +14,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
 from . import backend
 from ._checks import FLOAT_DTYPES, check_float, check_like, check_shape, rows_view
 from ._dispatch import direct_when_eager
-from ._launch import launches_on_input_device
+from ._launch import cdiv, launches_on_input_device, next_power_of_2
 
 MAX_HIDDEN = 4096  # a row lives in registers; wider rows spill in the backward
 
@@ -83,14 +83,14 @@ def _layer_norm_bwd_kernel(
 
 
 def _fwd_launch_params(n):
-    block_n = triton.next_power_of_2(n)
+    block_n = next_power_of_2(n)
     block_m = max(1, 4096 // block_n)  # ~4K elements per program
     num_warps = 4 if block_n <= 2048 else (8 if block_n <= 8192 else 16)
     return block_m, block_n, num_warps
 
 
 def _bwd_launch_params(n):
-    block_n = triton.next_power_of_2(n)
+    block_n = next_power_of_2(n)
     return block_n, (4 if block_n <= 1024 else (8 if block_n <= 4096 else 16))
 
 
@@ -113,7 +113,7 @@ def _layer_norm_fwd_impl(
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     block_m, block_n, num_warps = _fwd_launch_params(n)
-    _layer_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+    _layer_norm_fwd_kernel[(cdiv(m, block_m),)](
         x2, r2, weight, bias, y, mean, rstd,
         m, n, x2.stride(0), r2.stride(0), y.stride(0), eps,
         HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,

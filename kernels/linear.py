@@ -18,7 +18,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
 from . import backend
 from ._checks import FLOAT_DTYPES, check_float, check_like, check_shape, rows_view
 from ._dispatch import direct_when_eager
-from ._launch import launches_on_input_device
+from ._launch import cdiv, launches_on_input_device, next_power_of_2
 
 ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
@@ -196,7 +196,7 @@ _KERNELS = {
 
 def _bucket(size):
     """The autotune key of a size that depends on the data: its power of two, within [16, 16384]."""
-    return min(triton.next_power_of_2(max(size, 16)), 16384)
+    return min(next_power_of_2(max(size, 16)), 16384)
 
 
 # The kernel loads the last tile along M and N wrapped around to valid rows, and vectorises loads
@@ -230,7 +230,7 @@ def _matmul(a, b, out, *, bias=None, activation=0, residual=None, act_grad=None,
         scale_a = _without_unit_stride_along(scale_a, 0)
     grad_rows = act_grad if act_grad is not None else scale_a
     unused = out  # stands in for the pointers a variant never touches
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
     _KERNELS[a.dtype][grid](
         a, b, out,
         unused if bias is None else bias,

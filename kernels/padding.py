@@ -21,7 +21,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
 from . import backend
 from ._checks import check_float, read_back
 from ._dispatch import direct_when_eager
-from ._launch import launches_on_input_device
+from ._launch import cdiv, launches_on_input_device
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 # A tile of 16 rows x 256 features (4096 elements, 32 per thread with 4 warps): wide, coalesced
@@ -91,7 +91,7 @@ def _unpad_impl(hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     num_tokens, width = indices.shape[0], hidden.shape[1]
     rows = torch.empty((num_tokens, width), dtype=hidden.dtype, device=hidden.device)
     if num_tokens and width:
-        _unpad_kernel[(triton.cdiv(num_tokens, BLOCK_ROWS),)](
+        _unpad_kernel[(cdiv(num_tokens, BLOCK_ROWS),)](
             hidden, indices, rows, num_tokens, width, hidden.stride(0), rows.stride(0),
             BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS, num_warps=NUM_WARPS,
         )
@@ -113,7 +113,7 @@ def _pad_impl(rows: torch.Tensor, indices: torch.Tensor, num_positions: int) -> 
     num_tokens, width = rows.shape
     out = torch.empty((num_positions, width), dtype=rows.dtype, device=rows.device)
     if num_positions and width:
-        _pad_kernel[(triton.cdiv(num_positions, BLOCK_ROWS),)](
+        _pad_kernel[(cdiv(num_positions, BLOCK_ROWS),)](
             rows, indices, out, num_tokens, num_positions, width, rows.stride(0), out.stride(0),
             num_tokens.bit_length(),
             BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS, num_warps=NUM_WARPS,
