@@ -147,7 +147,13 @@ def attention_mask_for(attention_mask, batch, seqlen, num_heads, dtype):
     if attention_mask.dim() == 2:
         if shape != (batch, seqlen):
             raise ValueError(f"a 2-D attention_mask must be [batch, sequence] = {(batch, seqlen)}, got {shape}")
-        return AttentionMask(attention_mask.bool(), None)
+        if tracing():
+            return AttentionMask(attention_mask.bool(), None)
+        # a normal tensor even under inference mode: the attention op then derives each sequence's
+        # length from it once for all layers (an inference tensor can change unseen, so it would
+        # derive them again in every layer)
+        with torch.inference_mode(False):
+            return AttentionMask(attention_mask != 0, None)
     if attention_mask.dim() == 3:
         if shape != (batch, seqlen, seqlen):
             raise ValueError(f"a 3-D attention_mask must be [batch, sequence, sequence] = "
