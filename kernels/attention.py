@@ -82,10 +82,31 @@ def _dropout_keep(seed, batch_head, rows, key_start, groups_per_row, threshold,
                   ROWS: tl.constexpr, COLS: tl.constexpr):
     groups = key_start // 4 + tl.arange(0, COLS // 4)
     counter = (rows[:, None] * groups_per_row + groups[None, :]).to(tl.uint32, bitcast=True)
-    r0, r1, r2, r3 = tl.philox(seed, counter, batch_head.to(tl.uint32, bitcast=True), 0, 0)
+    r0, r1, r2, r3 = _philox(seed, counter, batch_head.to(tl.uint32, bitcast=True))
     # join twice: [ROWS, COLS/4, 2, 2] whose flat order is r0, r1, r2, r3 per group
     draws = tl.join(tl.join(r0, r2), tl.join(r1, r3))
     return tl.reshape(draws, [ROWS, COLS]) >= threshold
+
+
+# Philox4x32-10 (Salmon et al., SC'11) of counter (c0, c1, 0, 0) and key `seed`, the same numbers as
+# tl.philox, with each round's two 32x32-bit products taken from one 64-bit product: one wide
+# multiply instead of a high and a low one.
+@triton.jit
+def _philox(seed, c0, c1):
+    seed = seed.to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    c2 = tl.zeros_like(c0)
+    c3 = tl.zeros_like(c0)
+    c1 = c1 + c3  # the stream number, broadcast to the counters' shape
+    for _ in tl.static_range(10):
+        p0 = c0.to(tl.uint64) * tl.full([], 0xD2511F53, tl.uint64)
+        p2 = c2.to(tl.uint64) * tl.full([], 0xCD9E8D57, tl.uint64)
+        c0, c1, c2, c3 = ((p2 >> 32).to(tl.uint32) ^ c1 ^ k0, p2.to(tl.uint32),
+                          (p0 >> 32).to(tl.uint32) ^ c3 ^ k1, p0.to(tl.uint32))
+        k0 = tl.add(k0, tl.full([], 0x9E3779B9, tl.uint32), sanitize_overflow=False)
+        k1 = tl.add(k1, tl.full([], 0xBB67AE85, tl.uint32), sanitize_overflow=False)
+    return c0, c1, c2, c3
 
 
 # dropout_p as an integer threshold on a uniform uint32 draw (kept: draw >= threshold); below
@@ -131,17 +152,19 @@ def _load_rows(ptr, rows, dims, row_ok, stride, HEAD_DIM: tl.constexpr, BLOCK_D:
     return tl.load(ptrs, mask=(dims < HEAD_DIM)[None, :], other=0.0)
 
 
-# Scores of keys that the key padding mask's bytes hide, when this sequence reads them
-# (byte_mask: a uniform branch, the same for the whole program), set to -inf.
+# A [queries × keys] tile of scores with -inf at keys that the key padding mask's bytes hide, when
+# this sequence reads them (byte_mask). The forward masks the dot's starting tile (its
+# accumulator): masking the dot's result instead held the loaded bytes in registers across the
+# dot, past 128 on sm_90a.
 @triton.jit
-def _byte_masked(qk, KeyMask, cols, key_ok, stride_mk, byte_mask, TAIL: tl.constexpr):
+def _byte_masked(scores, KeyMask, cols, key_ok, stride_mk, byte_mask, TAIL: tl.constexpr):
     if byte_mask:
         if TAIL:
             real_key = tl.load(KeyMask + cols * stride_mk, mask=key_ok, other=0)
         else:
             real_key = tl.load(KeyMask + cols * stride_mk)
-        qk = tl.where(real_key[None, :] != 0, qk, float("-inf"))
-    return qk
+        scores = tl.where(real_key[None, :] != 0, scores, float("-inf"))
+    return scores
 
 
 # exp2(s - max s) of a tile, from raw scores r = q·kᵀ (+ bias/scale; s = r · c, c = scale · log2 e,
@@ -172,11 +195,11 @@ def _fwd_block(acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bi
     k = _load_rows(K, cols, dims, key_ok, stride_ks, HEAD_DIM, BLOCK_D, TAIL)
     init = _scores_init(Bias, bias_rows[:, None], cols[None, :], key_ok[None, :], stride_bm,
                         inv_scale, bias_floor, HAS_BIAS, TAIL, BLOCK_M, BLOCK_N)
+    if HAS_KEY_MASK:
+        init = _byte_masked(init, KeyMask, cols, key_ok, stride_mk, byte_mask, TAIL)
     qk = tl.dot(q, tl.trans(k), init, input_precision=precision)
     if TAIL:
         qk = tl.where(key_ok[None, :], qk, float("-inf"))
-    if HAS_KEY_MASK:
-        qk = _byte_masked(qk, KeyMask, cols, key_ok, stride_mk, byte_mask, TAIL)
     m_new = tl.maximum(m_i, tl.max(qk, axis=1))
     if HAS_BIAS or HAS_KEY_MASK:
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -206,6 +229,16 @@ def _fwd_keys(acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bia
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
               HAS_DROPOUT: tl.constexpr, precision: tl.constexpr):
+    # With a bias tile to load, or accumulators wider than 64, registers are short (sm_80 spills
+    # with a second copy of the block code): one loop, every block bounds-checked.
+    if HAS_BIAS or BLOCK_D > 64:
+        for key_start in range(0, n_keys, BLOCK_N):
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims,
+                key_start, n_keys, byte_mask, stride_ks, stride_vs, stride_mk, stride_bm,
+                scale_log2, inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM, BLOCK_D,
+                BLOCK_M, BLOCK_N, True, HAS_KEY_MASK, HAS_BIAS, HAS_DROPOUT, precision)
+        return acc, l_i, m_i
     full_end = n_keys - n_keys % BLOCK_N
     # two loops, one of which runs: the keys bounded by a length only, or the mask's bytes read
     bytes_from = tl.where(byte_mask, 0, full_end)
@@ -216,8 +249,7 @@ def _fwd_keys(acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bia
             inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False,
             False, HAS_BIAS, HAS_DROPOUT, precision)
     if HAS_KEY_MASK:
-        # not software-pipelined: prefetched mask bytes would hold registers across iterations
-        for key_start in tl.range(bytes_from, full_end, BLOCK_N, num_stages=1):
+        for key_start in range(bytes_from, full_end, BLOCK_N):
             acc, l_i, m_i = _fwd_block(
                 acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims,
                 key_start, n_keys, True, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2,
@@ -435,17 +467,22 @@ def _attention_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # no query sees these keys: skip the loop (their gradients are zeros)
     queries = tl.where(key_start < n_keys, seqlen, 0)
-    full_end = queries - queries % BLOCK_M
-    for query_start in range(0, full_end, BLOCK_M):
+    # full query blocks unmasked, then the tail; with a bias tile or accumulators wider than 64
+    # every block is bounds-checked (sm_80 spills with a second copy of the block code)
+    if HAS_BIAS or BLOCK_D > 64:
+        masked_from = 0
+    else:
+        masked_from = queries - queries % BLOCK_M
+    for query_start in range(0, masked_from, BLOCK_M):
         dk, dv = _dkdv_block(
             dk, dv, k, v, Q, DO, Stats, Delta, Bias, seed, batch_head, key_start, bias_cols, dims,
             query_start, seqlen, max_seqlen, stride_qs, stride_dos, stride_bm, scale_log2,
             inv_scale, bias_floor, groups_per_row, threshold, keep_fraction, HEAD_DIM, BLOCK_D,
             BLOCK_M, BLOCK_N, False, HAS_BIAS, HAS_DROPOUT, precision)
-    if full_end < queries:
+    for query_start in range(masked_from, queries, BLOCK_M):
         dk, dv = _dkdv_block(
             dk, dv, k, v, Q, DO, Stats, Delta, Bias, seed, batch_head, key_start, bias_cols, dims,
-            full_end, seqlen, max_seqlen, stride_qs, stride_dos, stride_bm, scale_log2,
+            query_start, seqlen, max_seqlen, stride_qs, stride_dos, stride_bm, scale_log2,
             inv_scale, bias_floor, groups_per_row, threshold, keep_fraction, HEAD_DIM, BLOCK_D,
             BLOCK_M, BLOCK_N, True, HAS_BIAS, HAS_DROPOUT, precision)
     dk_scale = scale
@@ -497,18 +534,23 @@ def _dq_keys(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batc
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
              HAS_DROPOUT: tl.constexpr, precision: tl.constexpr):
-    full_end = n_keys - n_keys % BLOCK_N
-    for key_start in range(0, full_end, BLOCK_N):
+    # full key blocks unmasked, then the tail; with a bias tile or accumulators wider than 64 every
+    # block is bounds-checked (sm_80 spills with a second copy of the block code)
+    if HAS_BIAS or BLOCK_D > 64:
+        masked_from = 0
+    else:
+        masked_from = n_keys - n_keys % BLOCK_N
+    for key_start in range(0, masked_from, BLOCK_N):
         dq = _dq_block(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batch_head,
-                       rows, bias_rows, dims, key_start, n_keys, byte_mask, stride_ks, stride_vs, stride_mk,
-                       stride_bm, scale_log2, inv_scale, bias_floor, groups_per_row, threshold,
-                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_KEY_MASK, HAS_BIAS,
+                       rows, bias_rows, dims, key_start, n_keys, byte_mask, stride_ks, stride_vs,
+                       stride_mk, stride_bm, scale_log2, inv_scale, bias_floor, groups_per_row,
+                       threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_KEY_MASK, HAS_BIAS,
                        HAS_DROPOUT, precision)
-    if full_end < n_keys:
+    for key_start in range(masked_from, n_keys, BLOCK_N):
         dq = _dq_block(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batch_head,
-                       rows, bias_rows, dims, full_end, n_keys, byte_mask, stride_ks, stride_vs, stride_mk,
-                       stride_bm, scale_log2, inv_scale, bias_floor, groups_per_row, threshold,
-                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_KEY_MASK, HAS_BIAS,
+                       rows, bias_rows, dims, key_start, n_keys, byte_mask, stride_ks, stride_vs,
+                       stride_mk, stride_bm, scale_log2, inv_scale, bias_floor, groups_per_row,
+                       threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_KEY_MASK, HAS_BIAS,
                        HAS_DROPOUT, precision)
     return dq
 
@@ -618,12 +660,18 @@ _FWD_CONFIGS = {
     ("ieee", 128, False): (16, 16, 4, 1),
     ("ieee", 128, True): (16, 16, 4, 1),
 }
-# BERT's common case, 16-bit with D <= 64, at most 128 keys and neither bias nor dropout: one key
-# block covers every key, a single pass of the key loop.
-_FWD_ONE_KEY_BLOCK = (128, 128, 8, 1)
+# Dropout's Philox rounds at head dims above 64 (the [rows, D] accumulators twice as wide): 32-key
+# blocks, half the draws per block. (A single 128-key block for sequences up to 128 keys is not
+# used: on sm_80 its 128 keys of K fragments spill, and on sm_90a it needs ~176 registers, one CTA
+# per SM, where 128x64 keeps two.)
+_FWD_DROPOUT_CONFIGS = {
+    ("16", 128, False): (128, 32, 8, 2),
+    ("16", 128, True): (64, 32, 4, 2),
+}
 _BWD_CONFIGS = {  # (dK/dV kernel config, dQ kernel config)
     ("16", 64, False): ((32, 64, 4, 2), (128, 32, 8, 2)),
-    ("16", 64, True): ((32, 64, 4, 1), (128, 32, 8, 2)),
+    # dK/dV with a bias: 32-query blocks spill on sm_80 with dropout's draws
+    ("16", 64, True): ((16, 64, 4, 1), (128, 32, 8, 2)),
     ("16", 128, False): ((16, 64, 4, 2), (64, 32, 4, 2)),
     ("16", 128, True): ((16, 64, 4, 2), (64, 32, 4, 1)),
     ("tf32", 64, False): ((16, 64, 4, 1), (64, 16, 4, 1)),
@@ -633,7 +681,8 @@ _BWD_CONFIGS = {  # (dK/dV kernel config, dQ kernel config)
     ("tf32", 128, False): ((16, 32, 4, 1), (64, 16, 4, 1)),
     ("tf32", 128, True): ((16, 32, 4, 1), (64, 16, 4, 1)),
     ("ieee", 64, False): ((16, 32, 4, 1), (16, 16, 4, 1)),
-    ("ieee", 64, True): ((16, 32, 4, 1), (16, 16, 4, 1)),
+    # dK/dV with a bias and dropout: 32-key tiles spill on sm_80 (D = 32)
+    ("ieee", 64, True): ((16, 16, 4, 1), (16, 16, 4, 1)),
     ("ieee", 128, False): ((16, 16, 4, 1), (16, 16, 4, 1)),
     # dQ: with 4 warps, a bias and dropout's 64-bit seed argument spill at D = 80, 96 on sm_90a
     ("ieee", 128, True): ((16, 16, 4, 1), (16, 16, 8, 1)),
@@ -647,11 +696,9 @@ def _config_key(head_dim, dtype, allow_tf32, has_bias):
     return precision, 64 if head_dim <= 64 else 128, has_bias
 
 
-def _fwd_config(max_seqlen, head_dim, dtype, allow_tf32, has_bias, has_dropout):
+def _fwd_config(head_dim, dtype, allow_tf32, has_bias, has_dropout):
     key = _config_key(head_dim, dtype, allow_tf32, has_bias)
-    if key == ("16", 64, False) and max_seqlen <= 128 and not has_dropout:
-        return _FWD_ONE_KEY_BLOCK
-    return _FWD_CONFIGS[key]
+    return _FWD_DROPOUT_CONFIGS.get(key, _FWD_CONFIGS[key]) if has_dropout else _FWD_CONFIGS[key]
 
 
 def _bwd_configs(head_dim, dtype, allow_tf32, has_bias):
@@ -765,7 +812,7 @@ def _attention_fwd(
     mask, lengths, bias, mask_bias_strides = _mask_bias_args(q, key_padding_mask, bias, batch, heads,
                                                              max_seqlen)
     block_m, block_n, num_warps, num_stages = _fwd_config(
-        max_seqlen, head_dim, q.dtype, allow_tf32, bias.numel() > 0, seed is not None)
+        head_dim, q.dtype, allow_tf32, bias.numel() > 0, seed is not None)
     q, scale = _positive_scale(q, scale)
     _attention_fwd_kernel[(triton.cdiv(max_seqlen, block_m), batch * heads)](
         q, k, v, out, stats, mask, lengths, bias,
@@ -1266,37 +1313,63 @@ _KERNEL_NAMES = {
 }
 
 
+# BERT-family models run 16-bit attention at these head dims (BERT and ALBERT 64, MiniLM 32): every
+# layout and dropout variant they launch is compiled. Elsewhere each config compiles once, with
+# the register-heaviest flags it is launched with.
+_EVERY_VARIANT_HEAD_DIMS = (32, 64)
+
+
 def _launches(head_dim, dtype, allow_tf32):
-    """{(kernel, config): flags} for every config launched at this head dim and precision, each with
-    the register-heaviest flags it is launched with: every flag only adds to the same tiles (a mask
-    or bias load, Philox rounds), and the padded layout with a key mask is heavier than the packed
-    one, which differs only in two scalar loads of cu_seqlens before the tiles. So each config
-    compiles once, with the key mask, dropout and (if it serves a bias) the bias."""
-    launches = {}
+    """[(kernel, config, flags)] for every config launched at this head dim and precision.
+
+    At the BERT-family precisions and head dims: each layout (padded without a mask, with a key
+    padding mask, packed) with and without dropout, and with a bias its heaviest variant. Elsewhere
+    one variant per config, with the key mask, dropout and (if it serves a bias) the bias: every
+    flag only adds to the same tiles (a mask or bias load, Philox rounds), and the padded layout
+    with a key mask is heavier than the packed one, which differs only in two scalar loads of
+    cu_seqlens before the tiles."""
+    every = dtype != torch.float32 and head_dim in _EVERY_VARIANT_HEAD_DIMS
+
+    def flags(layout, has_bias, has_dropout):
+        return dict(PACKED=layout == "packed", HAS_KEY_MASK=layout == "mask", HAS_BIAS=has_bias,
+                    HAS_DROPOUT=has_dropout)
+
+    launches = {}  # keyed by (kernel, config) alone where one variant stands for the config
     for has_bias in (False, True):  # a config serving both keeps the heavier flags, with the bias
-        flags = dict(PACKED=False, HAS_KEY_MASK=True, HAS_BIAS=has_bias, HAS_DROPOUT=True)
-        fwd = _fwd_config(math.inf, head_dim, dtype, allow_tf32, has_bias, True)
         dkdv, dq = _bwd_configs(head_dim, dtype, allow_tf32, has_bias)
-        for kernel, config in ((_attention_fwd_kernel, fwd), (_attention_bwd_dkdv_kernel, dkdv),
-                               (_attention_bwd_dq_kernel, dq)):
-            launches[kernel, config] = flags
-    short = _fwd_config(128, head_dim, dtype, allow_tf32, False, False)
-    launches.setdefault((_attention_fwd_kernel, short), dict(
-        PACKED=False, HAS_KEY_MASK=True, HAS_BIAS=False, HAS_DROPOUT=False))
-    return launches
+        for has_dropout in (False, True):
+            fwd = _fwd_config(head_dim, dtype, allow_tf32, has_bias, has_dropout)
+            for kernel, config in ((_attention_fwd_kernel, fwd), (_attention_bwd_dkdv_kernel, dkdv),
+                                   (_attention_bwd_dq_kernel, dq)):
+                if every and not has_bias:
+                    for layout in ("padded", "mask", "packed"):
+                        variant = flags(layout, False, has_dropout)
+                        launches[kernel, config, tuple(variant.values())] = variant
+                elif every:
+                    launches[kernel, config, "bias"] = flags("mask", True, True)
+                elif has_dropout or (kernel, config) not in launches:
+                    launches[kernel, config] = flags("mask", has_bias, has_dropout)
+    return [(key[0], key[1], variant) for key, variant in launches.items()]
 
 
 def _flags_name(flags):
-    names = dict(PACKED="packed", HAS_KEY_MASK="+mask", HAS_BIAS="+bias", HAS_DROPOUT="+dropout")
-    return " ".join(names[flag] for flag, on in flags.items() if on) or "padded"
+    names = dict(PACKED=" +packed", HAS_KEY_MASK=" +mask", HAS_BIAS=" +bias", HAS_DROPOUT=" +dropout")
+    return "".join(names[flag] for flag, on in flags.items() if on)
+
+
+def _runtime_specialisation(flags):
+    """Argument values Triton specialises launches on, as the launcher passes them: a key mask
+    [B, S] has unit stride over keys (an integer 1 compiles as the constant); without one both
+    mask strides are 0, a multiple of 16."""
+    return dict(stride_mk=1) if flags["HAS_KEY_MASK"] else {}
 
 
 # The q/k/v/out/grad strides are multiples of 16 elements (head dims are) and so are the bias's
 # (`_aligned_bias`): Triton specialises launches on that, and it is what lets tiles load as wide
-# vectors. The key-mask strides and max_seqlen are left unknown, as for any sequence length.
-def _divisible_by_16(signature):
-    return [name for name in signature
-            if name.startswith("stride") and name not in ("stride_mb", "stride_mk")]
+# vectors. A key mask's row stride and max_seqlen are left unknown, as for any sequence length.
+def _divisible_by_16(signature, flags=None):
+    unknown = ("stride_mb", "stride_mk") if flags is None or flags["HAS_KEY_MASK"] else ()
+    return [name for name in signature if name.startswith("stride") and name not in unknown]
 
 
 def compile_cases():
@@ -1307,16 +1380,16 @@ def compile_cases():
             precision = (" tf32" if allow_tf32 else " ieee") if fp32 else ""
             for head_dim in SUPPORTED_HEAD_DIMS:
                 dims = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim))
-                for (kernel, config), flags in _launches(head_dim, dtype, allow_tf32).items():
+                for kernel, config, flags in _launches(head_dim, dtype, allow_tf32):
                     block_m, block_n, num_warps, num_stages = config
                     constexprs = dict(**dims, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
-                                      ALLOW_TF32=allow_tf32)
+                                      ALLOW_TF32=allow_tf32, **_runtime_specialisation(flags))
                     signature = _signature(kernel, type_name, constexprs)
                     yield dict(
                         name=f"{_KERNEL_NAMES[kernel]} {block_m}x{block_n} w{num_warps} s{num_stages} "
-                             f"D={head_dim} {type_name}{precision} {_flags_name(flags)}",
+                             f"D={head_dim} {type_name}{precision}{_flags_name(flags)}",
                         fn=kernel, signature=signature, constexprs=constexprs,
-                        divisible_by_16=_divisible_by_16(signature), num_warps=num_warps,
+                        divisible_by_16=_divisible_by_16(signature, flags), num_warps=num_warps,
                         num_stages=num_stages, matmul=_uses_wgmma(kernel, config, dtype, allow_tf32),
                     )
                 if allow_tf32:
@@ -1325,7 +1398,7 @@ def compile_cases():
                 constexprs = dict(**dims, BLOCK_M=_DELTA_BLOCK_M, PACKED=True)
                 signature = _signature(_attention_bwd_delta_kernel, type_name, constexprs)
                 yield dict(
-                    name=f"attention_bwd_delta D={head_dim} {type_name} packed",
+                    name=f"attention_bwd_delta D={head_dim} {type_name} +packed",
                     fn=_attention_bwd_delta_kernel, signature=signature, constexprs=constexprs,
                     divisible_by_16=_divisible_by_16(signature), num_warps=4, num_stages=1,
                     matmul=False,
