@@ -9,16 +9,20 @@ Two layouts:
     attends across its boundaries. A bias is indexed by positions within each sequence, so it
     must broadcast to [B, H, max_seqlen, max_seqlen].
 
-Non-causal. Head dims 16, 32, 64, 80, 96, 128 in the kernels (the reference takes any). The
-softmax runs in fp32 whatever the input dtype; the S×S score matrix is never materialised. A query
-row whose keys are all masked (key_padding_mask False or bias -inf everywhere) gives zeros, in the
-kernels and the reference alike. float32 inputs run in the kernels too, with fp32 dot products
-("ieee"), or TF32 when torch.backends.cuda.matmul.allow_tf32 is set.
+Non-causal. Head dims 16, 32, 64, 80, 96, 128 in the kernels (the reference takes any). A key
+padding mask that is True on a prefix of each row (right padding, BERT's usual batch) runs as
+per-sequence lengths, found on the device: such a batch costs what an unmasked one costs, and key
+blocks past a sequence's length are skipped. The softmax runs in fp32 whatever the input dtype;
+the S×S score matrix is never materialised. A query row whose keys are all masked
+(key_padding_mask False or bias -inf everywhere) gives zeros, in the kernels and the reference
+alike. float32 inputs run in the kernels too, with fp32 dot products ("ieee"), or TF32 when
+torch.backends.cuda.matmul.allow_tf32 is set.
 
 Dropout (dropout_p > 0) is applied to the probabilities in the kernels with Philox random numbers
-(`tl.philox`): one 64-bit seed per call, drawn from torch's default CPU generator (so
-`torch.manual_seed` reproduces it, and gradient checkpointing, which restores that generator for
-its recompute, recomputes the same mask); the backward regenerates the same mask from that seed.
+(tl.philox's, each draw's four outputs deciding four adjacent keys): one 64-bit seed per call,
+drawn from torch's default CPU generator (so `torch.manual_seed` reproduces it, and gradient
+checkpointing, which restores that generator for its recompute, recomputes the same mask); the
+backward regenerates the same mask from that seed.
 The seed reaches the kernels as a scalar argument: nothing is copied to the device for it, so a
 training step never waits on a copy, and the launch can be captured in a CUDA graph.
 """
@@ -246,8 +250,8 @@ def _fwd_keys(acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bia
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims,
             key_start, n_keys, False, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2,
-            inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False,
-            False, HAS_BIAS, HAS_DROPOUT, precision)
+            inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
+            False, False, HAS_BIAS, HAS_DROPOUT, precision)
     if HAS_KEY_MASK:
         for key_start in range(bytes_from, full_end, BLOCK_N):
             acc, l_i, m_i = _fwd_block(
@@ -259,8 +263,8 @@ def _fwd_keys(acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bia
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims,
             full_end, n_keys, byte_mask, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2,
-            inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True,
-            HAS_KEY_MASK, HAS_BIAS, HAS_DROPOUT, precision)
+            inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
+            True, HAS_KEY_MASK, HAS_BIAS, HAS_DROPOUT, precision)
     return acc, l_i, m_i
 
 
@@ -331,7 +335,8 @@ def _attention_fwd_kernel(
     if HEAD_DIM == BLOCK_D:
         tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     else:
-        tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (dims < HEAD_DIM)[None, :])
+        tl.store(out_ptrs, out.to(Out.dtype.element_ty),
+                 mask=row_ok[:, None] & (dims < HEAD_DIM)[None, :])
     Stats += batch_head.to(tl.int64) * 2 * max_seqlen
     if not HAS_BIAS:
         m_i = m_i * scale_log2
@@ -494,15 +499,17 @@ def _attention_bwd_dkdv_kernel(
     dk = tl.where(visible[:, None], dk * dk_scale, 0.0)
     dv = tl.where(visible[:, None], dv * dv_scale, 0.0)
     store_mask = in_sequence[:, None] & (dims < HEAD_DIM)[None, :]
-    tl.store(DK + cols[:, None] * stride_dks + dims[None, :], dk.to(DK.dtype.element_ty), mask=store_mask)
-    tl.store(DV + cols[:, None] * stride_dvs + dims[None, :], dv.to(DV.dtype.element_ty), mask=store_mask)
+    tl.store(DK + cols[:, None] * stride_dks + dims[None, :], dk.to(DK.dtype.element_ty),
+             mask=store_mask)
+    tl.store(DV + cols[:, None] * stride_dvs + dims[None, :], dv.to(DV.dtype.element_ty),
+             mask=store_mask)
 
 
 # One key block of the dQ backward (rows past the sequence are never stored: no row mask).
 @triton.jit
 def _dq_block(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batch_head, rows,
-              bias_rows, dims, key_start, n_keys, byte_mask, stride_ks, stride_vs, stride_mk, stride_bm,
-              scale_log2, inv_scale, bias_floor, groups_per_row, threshold,
+              bias_rows, dims, key_start, n_keys, byte_mask, stride_ks, stride_vs, stride_mk,
+              stride_bm, scale_log2, inv_scale, bias_floor, groups_per_row, threshold,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, TAIL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
               HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, precision: tl.constexpr):
@@ -529,8 +536,8 @@ def _dq_block(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, bat
 
 @triton.jit
 def _dq_keys(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batch_head, rows,
-             bias_rows, dims, n_keys, byte_mask, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2,
-             inv_scale, bias_floor, groups_per_row, threshold,
+             bias_rows, dims, n_keys, byte_mask, stride_ks, stride_vs, stride_mk, stride_bm,
+             scale_log2, inv_scale, bias_floor, groups_per_row, threshold,
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
              HAS_DROPOUT: tl.constexpr, precision: tl.constexpr):
@@ -609,15 +616,17 @@ def _attention_bwd_dq_kernel(
         delta = delta * (1.0 - dropout_p)
         dq_scale = scale * tl.fdiv(1.0, 1.0 - dropout_p)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # a sequence whose mask is not a prefix reads its bytes in every key block; the others run a
+    # copy of the loops without that code
     if byte_mask:
         dq = _dq_keys(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batch_head,
-                      rows, bias_rows, dims, n_keys, byte_mask, stride_ks, stride_vs, stride_mk, stride_bm,
-                      scale_log2, inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM,
+                      rows, bias_rows, dims, n_keys, byte_mask, stride_ks, stride_vs, stride_mk,
+                      stride_bm, scale_log2, inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM,
                       BLOCK_D, BLOCK_M, BLOCK_N, HAS_KEY_MASK, HAS_BIAS, HAS_DROPOUT, precision)
     else:
         dq = _dq_keys(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batch_head,
-                      rows, bias_rows, dims, n_keys, byte_mask, stride_ks, stride_vs, stride_mk, stride_bm,
-                      scale_log2, inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM,
+                      rows, bias_rows, dims, n_keys, byte_mask, stride_ks, stride_vs, stride_mk,
+                      stride_bm, scale_log2, inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM,
                       BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_BIAS, HAS_DROPOUT, precision)
     dq_mask = row_ok[:, None] & (dims < HEAD_DIM)[None, :]
     tl.store(DQ + rows[:, None] * stride_dqs + dims[None, :], (dq * dq_scale).to(DQ.dtype.element_ty),
