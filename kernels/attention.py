@@ -756,8 +756,10 @@ def _key_lengths(key_padding_mask):
     """int32 [B]: each sequence's number of real keys where its mask row is right-padded (True
     exactly on a prefix, BERT's usual batch: the kernels then bound the keys by the length and read
     no mask bytes), else -1 (the kernels read the bytes). Computed on the device, no host read, and
-    remembered while the mask is unchanged (inference tensors and tracing excepted)."""
-    cacheable = not (key_padding_mask.is_inference() or torch.compiler.is_compiling())
+    remembered while the mask is unchanged (inference tensors, tracing and CUDA graph captures
+    excepted: a capture must record the computation, for replays on new mask contents)."""
+    cacheable = not (key_padding_mask.is_inference() or torch.compiler.is_compiling() or (
+        key_padding_mask.is_cuda and torch.cuda.is_current_stream_capturing()))
     known = _key_length_cache.get(key_padding_mask) if cacheable else None
     if known is not None and known[0] == key_padding_mask._version:
         return known[1]

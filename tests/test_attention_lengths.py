@@ -168,3 +168,25 @@ def test_philox_draws_the_numbers_of_tl_philox(device):
         with on_device_of(same):
             compare[(1,)](same, seed, 7)
         assert same.all()
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replays_new_masks(device, triton_backend):
+    """A captured attention call recomputes the key lengths from its static mask on every replay,
+    even after the same mask tensor was used (and its lengths remembered) before the capture."""
+    seqlen = 130
+    _, (q, k, v) = _qkv(3, seqlen, 2, 64, torch.float16, device)
+    q, k, v = (t.detach() for t in (q, k, v))
+    mask = _mask([("right", 130), ("right", 70), ("left", 40)], seqlen, device)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        attention(q, k, v, key_padding_mask=mask)  # warm-up: compiles, remembers the lengths
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attention(q, k, v, key_padding_mask=mask)
+    for rows in ([("right", 1), ("holes", 100), ("right", 129)], [("none", 0), ("right", 64), ("left", 3)]):
+        mask.copy_(_mask(rows, seqlen, device))
+        graph.replay()
+        torch.testing.assert_close(out, attention(q, k, v, key_padding_mask=mask), atol=0, rtol=0)
