@@ -9,16 +9,20 @@ Two layouts:
     attends across its boundaries. A bias is indexed by positions within each sequence, so it
     must broadcast to [B, H, max_seqlen, max_seqlen].
 
-Non-causal. Head dims 16, 32, 64, 80, 96, 128 in the kernels (the reference takes any). The
-softmax runs in fp32 whatever the input dtype; the S×S score matrix is never materialised. A query
-row whose keys are all masked (key_padding_mask False or bias -inf everywhere) gives zeros, in the
-kernels and the reference alike. float32 inputs run in the kernels too, with fp32 dot products
-("ieee"), or TF32 when torch.backends.cuda.matmul.allow_tf32 is set.
+Non-causal. Head dims 16, 32, 64, 80, 96, 128 in the kernels (the reference takes any). A key
+padding mask that is True on a prefix of each row (right padding, BERT's usual batch) runs as
+per-sequence lengths, found on the device: such a batch costs what an unmasked one costs, and key
+blocks past a sequence's length are skipped. The softmax runs in fp32 whatever the input dtype;
+the S×S score matrix is never materialised. A query row whose keys are all masked
+(key_padding_mask False or bias -inf everywhere) gives zeros, in the kernels and the reference
+alike. float32 inputs run in the kernels too, with fp32 dot products ("ieee"), or TF32 when
+torch.backends.cuda.matmul.allow_tf32 is set.
 
 Dropout (dropout_p > 0) is applied to the probabilities in the kernels with Philox random numbers
-(`tl.philox`): one 64-bit seed per call, drawn from torch's default CPU generator (so
-`torch.manual_seed` reproduces it, and gradient checkpointing, which restores that generator for
-its recompute, recomputes the same mask); the backward regenerates the same mask from that seed.
+(tl.philox's, each draw's four outputs deciding four adjacent keys): one 64-bit seed per call,
+drawn from torch's default CPU generator (so `torch.manual_seed` reproduces it, and gradient
+checkpointing, which restores that generator for its recompute, recomputes the same mask); the
+backward regenerates the same mask from that seed.
 The seed reaches the kernels as a scalar argument: nothing is copied to the device for it, so a
 training step never waits on a copy, and the launch can be captured in a CUDA graph.
 """
@@ -52,43 +56,68 @@ LOG2E = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x · log2 e), exp
 # softmax in the load's layout, and spill). The bias has unit stride over keys (scalar loads with
 # a runtime key stride spill too). fp32's finfo.min / scale or · log2 e would overflow to -inf,
 # turning "masked" (finite: a row masked everywhere averages uniformly, as in PyTorch) into
-# "no key" (zeros), hence the clamp. `q_idx` and `k_idx` are positions within the sequence, broadcast
-# against each other (a column and a row, either way round), so the same helpers serve the
-# forward (tiles of q·kᵀ) and the dK/dV backward (tiles of k·qᵀ).
+# "no key" (zeros), hence the floor `bias_floor` = -2.3e38 · min(|scale|, 1). `q_idx` and `k_idx`
+# are positions within the sequence, broadcast against each other (a column and a row, either way
+# round), so the same helper serves the forward (tiles of q·kᵀ) and the dK/dV backward (tiles of
+# k·qᵀ). Callers clamp the indices of full blocks into the sequence, so only a tail block
+# (BOUNDED) needs a load mask.
 @triton.jit
-def _scores_init(q_idx, k_idx, seqlen, Bias, stride_bm, scale_log2, HAS_BIAS: tl.constexpr,
-                 ROWS: tl.constexpr, COLS: tl.constexpr):
-    if HAS_BIAS:
-        visible = (q_idx < seqlen) & (k_idx < seqlen)
-        bias = tl.load(Bias + q_idx * stride_bm + k_idx, mask=visible, other=0.0).to(tl.float32)
-        scale = scale_log2 / 1.4426950408889634
-        bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, -2.3e38 * tl.minimum(scale, 1.0)))
-        return bias / scale
-    return tl.zeros([ROWS, COLS], dtype=tl.float32)
+def _scores_init(Bias, q_idx, k_idx, in_bounds, stride_bm, inv_scale, bias_floor,
+                 HAS_BIAS: tl.constexpr, BOUNDED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    if not HAS_BIAS:
+        return tl.zeros([ROWS, COLS], dtype=tl.float32)
+    if BOUNDED:
+        bias = tl.load(Bias + q_idx * stride_bm + k_idx, mask=in_bounds, other=0.0)
+    else:
+        bias = tl.load(Bias + q_idx * stride_bm + k_idx)
+    bias = bias.to(tl.float32)
+    return tl.where(bias == float("-inf"), bias, tl.maximum(bias, bias_floor)) * inv_scale
 
 
-# The scores in base-2 units, -inf where a key must not be seen: outside the sequence, at padding
-# keys, or where the bias is -inf.
+# Dropout keep mask of a [ROWS queries × COLS keys] tile (COLS keys from `key_start`, both
+# multiples of 4). One Philox call per 4 adjacent keys of a query: for query i and keys
+# 4g .. 4g+3 of sequence b, head h, the counter is (i·G + g, b·H + h, 0, 0) with G = ceil(S / 4)
+# (S the padded or max length, at most MAX_DROPOUT_SEQLEN, so that i·G + g fits 31 bits), and its
+# four outputs decide keys 4g, 4g+1, 4g+2, 4g+3 in that order. A key is kept when its draw is
+# >= `threshold` (dropout_p · 2³², see `_keep_threshold`). The forward, both backward kernels and
+# `_dropout_mask_kernel` all draw it here.
 @triton.jit
-def _scores_log2(qk, q_idx, k_idx, seqlen, KeyMask, stride_mk, scale_log2,
-                 HAS_KEY_MASK: tl.constexpr):
-    visible = (q_idx < seqlen) & (k_idx < seqlen)
-    if HAS_KEY_MASK:
-        real_key = tl.load(KeyMask + k_idx * stride_mk, mask=k_idx < seqlen, other=0)
-        visible &= real_key != 0
-    return tl.where(visible, qk * scale_log2, float("-inf"))
+def _dropout_keep(seed, batch_head, rows, key_start, groups_per_row, threshold,
+                  ROWS: tl.constexpr, COLS: tl.constexpr):
+    groups = key_start // 4 + tl.arange(0, COLS // 4)
+    counter = (rows[:, None] * groups_per_row + groups[None, :]).to(tl.uint32, bitcast=True)
+    r0, r1, r2, r3 = _philox(seed, counter, batch_head.to(tl.uint32, bitcast=True))
+    # join twice: [ROWS, COLS/4, 2, 2] whose flat order is r0, r1, r2, r3 per group
+    draws = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+    return tl.reshape(draws, [ROWS, COLS]) >= threshold
 
 
-# Dropout keep mask of one tile: Philox keyed by the seed, counter (i·S + j, b·H + h, 0, 0) for
-# query i and key j of sequence b, head h (S the padded or max length, at most MAX_DROPOUT_SEQLEN
-# so that i·S + j fits 32 bits: 32-bit counters keep the 10 Philox rounds in half the registers
-# of 64-bit ones). Element kept when its uniform draw is >= p. The forward, both backward kernels
-# and `_dropout_keep_mask` all draw it here.
+# Philox4x32-10 (Salmon et al., SC'11) of counter (c0, c1, 0, 0) and key `seed`, the same numbers as
+# tl.philox, with each round's two 32x32-bit products taken from one 64-bit product: one wide
+# multiply instead of a high and a low one.
 @triton.jit
-def _dropout_keep(seed, batch_head, q_idx, k_idx, max_seqlen, dropout_p):
-    position = (q_idx * max_seqlen + k_idx).to(tl.uint32, bitcast=True)
-    random, _, _, _ = tl.philox(seed, position, batch_head.to(tl.uint32, bitcast=True), 0, 0)
-    return tl.uint_to_uniform_float(random) >= dropout_p
+def _philox(seed, c0, c1):
+    seed = seed.to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    c2 = tl.zeros_like(c0)
+    c3 = tl.zeros_like(c0)
+    c1 = c1 + c3  # the stream number, broadcast to the counters' shape
+    for _ in tl.static_range(10):
+        p0 = c0.to(tl.uint64) * tl.full([], 0xD2511F53, tl.uint64)
+        p2 = c2.to(tl.uint64) * tl.full([], 0xCD9E8D57, tl.uint64)
+        c0, c1, c2, c3 = ((p2 >> 32).to(tl.uint32) ^ c1 ^ k0, p2.to(tl.uint32),
+                          (p0 >> 32).to(tl.uint32) ^ c3 ^ k1, p0.to(tl.uint32))
+        k0 = tl.add(k0, tl.full([], 0x9E3779B9, tl.uint32), sanitize_overflow=False)
+        k1 = tl.add(k1, tl.full([], 0xBB67AE85, tl.uint32), sanitize_overflow=False)
+    return c0, c1, c2, c3
+
+
+# dropout_p as an integer threshold on a uniform uint32 draw (kept: draw >= threshold); below
+# 2³² whatever the fp32 rounding of dropout_p · 2³² (4294967040 is the largest fp32 below it).
+@triton.jit
+def _keep_threshold(dropout_p):
+    return tl.minimum(dropout_p * 4294967296.0, 4294967040.0).to(tl.uint32)
 
 
 # Where sequence `b` starts (in tokens of the packed layout; 0 in the padded one) and its length.
@@ -100,16 +129,158 @@ def _sequence(CuSeqlens, b, padded_len, PACKED: tl.constexpr):
     return 0, padded_len
 
 
-# Forward, one program per (block of BLOCK_M queries, batch·head), online softmax over key blocks:
-#   m = running max of s, l = Σ exp2(s - m), acc = Σ exp2(s - m) · keep/(1-p) · v
-#   (rescaled by exp2(m_old - m_new) when the max grows);  out = acc / l
-# The backward recomputes P = exp2(s - m) · (1/l) from the saved m and 1/l, as the forward computed
-# it. (A single logsumexp m + log2 l would be cheaper but loses log2 l when |m| is huge, e.g. a row
-# masked everywhere by a finfo.min bias, and P with it.) Rows with no visible key (l = 0) store
-# out = 0, m = 0 and 1/l = 0, so that their P is 0 in the backward.
+# The keys a sequence's queries may see: (n_keys, byte_mask). Keys at or past n_keys are masked.
+# With a key padding mask the launcher gives each sequence its mask's length when the mask is
+# right-padded (True exactly on a prefix, `_key_lengths`), else -1: then every key block of the
+# sequence reads the mask's bytes (byte_mask).
+@triton.jit
+def _visible_keys(KeyLengths, b, seqlen, HAS_KEY_MASK: tl.constexpr):
+    if HAS_KEY_MASK:
+        length = tl.load(KeyLengths + b)
+        return tl.where(length >= 0, length, seqlen), length < 0
+    return seqlen, False
+
+
+# A [rows × HEAD_DIM] tile of a [tokens, D] matrix (unit stride on D); the row mask only where
+# rows may run past the sequence (BOUNDED), the dim mask only where BLOCK_D pads HEAD_DIM.
+@triton.jit
+def _load_rows(ptr, rows, dims, row_ok, stride, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               BOUNDED: tl.constexpr):
+    ptrs = ptr + rows[:, None] * stride + dims[None, :]
+    if BOUNDED:
+        if HEAD_DIM == BLOCK_D:
+            return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        return tl.load(ptrs, mask=row_ok[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    if HEAD_DIM == BLOCK_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=(dims < HEAD_DIM)[None, :], other=0.0)
+
+
+# A [queries × keys] tile of scores with -inf at keys that the key padding mask's bytes hide, when
+# this sequence reads them (byte_mask). The forward masks the dot's starting tile (its
+# accumulator): masking the dot's result instead held the loaded bytes in registers across the
+# dot, past 128 on sm_90a.
+@triton.jit
+def _byte_masked(scores, KeyMask, cols, key_ok, stride_mk, byte_mask, TAIL: tl.constexpr):
+    if byte_mask:
+        if TAIL:
+            real_key = tl.load(KeyMask + cols * stride_mk, mask=key_ok, other=0)
+        else:
+            real_key = tl.load(KeyMask + cols * stride_mk)
+        scores = tl.where(real_key[None, :] != 0, scores, float("-inf"))
+    return scores
+
+
+# exp2(s - max s) of a tile, from raw scores r = q·kᵀ (+ bias/scale; s = r · c, c = scale · log2 e,
+# positive) and the row max m as the stats keep it. Without a bias m is kept as m·c and this is
+# one FFMA per score, exp2(r·c - m·c). With one it is kept raw and this is exp2((r - m)·c): a bias
+# can make scores huge (HF masks with finfo.min), and at |m·c| > 2³⁰ the rounding of m·c alone
+# would reach exp2 as ±100 or more (inf or 0); r - m is exact near the max.
+@triton.jit
+def _exp2_shifted(qk, m, scale_log2, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        return tl.math.exp2((qk - m) * scale_log2)
+    return tl.math.exp2(tl.fma(qk, scale_log2, -m))
+
+
+# One key block of the forward's online softmax on raw scores (masked keys get r = -inf; m_i is
+# the running max of r). TAIL: the block may run past n_keys. With a bias or a key padding mask a
+# row may have seen no visible key yet (max -inf: shift by 0 instead, -inf - -inf being nan);
+# otherwise every block holds a visible key for every row (a tail block starts below n_keys).
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims,
+               key_start, n_keys, byte_mask, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2,
+               inv_scale, bias_floor, groups_per_row, threshold,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, TAIL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+               HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, precision: tl.constexpr):
+    cols = key_start + tl.arange(0, BLOCK_N)
+    key_ok = cols < n_keys
+    k = _load_rows(K, cols, dims, key_ok, stride_ks, HEAD_DIM, BLOCK_D, TAIL)
+    init = _scores_init(Bias, bias_rows[:, None], cols[None, :], key_ok[None, :], stride_bm,
+                        inv_scale, bias_floor, HAS_BIAS, TAIL, BLOCK_M, BLOCK_N)
+    if HAS_KEY_MASK:
+        init = _byte_masked(init, KeyMask, cols, key_ok, stride_mk, byte_mask, TAIL)
+    qk = tl.dot(q, tl.trans(k), init, input_precision=precision)
+    if TAIL:
+        qk = tl.where(key_ok[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    if HAS_BIAS or HAS_KEY_MASK:
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_shift = m_new
+    if HAS_BIAS:
+        alpha = tl.math.exp2((m_i - m_shift) * scale_log2)
+    else:
+        m_shift = m_shift * scale_log2
+        alpha = tl.math.exp2(m_i * scale_log2 - m_shift)
+    p = _exp2_shifted(qk, m_shift[:, None], scale_log2, HAS_BIAS)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if HAS_DROPOUT:  # 1 / (1 - p) is applied once, to the output
+        keep = _dropout_keep(seed, batch_head, rows, key_start, groups_per_row, threshold,
+                             BLOCK_M, BLOCK_N)
+        p = tl.where(keep, p, 0.0)
+    v = _load_rows(V, cols, dims, key_ok, stride_vs, HEAD_DIM, BLOCK_D, TAIL)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=precision)
+    return acc, l_i, m_new
+
+
+# The forward's loop over the keys below n_keys: full blocks unmasked, then one masked tail block.
+@triton.jit
+def _fwd_keys(acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims,
+              n_keys, byte_mask, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2, inv_scale,
+              bias_floor, groups_per_row, threshold,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+              HAS_DROPOUT: tl.constexpr, precision: tl.constexpr):
+    # With a bias tile to load, or accumulators wider than 64, registers are short (sm_80 spills
+    # with a second copy of the block code): one loop, every block bounds-checked.
+    if HAS_BIAS or BLOCK_D > 64:
+        for key_start in range(0, n_keys, BLOCK_N):
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims,
+                key_start, n_keys, byte_mask, stride_ks, stride_vs, stride_mk, stride_bm,
+                scale_log2, inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM, BLOCK_D,
+                BLOCK_M, BLOCK_N, True, HAS_KEY_MASK, HAS_BIAS, HAS_DROPOUT, precision)
+        return acc, l_i, m_i
+    full_end = n_keys - n_keys % BLOCK_N
+    # two loops, one of which runs: the keys bounded by a length only, or the mask's bytes read
+    bytes_from = tl.where(byte_mask, 0, full_end)
+    for key_start in range(0, bytes_from, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims,
+            key_start, n_keys, False, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2,
+            inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
+            False, False, HAS_BIAS, HAS_DROPOUT, precision)
+    if HAS_KEY_MASK:
+        for key_start in range(bytes_from, full_end, BLOCK_N):
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims,
+                key_start, n_keys, True, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2,
+                inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM, BLOCK_D, BLOCK_M,
+                BLOCK_N, False, True, HAS_BIAS, HAS_DROPOUT, precision)
+    if full_end < n_keys:
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims,
+            full_end, n_keys, byte_mask, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2,
+            inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
+            True, HAS_KEY_MASK, HAS_BIAS, HAS_DROPOUT, precision)
+    return acc, l_i, m_i
+
+
+# Forward, one program per (block of BLOCK_M queries, batch·head), online softmax over key blocks
+# (r = q·kᵀ + bias/scale, s = r · c with c = scale · log2 e, positive: the launcher folds a
+# negative scale's sign into q):
+#   m = running max of r, l = Σ exp2(s - m·c), acc = Σ exp2(s - m·c) · keep · v  (both rescaled
+#   by exp2((m_old - m_new)·c) when the max grows);  out = acc · (1/l) / (1 - p)
+# The backward recomputes P = exp2(s - m·c) · (1/l) from the saved m·c and 1/l, as the forward
+# computed it. (A single logsumexp m + log2 l would be cheaper but loses log2 l when |m| is huge,
+# e.g. a row masked everywhere by a finfo.min bias, and P with it.) Rows with no visible key
+# (l = 0) store out = 0, m = 0 and 1/l = 0, so that their P is 0 in the backward. Rows past the
+# sequence's end are computed on zero queries (finite: the loop has no row mask) and never stored.
 @triton.jit(do_not_specialize=["seed"])  # one compiled variant whatever the seed's value
 def _attention_fwd_kernel(
-    Q, K, V, Out, Stats, KeyMask, Bias, CuSeqlens, seed,
+    Q, K, V, Out, Stats, KeyMask, KeyLengths, Bias, CuSeqlens, seed,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
     stride_mb, stride_mk, stride_bb, stride_bh, stride_bm,
@@ -125,6 +296,7 @@ def _attention_fwd_kernel(
     start, seqlen = _sequence(CuSeqlens, b, max_seqlen, PACKED)
     if tl.program_id(0) * BLOCK_M >= seqlen:
         return
+    n_keys, byte_mask = _visible_keys(KeyLengths, b, seqlen, HAS_KEY_MASK)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     token0 = tl.cast(start, tl.int64)
@@ -137,44 +309,39 @@ def _attention_fwd_kernel(
 
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < HEAD_DIM
     row_ok = rows < seqlen
-    q = tl.load(Q + rows[:, None] * stride_qs + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    if HAS_DROPOUT:
-        keep_scale = 1.0 / (1.0 - dropout_p)
+    q = _load_rows(Q, rows, dims, row_ok, stride_qs, HEAD_DIM, BLOCK_D, True)
+    inv_scale = tl.fdiv(1.4426950408889634, scale_log2)  # approximate: no slow-path call
+    bias_floor = -2.3e38 * tl.minimum(scale_log2 / 1.4426950408889634, 1.0)
+    bias_rows = tl.minimum(rows, seqlen - 1)  # rows past the end read the last row's bias
+    groups_per_row = (max_seqlen + 3) // 4
+    threshold = _keep_threshold(dropout_p)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for key_start in range(0, seqlen, BLOCK_N):
-        cols = key_start + tl.arange(0, BLOCK_N)
-        kv_mask = (cols < seqlen)[:, None] & dim_ok[None, :]
-        k = tl.load(K + cols[:, None] * stride_ks + dims[None, :], mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), _scores_init(rows[:, None], cols[None, :], seqlen, Bias,
-                                                  stride_bm, scale_log2, HAS_BIAS, BLOCK_M, BLOCK_N),
-                    input_precision=precision)
-        s = _scores_log2(qk, rows[:, None], cols[None, :], seqlen, KeyMask, stride_mk, scale_log2,
-                         HAS_KEY_MASK)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # while a row has seen no visible key its max is -inf; subtract 0 instead (-inf - -inf = nan)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, batch_head, rows[:, None], cols[None, :], max_seqlen, dropout_p)
-            p = tl.where(keep, p * keep_scale, 0.0)
-        v = tl.load(V + cols[:, None] * stride_vs + dims[None, :], mask=kv_mask, other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=precision)
-        m_i = m_new
+    acc, l_i, m_i = _fwd_keys(
+        acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims, n_keys,
+        byte_mask, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2, inv_scale, bias_floor,
+        groups_per_row, threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_KEY_MASK, HAS_BIAS,
+        HAS_DROPOUT, precision)
     has_keys = l_i > 0.0
-    out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
-    tl.store(Out + rows[:, None] * stride_os + dims[None, :], out.to(Out.dtype.element_ty),
-             mask=row_ok[:, None] & dim_ok[None, :])
+    # l >= 1 where a row has keys (its max term is 1): the approximate reciprocal is exact to 2 ulp
+    inv_l = tl.where(has_keys, tl.fdiv(1.0, tl.where(has_keys, l_i, 1.0)), 0.0)
+    out_scale = inv_l
+    if HAS_DROPOUT:
+        out_scale = inv_l * tl.fdiv(1.0, 1.0 - dropout_p)
+    out = acc * out_scale[:, None]
+    out_ptrs = Out + rows[:, None] * stride_os + dims[None, :]
+    if HEAD_DIM == BLOCK_D:
+        tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(out_ptrs, out.to(Out.dtype.element_ty),
+                 mask=row_ok[:, None] & (dims < HEAD_DIM)[None, :])
     Stats += batch_head.to(tl.int64) * 2 * max_seqlen
+    if not HAS_BIAS:
+        m_i = m_i * scale_log2
     tl.store(Stats + rows, tl.where(has_keys, m_i, 0.0), mask=row_ok)
-    tl.store(Stats + max_seqlen + rows, tl.where(has_keys, 1.0 / tl.where(has_keys, l_i, 1.0), 0.0),
-             mask=row_ok)
+    tl.store(Stats + max_seqlen + rows, inv_l, mask=row_ok)
 
 
 # Backward preprocess: delta_i = Σ_d dO_id · O_id  (= Σ_j P_ij · dP_ij, dropout included), per row.
@@ -203,14 +370,57 @@ def _attention_bwd_delta_kernel(
     tl.store(Delta + batch_head.to(tl.int64) * max_seqlen + rows, delta, mask=rows < seqlen)
 
 
+# One query block of the dK/dV backward (tiles transposed, [keys × queries]). Keys are not masked
+# here: a masked key's row of Pᵀ only feeds its own rows of dK and dV, which the kernel zeroes.
+# TAIL: the block may run past the sequence: its rows load as zeros with m = 1/l = delta = 0, so
+# their P is exactly 0 (a bias is not read there) and nothing reaches the sums.
+@triton.jit
+def _dkdv_block(dk, dv, k, v, Q, DO, Stats, Delta, Bias, seed, batch_head, key_start, bias_cols, dims,
+                query_start, seqlen, max_seqlen, stride_qs, stride_dos, stride_bm, scale_log2,
+                inv_scale, bias_floor, groups_per_row, threshold, keep_fraction,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, TAIL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr, precision: tl.constexpr):
+    rows = query_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < seqlen
+    q = _load_rows(Q, rows, dims, row_ok, stride_qs, HEAD_DIM, BLOCK_D, TAIL)
+    do = _load_rows(DO, rows, dims, row_ok, stride_dos, HEAD_DIM, BLOCK_D, TAIL)
+    if TAIL:
+        row_max = tl.load(Stats + rows, mask=row_ok, other=0.0)
+        inv_sum = tl.load(Stats + max_seqlen + rows, mask=row_ok, other=0.0)
+        delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
+    else:
+        row_max = tl.load(Stats + rows)
+        inv_sum = tl.load(Stats + max_seqlen + rows)
+        delta = tl.load(Delta + rows)
+    init = _scores_init(Bias, rows[None, :], bias_cols[:, None], row_ok[None, :], stride_bm,
+                        inv_scale, bias_floor, HAS_BIAS, TAIL, BLOCK_N, BLOCK_M)
+    qk_t = tl.dot(k, tl.trans(q), init, input_precision=precision)
+    p_t = _exp2_shifted(qk_t, row_max[None, :], scale_log2, HAS_BIAS) * inv_sum[None, :]
+    dp_t = tl.dot(v, tl.trans(do), input_precision=precision)
+    if HAS_DROPOUT:  # 1 / (1 - p) is applied once, to the sums, hence delta · (1 - p)
+        keep_t = tl.trans(_dropout_keep(seed, batch_head, rows, key_start, groups_per_row, threshold,
+                                        BLOCK_M, BLOCK_N))
+        dv += tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, input_precision=precision)
+        ds_t = p_t * (tl.where(keep_t, dp_t, 0.0) - (delta * keep_fraction)[None, :])
+    else:
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=precision)
+        ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=precision)
+    return dk, dv
+
+
 # Backward for one block of BLOCK_N keys, looping over query blocks (P recomputed from the
-# forward's row max m and 1/l, Z = keep mask / (1 - p), D = delta):
-#   P = exp2(s - m) / l,  dV = Σ_i (P∘Z)ᵀ·dO,  dP = (dO·Vᵀ)∘Z,  dS = P∘(dP - D),
-#   dK = scale · Σ_i dSᵀ·Q
-# Tiles are kept transposed ([keys × queries]) so that no register tile needs transposing.
+# forward's m·c and 1/l, Z = keep mask, D = delta, k = 1 / (1 - p) or 1 without dropout):
+#   P = exp2(s - m·c) · (1/l),  dV = k · Σ_i (P∘Z)ᵀ·dO,  dP = (dO·Vᵀ)∘Z·k,  dS = P∘(dP - D),
+#   dK = scale · Σ_i dSᵀ·Q = scale · k · Σ_i (P∘((dO·Vᵀ)∘Z - D/k))ᵀ·Q
+# Tiles are kept transposed ([keys × queries]) so that no register tile needs transposing. Full
+# query blocks run unmasked, then one masked tail block. Keys that no query sees (past the
+# sequence's visible keys, or masked by the mask's bytes) store zero gradients; a block of them
+# only (padding, with a right-padded mask) skips the loop.
 @triton.jit(do_not_specialize=["seed"])
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, Stats, Delta, KeyMask, Bias, CuSeqlens, seed,
+    Q, K, V, DO, DK, DV, Stats, Delta, KeyMask, KeyLengths, Bias, CuSeqlens, seed,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
@@ -225,8 +435,10 @@ def _attention_bwd_dkdv_kernel(
     b = batch_head // num_heads
     h = batch_head % num_heads
     start, seqlen = _sequence(CuSeqlens, b, max_seqlen, PACKED)
-    if tl.program_id(0) * BLOCK_N >= seqlen:
+    key_start = tl.program_id(0) * BLOCK_N
+    if key_start >= seqlen:
         return
+    n_keys, byte_mask = _visible_keys(KeyLengths, b, seqlen, HAS_KEY_MASK)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     token0 = tl.cast(start, tl.int64)
@@ -241,53 +453,122 @@ def _attention_bwd_dkdv_kernel(
     KeyMask += b64 * stride_mb
     Bias += b64 * stride_bb + h64 * stride_bh
 
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = key_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < HEAD_DIM
-    kv_mask = (cols < seqlen)[:, None] & dim_ok[None, :]
-    k = tl.load(K + cols[:, None] * stride_ks + dims[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + cols[:, None] * stride_vs + dims[None, :], mask=kv_mask, other=0.0)
-    if HAS_DROPOUT:
-        keep_scale = 1.0 / (1.0 - dropout_p)
+    in_sequence = cols < seqlen
+    visible = cols < n_keys
+    if HAS_KEY_MASK:
+        real_key = tl.load(KeyMask + cols * stride_mk, mask=in_sequence, other=0) != 0
+        visible = tl.where(byte_mask, real_key, visible)
+    k = _load_rows(K, cols, dims, in_sequence, stride_ks, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(V, cols, dims, in_sequence, stride_vs, HEAD_DIM, BLOCK_D, True)
+    inv_scale = tl.fdiv(1.4426950408889634, scale_log2)  # approximate: no slow-path call
+    bias_floor = -2.3e38 * tl.minimum(scale_log2 / 1.4426950408889634, 1.0)
+    bias_cols = tl.minimum(cols, seqlen - 1)  # keys past the end read the last key's bias
+    groups_per_row = (max_seqlen + 3) // 4
+    threshold = _keep_threshold(dropout_p)
+    keep_fraction = 1.0 - dropout_p
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for query_start in range(0, seqlen, BLOCK_M):
-        rows = query_start + tl.arange(0, BLOCK_M)
-        row_ok = rows < seqlen
-        q_mask = row_ok[:, None] & dim_ok[None, :]
-        q = tl.load(Q + rows[:, None] * stride_qs + dims[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + rows[:, None] * stride_dos + dims[None, :], mask=q_mask, other=0.0)
-        row_max = tl.load(Stats + rows, mask=row_ok, other=0.0)
-        inv_sum = tl.load(Stats + max_seqlen + rows, mask=row_ok, other=0.0)
-        delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
-        qk_t = tl.dot(k, tl.trans(q), _scores_init(rows[None, :], cols[:, None], seqlen, Bias,
-                                                    stride_bm, scale_log2, HAS_BIAS, BLOCK_N, BLOCK_M),
-                      input_precision=precision)
-        s_t = _scores_log2(qk_t, rows[None, :], cols[:, None], seqlen, KeyMask, stride_mk,
-                           scale_log2, HAS_KEY_MASK)
-        p_t = tl.math.exp2(s_t - row_max[None, :]) * inv_sum[None, :]
-        dp_t = tl.dot(v, tl.trans(do), input_precision=precision)
-        if HAS_DROPOUT:
-            keep_t = _dropout_keep(seed, batch_head, rows[None, :], cols[:, None], max_seqlen,
-                                   dropout_p)
-            dv += tl.dot(tl.where(keep_t, p_t * keep_scale, 0.0).to(do.dtype), do,
-                         input_precision=precision)
-            dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
-        else:
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=precision)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=precision)
-    tl.store(DK + cols[:, None] * stride_dks + dims[None, :], (dk * scale).to(DK.dtype.element_ty),
-             mask=kv_mask)
+    # no query sees these keys: skip the loop (their gradients are zeros)
+    queries = tl.where(key_start < n_keys, seqlen, 0)
+    # full query blocks unmasked, then the tail; with a bias tile or accumulators wider than 64
+    # every block is bounds-checked (sm_80 spills with a second copy of the block code)
+    if HAS_BIAS or BLOCK_D > 64:
+        masked_from = 0
+    else:
+        masked_from = queries - queries % BLOCK_M
+    for query_start in range(0, masked_from, BLOCK_M):
+        dk, dv = _dkdv_block(
+            dk, dv, k, v, Q, DO, Stats, Delta, Bias, seed, batch_head, key_start, bias_cols, dims,
+            query_start, seqlen, max_seqlen, stride_qs, stride_dos, stride_bm, scale_log2,
+            inv_scale, bias_floor, groups_per_row, threshold, keep_fraction, HEAD_DIM, BLOCK_D,
+            BLOCK_M, BLOCK_N, False, HAS_BIAS, HAS_DROPOUT, precision)
+    for query_start in range(masked_from, queries, BLOCK_M):
+        dk, dv = _dkdv_block(
+            dk, dv, k, v, Q, DO, Stats, Delta, Bias, seed, batch_head, key_start, bias_cols, dims,
+            query_start, seqlen, max_seqlen, stride_qs, stride_dos, stride_bm, scale_log2,
+            inv_scale, bias_floor, groups_per_row, threshold, keep_fraction, HEAD_DIM, BLOCK_D,
+            BLOCK_M, BLOCK_N, True, HAS_BIAS, HAS_DROPOUT, precision)
+    dk_scale = scale
+    dv_scale = 1.0
+    if HAS_DROPOUT:
+        dv_scale = tl.fdiv(1.0, keep_fraction)
+        dk_scale = scale * dv_scale
+    # where, not a product: a masked key's row may hold inf or nan
+    dk = tl.where(visible[:, None], dk * dk_scale, 0.0)
+    dv = tl.where(visible[:, None], dv * dv_scale, 0.0)
+    store_mask = in_sequence[:, None] & (dims < HEAD_DIM)[None, :]
+    tl.store(DK + cols[:, None] * stride_dks + dims[None, :], dk.to(DK.dtype.element_ty),
+             mask=store_mask)
     tl.store(DV + cols[:, None] * stride_dvs + dims[None, :], dv.to(DV.dtype.element_ty),
-             mask=kv_mask)
+             mask=store_mask)
 
 
-# Backward for one block of BLOCK_M queries, looping over key blocks:
-#   P = exp2(s - m) / l,  dP = (dO·Vᵀ)∘Z,  dS = P∘(dP - D),  dQ = scale · Σ_j dS·K
+# One key block of the dQ backward (rows past the sequence are never stored: no row mask).
+@triton.jit
+def _dq_block(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batch_head, rows,
+              bias_rows, dims, key_start, n_keys, byte_mask, stride_ks, stride_vs, stride_mk,
+              stride_bm, scale_log2, inv_scale, bias_floor, groups_per_row, threshold,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, TAIL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+              HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, precision: tl.constexpr):
+    cols = key_start + tl.arange(0, BLOCK_N)
+    key_ok = cols < n_keys
+    k = _load_rows(K, cols, dims, key_ok, stride_ks, HEAD_DIM, BLOCK_D, TAIL)
+    v = _load_rows(V, cols, dims, key_ok, stride_vs, HEAD_DIM, BLOCK_D, TAIL)
+    init = _scores_init(Bias, bias_rows[:, None], cols[None, :], key_ok[None, :], stride_bm,
+                        inv_scale, bias_floor, HAS_BIAS, TAIL, BLOCK_M, BLOCK_N)
+    qk = tl.dot(q, tl.trans(k), init, input_precision=precision)
+    if TAIL:
+        qk = tl.where(key_ok[None, :], qk, float("-inf"))
+    if HAS_KEY_MASK:
+        qk = _byte_masked(qk, KeyMask, cols, key_ok, stride_mk, byte_mask, TAIL)
+    p = _exp2_shifted(qk, row_max[:, None], scale_log2, HAS_BIAS) * inv_sum[:, None]
+    dp = tl.dot(do, tl.trans(v), input_precision=precision)
+    if HAS_DROPOUT:  # delta arrives as delta · (1 - p): 1 / (1 - p) is applied once, to dQ
+        keep = _dropout_keep(seed, batch_head, rows, key_start, groups_per_row, threshold,
+                             BLOCK_M, BLOCK_N)
+        dp = tl.where(keep, dp, 0.0)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=precision)
+
+
+@triton.jit
+def _dq_keys(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batch_head, rows,
+             bias_rows, dims, n_keys, byte_mask, stride_ks, stride_vs, stride_mk, stride_bm,
+             scale_log2, inv_scale, bias_floor, groups_per_row, threshold,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+             HAS_DROPOUT: tl.constexpr, precision: tl.constexpr):
+    # full key blocks unmasked, then the tail; with a bias tile or accumulators wider than 64 every
+    # block is bounds-checked (sm_80 spills with a second copy of the block code)
+    if HAS_BIAS or BLOCK_D > 64:
+        masked_from = 0
+    else:
+        masked_from = n_keys - n_keys % BLOCK_N
+    for key_start in range(0, masked_from, BLOCK_N):
+        dq = _dq_block(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batch_head,
+                       rows, bias_rows, dims, key_start, n_keys, byte_mask, stride_ks, stride_vs,
+                       stride_mk, stride_bm, scale_log2, inv_scale, bias_floor, groups_per_row,
+                       threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_KEY_MASK, HAS_BIAS,
+                       HAS_DROPOUT, precision)
+    for key_start in range(masked_from, n_keys, BLOCK_N):
+        dq = _dq_block(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batch_head,
+                       rows, bias_rows, dims, key_start, n_keys, byte_mask, stride_ks, stride_vs,
+                       stride_mk, stride_bm, scale_log2, inv_scale, bias_floor, groups_per_row,
+                       threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_KEY_MASK, HAS_BIAS,
+                       HAS_DROPOUT, precision)
+    return dq
+
+
+# Backward for one block of BLOCK_M queries, looping over key blocks (full blocks unmasked, one
+# masked tail block):
+#   P = exp2(s - m·c) · (1/l),  dP = (dO·Vᵀ)∘Z·k,  dS = P∘(dP - D),
+#   dQ = scale · Σ_j dS·K = scale · k · Σ_j (P∘((dO·Vᵀ)∘Z - D/k))·K
 @triton.jit(do_not_specialize=["seed"])
 def _attention_bwd_dq_kernel(
-    Q, K, V, DO, DQ, Stats, Delta, KeyMask, Bias, CuSeqlens, seed,
+    Q, K, V, DO, DQ, Stats, Delta, KeyMask, KeyLengths, Bias, CuSeqlens, seed,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
@@ -304,6 +585,7 @@ def _attention_bwd_dq_kernel(
     start, seqlen = _sequence(CuSeqlens, b, max_seqlen, PACKED)
     if tl.program_id(0) * BLOCK_M >= seqlen:
         return
+    n_keys, byte_mask = _visible_keys(KeyLengths, b, seqlen, HAS_KEY_MASK)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     token0 = tl.cast(start, tl.int64)
@@ -317,49 +599,52 @@ def _attention_bwd_dq_kernel(
 
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < HEAD_DIM
     row_ok = rows < seqlen
-    q_mask = row_ok[:, None] & dim_ok[None, :]
-    q = tl.load(Q + rows[:, None] * stride_qs + dims[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + rows[:, None] * stride_dos + dims[None, :], mask=q_mask, other=0.0)
+    q = _load_rows(Q, rows, dims, row_ok, stride_qs, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO, rows, dims, row_ok, stride_dos, HEAD_DIM, BLOCK_D, True)
     Stats += batch_head.to(tl.int64) * 2 * max_seqlen
     row_max = tl.load(Stats + rows, mask=row_ok, other=0.0)
     inv_sum = tl.load(Stats + max_seqlen + rows, mask=row_ok, other=0.0)
     delta = tl.load(Delta + batch_head.to(tl.int64) * max_seqlen + rows, mask=row_ok, other=0.0)
+    inv_scale = tl.fdiv(1.4426950408889634, scale_log2)  # approximate: no slow-path call
+    bias_floor = -2.3e38 * tl.minimum(scale_log2 / 1.4426950408889634, 1.0)
+    bias_rows = tl.minimum(rows, seqlen - 1)  # rows past the end read the last row's bias
+    groups_per_row = (max_seqlen + 3) // 4
+    threshold = _keep_threshold(dropout_p)
+    dq_scale = scale
     if HAS_DROPOUT:
-        keep_scale = 1.0 / (1.0 - dropout_p)
+        delta = delta * (1.0 - dropout_p)
+        dq_scale = scale * tl.fdiv(1.0, 1.0 - dropout_p)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for key_start in range(0, seqlen, BLOCK_N):
-        cols = key_start + tl.arange(0, BLOCK_N)
-        kv_mask = (cols < seqlen)[:, None] & dim_ok[None, :]
-        k = tl.load(K + cols[:, None] * stride_ks + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + cols[:, None] * stride_vs + dims[None, :], mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), _scores_init(rows[:, None], cols[None, :], seqlen, Bias,
-                                                  stride_bm, scale_log2, HAS_BIAS, BLOCK_M, BLOCK_N),
-                    input_precision=precision)
-        s = _scores_log2(qk, rows[:, None], cols[None, :], seqlen, KeyMask, stride_mk, scale_log2,
-                         HAS_KEY_MASK)
-        p = tl.math.exp2(s - row_max[:, None]) * inv_sum[:, None]
-        dp = tl.dot(do, tl.trans(v), input_precision=precision)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, batch_head, rows[:, None], cols[None, :], max_seqlen,
-                                 dropout_p)
-            dp = tl.where(keep, dp * keep_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=precision)
-    tl.store(DQ + rows[:, None] * stride_dqs + dims[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=q_mask)
+    # a sequence whose mask is not a prefix reads its bytes in every key block; the others run a
+    # copy of the loops without that code
+    if byte_mask:
+        dq = _dq_keys(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batch_head,
+                      rows, bias_rows, dims, n_keys, byte_mask, stride_ks, stride_vs, stride_mk,
+                      stride_bm, scale_log2, inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM,
+                      BLOCK_D, BLOCK_M, BLOCK_N, HAS_KEY_MASK, HAS_BIAS, HAS_DROPOUT, precision)
+    else:
+        dq = _dq_keys(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batch_head,
+                      rows, bias_rows, dims, n_keys, byte_mask, stride_ks, stride_vs, stride_mk,
+                      stride_bm, scale_log2, inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM,
+                      BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_BIAS, HAS_DROPOUT, precision)
+    dq_mask = row_ok[:, None] & (dims < HEAD_DIM)[None, :]
+    tl.store(DQ + rows[:, None] * stride_dqs + dims[None, :], (dq * dq_scale).to(DQ.dtype.element_ty),
+             mask=dq_mask)
 
 
 # The dropout keep mask as a tensor [B, H, S, S], drawn exactly as the attention kernels draw it.
 @triton.jit(do_not_specialize=["seed"])
 def _dropout_mask_kernel(Keep, seed, max_seqlen, dropout_p, BLOCK: tl.constexpr):
     batch_head = tl.program_id(1)
-    q_idx = tl.program_id(0)
+    row = tl.program_id(0) + tl.zeros([1], dtype=tl.int32)
+    groups_per_row = (max_seqlen + 3) // 4
+    threshold = _keep_threshold(dropout_p)
     for key_start in range(0, max_seqlen, BLOCK):
+        keep = tl.reshape(_dropout_keep(seed, batch_head, row, key_start, groups_per_row, threshold,
+                                        1, BLOCK), [BLOCK])
         k_idx = key_start + tl.arange(0, BLOCK)
-        keep = _dropout_keep(seed, batch_head, q_idx, k_idx, max_seqlen, dropout_p)
-        offsets = (batch_head.to(tl.int64) * max_seqlen + q_idx) * max_seqlen + k_idx
+        offsets = (batch_head.to(tl.int64) * max_seqlen + row) * max_seqlen + k_idx
         tl.store(Keep + offsets, keep.to(tl.int8), mask=k_idx < max_seqlen)
 
 
@@ -384,12 +669,18 @@ _FWD_CONFIGS = {
     ("ieee", 128, False): (16, 16, 4, 1),
     ("ieee", 128, True): (16, 16, 4, 1),
 }
-# BERT's common case, 16-bit with D <= 64, at most 128 keys and neither bias nor dropout: one key
-# block covers every key, a single pass of the key loop.
-_FWD_ONE_KEY_BLOCK = (128, 128, 8, 1)
+# Dropout's Philox rounds at head dims above 64 (the [rows, D] accumulators twice as wide): 32-key
+# blocks, half the draws per block. (A single 128-key block for sequences up to 128 keys is not
+# used: on sm_80 its 128 keys of K fragments spill, and on sm_90a it needs ~176 registers, one CTA
+# per SM, where 128x64 keeps two.)
+_FWD_DROPOUT_CONFIGS = {
+    ("16", 128, False): (128, 32, 8, 2),
+    ("16", 128, True): (64, 32, 4, 2),
+}
 _BWD_CONFIGS = {  # (dK/dV kernel config, dQ kernel config)
     ("16", 64, False): ((32, 64, 4, 2), (128, 32, 8, 2)),
-    ("16", 64, True): ((32, 64, 4, 1), (128, 32, 8, 2)),
+    # dK/dV with a bias: 32-query blocks spill on sm_80 with dropout's draws
+    ("16", 64, True): ((16, 64, 4, 1), (128, 32, 8, 2)),
     ("16", 128, False): ((16, 64, 4, 2), (64, 32, 4, 2)),
     ("16", 128, True): ((16, 64, 4, 2), (64, 32, 4, 1)),
     ("tf32", 64, False): ((16, 64, 4, 1), (64, 16, 4, 1)),
@@ -398,8 +689,9 @@ _BWD_CONFIGS = {  # (dK/dV kernel config, dQ kernel config)
     # being 4x as many registers as fp16 K, V; 32-key tiles run on mma.sync instead of wgmma
     ("tf32", 128, False): ((16, 32, 4, 1), (64, 16, 4, 1)),
     ("tf32", 128, True): ((16, 32, 4, 1), (64, 16, 4, 1)),
-    ("ieee", 64, False): ((16, 32, 4, 1), (16, 16, 4, 1)),
-    ("ieee", 64, True): ((16, 32, 4, 1), (16, 16, 4, 1)),
+    # dK/dV with dropout: 32-key tiles spill (D = 64 on sm_90a; with a bias, D = 32 on sm_80)
+    ("ieee", 64, False): ((16, 16, 4, 1), (16, 16, 4, 1)),
+    ("ieee", 64, True): ((16, 16, 4, 1), (16, 16, 4, 1)),
     ("ieee", 128, False): ((16, 16, 4, 1), (16, 16, 4, 1)),
     # dQ: with 4 warps, a bias and dropout's 64-bit seed argument spill at D = 80, 96 on sm_90a
     ("ieee", 128, True): ((16, 16, 4, 1), (16, 16, 8, 1)),
@@ -413,11 +705,9 @@ def _config_key(head_dim, dtype, allow_tf32, has_bias):
     return precision, 64 if head_dim <= 64 else 128, has_bias
 
 
-def _fwd_config(max_seqlen, head_dim, dtype, allow_tf32, has_bias, has_dropout):
+def _fwd_config(head_dim, dtype, allow_tf32, has_bias, has_dropout):
     key = _config_key(head_dim, dtype, allow_tf32, has_bias)
-    if key == ("16", 64, False) and max_seqlen <= 128 and not has_dropout:
-        return _FWD_ONE_KEY_BLOCK
-    return _FWD_CONFIGS[key]
+    return _FWD_DROPOUT_CONFIGS.get(key, _FWD_CONFIGS[key]) if has_dropout else _FWD_CONFIGS[key]
 
 
 def _bwd_configs(head_dim, dtype, allow_tf32, has_bias):
@@ -442,16 +732,56 @@ def _unused(device, dtype):
 
 
 def _mask_bias_args(q, key_padding_mask, bias, batch, heads, max_seqlen):
+    """(key mask bytes, key lengths, bias, their strides) as the kernels take them."""
     if key_padding_mask is None:
         mask, mask_strides = _unused(q.device, torch.uint8), (0, 0)
+        lengths = _unused(q.device, torch.int32)
     else:
         mask = key_padding_mask.view(torch.uint8)  # same bytes; Triton loads it as u8
         mask_strides = mask.stride()
+        lengths = _key_lengths(key_padding_mask)
     if bias is None:
         bias, bias_strides = _unused(q.device, q.dtype), (0, 0, 0)
     else:
         bias, bias_strides = _aligned_bias(bias, batch, heads, max_seqlen)
-    return mask, bias, (*mask_strides, *bias_strides)
+    return mask, lengths, bias, (*mask_strides, *bias_strides)
+
+
+# key_padding_mask tensor → (its version, its key lengths): every layer of a forward, and its
+# backward, pass the same mask
+_key_length_cache = WeakTensorKeyDictionary()
+
+
+def _key_lengths(key_padding_mask):
+    """int32 [B]: each sequence's number of real keys where its mask row is right-padded (True
+    exactly on a prefix, BERT's usual batch: the kernels then bound the keys by the length and read
+    no mask bytes), else -1 (the kernels read the bytes). Computed on the device, no host read, and
+    remembered while the mask is unchanged (inference tensors, tracing and CUDA graph captures
+    excepted: a capture must record the computation, for replays on new mask contents)."""
+    cacheable = not (key_padding_mask.is_inference() or torch.compiler.is_compiling() or (
+        key_padding_mask.is_cuda and torch.cuda.is_current_stream_capturing()))
+    known = _key_length_cache.get(key_padding_mask) if cacheable else None
+    if known is not None and known[0] == key_padding_mask._version:
+        return known[1]
+    lengths = key_padding_mask.sum(1, dtype=torch.int32)
+    positions = torch.arange(key_padding_mask.shape[1], device=key_padding_mask.device)
+    prefix = (key_padding_mask == (positions < lengths[:, None])).all(1)
+    lengths = torch.where(prefix, lengths, -1)
+    if cacheable:
+        _key_length_cache[key_padding_mask] = (key_padding_mask._version, lengths)
+    return lengths
+
+
+def _positive_scale(q, scale):
+    """(q, scale) with scale >= 0, as the kernels take them: a negative scale's sign goes into q
+    (the forward takes its running max before scaling; dQ then changes sign)."""
+    return (q, scale) if scale >= 0 else (-q, -scale)
+
+
+def _scale_log2(scale):
+    """scale (>= 0) · log2 e as the kernels take it, at least 1e-30 · log2 e: a masked score -inf
+    times 0 would be nan. The scores change by at most 1e-30 · |q·k|: nothing in fp32."""
+    return max(scale, 1e-30) * LOG2E
 
 
 def _bias_strides(bias):
@@ -490,15 +820,17 @@ def _attention_fwd(
     # packed: rows past a sequence's end have no query and are never written; zeros keep them defined
     stats = (torch.zeros if packed else torch.empty)((batch, heads, 2, max_seqlen), dtype=torch.float32,
                                                      device=q.device)
-    mask, bias, mask_bias_strides = _mask_bias_args(q, key_padding_mask, bias, batch, heads, max_seqlen)
+    mask, lengths, bias, mask_bias_strides = _mask_bias_args(q, key_padding_mask, bias, batch, heads,
+                                                             max_seqlen)
     block_m, block_n, num_warps, num_stages = _fwd_config(
-        max_seqlen, head_dim, q.dtype, allow_tf32, bias.numel() > 0, seed is not None)
+        head_dim, q.dtype, allow_tf32, bias.numel() > 0, seed is not None)
+    q, scale = _positive_scale(q, scale)
     _attention_fwd_kernel[(triton.cdiv(max_seqlen, block_m), batch * heads)](
-        q, k, v, out, stats, mask, bias,
+        q, k, v, out, stats, mask, lengths, bias,
         cu_seqlens if packed else _unused(q.device, torch.int32), _seed_argument(seed),
         *_bsh_strides(q, packed), *_bsh_strides(k, packed), *_bsh_strides(v, packed),
         *_bsh_strides(out, packed), *mask_bias_strides,
-        heads, max_seqlen, scale * LOG2E, dropout_p,
+        heads, max_seqlen, _scale_log2(scale), dropout_p,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m,
         BLOCK_N=block_n, PACKED=packed, HAS_KEY_MASK=key_padding_mask is not None,
         HAS_BIAS=bias.numel() > 0, HAS_DROPOUT=seed is not None, ALLOW_TF32=allow_tf32,
@@ -531,7 +863,10 @@ def _attention_bwd(
         do = do.contiguous()
     cu_seqlens = cu_seqlens if packed else _unused(q.device, torch.int32)
     seed_arg = _seed_argument(seed)
-    mask, bias, mask_bias_strides = _mask_bias_args(q, key_padding_mask, bias, batch, heads, max_seqlen)
+    mask, lengths, bias, mask_bias_strides = _mask_bias_args(q, key_padding_mask, bias, batch, heads,
+                                                             max_seqlen)
+    negative_scale = scale < 0
+    q, scale = _positive_scale(q, scale)
     flags = dict(
         HEAD_DIM=head_dim, BLOCK_D=block_d, PACKED=packed,
         HAS_KEY_MASK=key_padding_mask is not None, HAS_BIAS=bias.numel() > 0,
@@ -552,17 +887,19 @@ def _attention_bwd(
     (dkdv_m, dkdv_n, dkdv_warps, dkdv_stages), (dq_m, dq_n, dq_warps, dq_stages) = _bwd_configs(
         head_dim, q.dtype, allow_tf32, bias.numel() > 0)
     _attention_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, dkdv_n), batch * heads)](
-        q, k, v, do, dk, dv, stats, delta, mask, bias, cu_seqlens, seed_arg,
+        q, k, v, do, dk, dv, stats, delta, mask, lengths, bias, cu_seqlens, seed_arg,
         *qkv_do_strides, *_bsh_strides(dk, packed), *_bsh_strides(dv, packed), *mask_bias_strides,
-        heads, max_seqlen, scale, scale * LOG2E, dropout_p,
+        heads, max_seqlen, scale, _scale_log2(scale), dropout_p,
         BLOCK_M=dkdv_m, BLOCK_N=dkdv_n, **flags, num_warps=dkdv_warps, num_stages=dkdv_stages,
     )
     _attention_bwd_dq_kernel[(triton.cdiv(max_seqlen, dq_m), batch * heads)](
-        q, k, v, do, dq, stats, delta, mask, bias, cu_seqlens, seed_arg,
+        q, k, v, do, dq, stats, delta, mask, lengths, bias, cu_seqlens, seed_arg,
         *qkv_do_strides, *_bsh_strides(dq, packed), *mask_bias_strides,
-        heads, max_seqlen, scale, scale * LOG2E, dropout_p,
+        heads, max_seqlen, scale, _scale_log2(scale), dropout_p,
         BLOCK_M=dq_m, BLOCK_N=dq_n, **flags, num_warps=dq_warps, num_stages=dq_stages,
     )
+    if negative_scale:  # the kernels' dQ is the gradient of -q
+        dq.neg_()
     return dq, dk, dv
 
 
@@ -958,7 +1295,7 @@ def _in_batch_chunks(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqle
 
 
 _TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_POINTER_TYPES = dict(Stats="*fp32", Delta="*fp32", KeyMask="*u8", CuSeqlens="*i32", Keep="*i8")
+_POINTER_TYPES = dict(Stats="*fp32", Delta="*fp32", KeyMask="*u8", KeyLengths="*i32", CuSeqlens="*i32", Keep="*i8")
 _SCALAR_TYPES = dict(scale="fp32", scale_log2="fp32", dropout_p="fp32", seed="i64")
 
 
@@ -987,37 +1324,63 @@ _KERNEL_NAMES = {
 }
 
 
+# BERT-family models run 16-bit attention at these head dims (BERT and ALBERT 64, MiniLM 32): every
+# layout and dropout variant they launch is compiled. Elsewhere each config compiles once, with
+# the register-heaviest flags it is launched with.
+_EVERY_VARIANT_HEAD_DIMS = (32, 64)
+
+
 def _launches(head_dim, dtype, allow_tf32):
-    """{(kernel, config): flags} for every config launched at this head dim and precision, each with
-    the register-heaviest flags it is launched with: every flag only adds to the same tiles (a mask
-    or bias load, Philox rounds), and the padded layout with a key mask is heavier than the packed
-    one, which differs only in two scalar loads of cu_seqlens before the tiles. So each config
-    compiles once, with the key mask, dropout and (if it serves a bias) the bias."""
-    launches = {}
+    """[(kernel, config, flags)] for every config launched at this head dim and precision.
+
+    At the BERT-family precisions and head dims: each layout (padded without a mask, with a key
+    padding mask, packed) with and without dropout, and with a bias its heaviest variant. Elsewhere
+    one variant per config, with the key mask, dropout and (if it serves a bias) the bias: every
+    flag only adds to the same tiles (a mask or bias load, Philox rounds), and the padded layout
+    with a key mask is heavier than the packed one, which differs only in two scalar loads of
+    cu_seqlens before the tiles."""
+    every = dtype != torch.float32 and head_dim in _EVERY_VARIANT_HEAD_DIMS
+
+    def flags(layout, has_bias, has_dropout):
+        return dict(PACKED=layout == "packed", HAS_KEY_MASK=layout == "mask", HAS_BIAS=has_bias,
+                    HAS_DROPOUT=has_dropout)
+
+    launches = {}  # keyed by (kernel, config) alone where one variant stands for the config
     for has_bias in (False, True):  # a config serving both keeps the heavier flags, with the bias
-        flags = dict(PACKED=False, HAS_KEY_MASK=True, HAS_BIAS=has_bias, HAS_DROPOUT=True)
-        fwd = _fwd_config(math.inf, head_dim, dtype, allow_tf32, has_bias, True)
         dkdv, dq = _bwd_configs(head_dim, dtype, allow_tf32, has_bias)
-        for kernel, config in ((_attention_fwd_kernel, fwd), (_attention_bwd_dkdv_kernel, dkdv),
-                               (_attention_bwd_dq_kernel, dq)):
-            launches[kernel, config] = flags
-    short = _fwd_config(128, head_dim, dtype, allow_tf32, False, False)
-    launches.setdefault((_attention_fwd_kernel, short), dict(
-        PACKED=False, HAS_KEY_MASK=True, HAS_BIAS=False, HAS_DROPOUT=False))
-    return launches
+        for has_dropout in (False, True):
+            fwd = _fwd_config(head_dim, dtype, allow_tf32, has_bias, has_dropout)
+            for kernel, config in ((_attention_fwd_kernel, fwd), (_attention_bwd_dkdv_kernel, dkdv),
+                                   (_attention_bwd_dq_kernel, dq)):
+                if every and not has_bias:
+                    for layout in ("padded", "mask", "packed"):
+                        variant = flags(layout, False, has_dropout)
+                        launches[kernel, config, tuple(variant.values())] = variant
+                elif every:
+                    launches[kernel, config, "bias"] = flags("mask", True, True)
+                elif has_dropout or (kernel, config) not in launches:
+                    launches[kernel, config] = flags("mask", has_bias, has_dropout)
+    return [(key[0], key[1], variant) for key, variant in launches.items()]
 
 
 def _flags_name(flags):
-    names = dict(PACKED="packed", HAS_KEY_MASK="+mask", HAS_BIAS="+bias", HAS_DROPOUT="+dropout")
-    return " ".join(names[flag] for flag, on in flags.items() if on) or "padded"
+    names = dict(PACKED=" +packed", HAS_KEY_MASK=" +mask", HAS_BIAS=" +bias", HAS_DROPOUT=" +dropout")
+    return "".join(names[flag] for flag, on in flags.items() if on)
+
+
+def _runtime_specialisation(flags):
+    """Argument values Triton specialises launches on, as the launcher passes them: a key mask
+    [B, S] has unit stride over keys (an integer 1 compiles as the constant); without one both
+    mask strides are 0, a multiple of 16."""
+    return dict(stride_mk=1) if flags["HAS_KEY_MASK"] else {}
 
 
 # The q/k/v/out/grad strides are multiples of 16 elements (head dims are) and so are the bias's
 # (`_aligned_bias`): Triton specialises launches on that, and it is what lets tiles load as wide
-# vectors. The key-mask strides and max_seqlen are left unknown, as for any sequence length.
-def _divisible_by_16(signature):
-    return [name for name in signature
-            if name.startswith("stride") and name not in ("stride_mb", "stride_mk")]
+# vectors. A key mask's row stride and max_seqlen are left unknown, as for any sequence length.
+def _divisible_by_16(signature, flags=None):
+    unknown = ("stride_mb", "stride_mk") if flags is None or flags["HAS_KEY_MASK"] else ()
+    return [name for name in signature if name.startswith("stride") and name not in unknown]
 
 
 def compile_cases():
@@ -1028,16 +1391,16 @@ def compile_cases():
             precision = (" tf32" if allow_tf32 else " ieee") if fp32 else ""
             for head_dim in SUPPORTED_HEAD_DIMS:
                 dims = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim))
-                for (kernel, config), flags in _launches(head_dim, dtype, allow_tf32).items():
+                for kernel, config, flags in _launches(head_dim, dtype, allow_tf32):
                     block_m, block_n, num_warps, num_stages = config
                     constexprs = dict(**dims, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
-                                      ALLOW_TF32=allow_tf32)
+                                      ALLOW_TF32=allow_tf32, **_runtime_specialisation(flags))
                     signature = _signature(kernel, type_name, constexprs)
                     yield dict(
                         name=f"{_KERNEL_NAMES[kernel]} {block_m}x{block_n} w{num_warps} s{num_stages} "
-                             f"D={head_dim} {type_name}{precision} {_flags_name(flags)}",
+                             f"D={head_dim} {type_name}{precision}{_flags_name(flags)}",
                         fn=kernel, signature=signature, constexprs=constexprs,
-                        divisible_by_16=_divisible_by_16(signature), num_warps=num_warps,
+                        divisible_by_16=_divisible_by_16(signature, flags), num_warps=num_warps,
                         num_stages=num_stages, matmul=_uses_wgmma(kernel, config, dtype, allow_tf32),
                     )
                 if allow_tf32:
@@ -1046,7 +1409,7 @@ def compile_cases():
                 constexprs = dict(**dims, BLOCK_M=_DELTA_BLOCK_M, PACKED=True)
                 signature = _signature(_attention_bwd_delta_kernel, type_name, constexprs)
                 yield dict(
-                    name=f"attention_bwd_delta D={head_dim} {type_name} packed",
+                    name=f"attention_bwd_delta D={head_dim} {type_name} +packed",
                     fn=_attention_bwd_delta_kernel, signature=signature, constexprs=constexprs,
                     divisible_by_16=_divisible_by_16(signature), num_warps=4, num_stages=1,
                     matmul=False,

@@ -2,8 +2,9 @@
 
 Without a GPU the kernels run in Triton's interpreter (slow: ~1.5 ms per program), so shapes are
 small (B=2, H=2) but cross every block edge: S=17 and 77 end mid-block, 129 spills one row into
-an extra query block and an extra key block (fp16 up to 128 keys without bias or dropout takes one
-128-key block, from 129 on 64-key blocks; fp32 takes 16- or 32-row blocks).
+an extra query block and an extra key block (fp16 takes 128-query, 64-key forward blocks; fp32
+16- or 32-row blocks). tests/test_attention_lengths.py covers key padding masks run as lengths
+and lengths at block edges.
 """
 import contextlib
 import importlib
