@@ -3,7 +3,7 @@
 For each case that a kernel module lists in `compile_cases()` (every autotune config × dtype ×
 flag variant it launches) this compiles with `triton.compile(..., target=GPUTarget(...))`, reads
 registers, spill (stack) bytes and shared memory from the cubin with the cuobjdump that Triton
-ships, counts the SASS instructions of one iteration of the main loop, works out how many CTAs
+ships, counts the SASS instructions of one iteration of each innermost loop, works out how many CTAs
 (program instances) fit on one SM at once, and checks that the sm_90a SASS of matmul-class kernels
 uses wgmma (HGMMA). It prints one table and exits non-zero on a compile failure, a spill, too much
 shared memory, missing HGMMA, or fewer CTAs per SM than a case is meant for.
@@ -58,16 +58,16 @@ _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
 _BRANCH = re.compile(r"(?:@!?U?P\w+\s+)?BRA\b.*?(0x[0-9a-f]+)\s*$")
 
 
-def main_loop(sass):
-    """The SASS instructions of one iteration of a kernel's main loop, [(address, instruction)],
-    from cuobjdump's SASS of one kernel; [] for a kernel without a loop.
+def innermost_loops(sass):
+    """The SASS instructions of one iteration of each innermost loop (one that contains no other
+    loop) of a kernel, in code order: [[(address, instruction)]], from cuobjdump's SASS of one
+    kernel; [] for a kernel without a loop.
 
     A loop is a backward branch: from its target to the branch, inclusive (a branch to itself is
-    the endless trap ptxas puts after the last EXIT, not a loop). The main loop is the largest
-    innermost one (one that contains no other loop): an innermost loop is the one that runs most
-    often, and where a kernel has several in sequence (a loop over full blocks and one over the
-    ragged tail, or two passes over a row) the largest is the one that does the kernel's work,
-    the others being shorter versions of it or cheap passes."""
+    the endless trap ptxas puts after the last EXIT, not a loop). Innermost loops are the ones that
+    run most often; a kernel may have several: in sequence (a loop over full blocks and one over
+    the ragged tail, two passes over a row) or as alternatives (attention's loop over keys bounded
+    by a length, and its loop that reads a mask's bytes)."""
     instructions, loops = [], []
     for match in _INSTRUCTION.finditer(sass):
         address, text = int(match[1], 16), match[2].strip()
@@ -75,12 +75,17 @@ def main_loop(sass):
         branch = _BRANCH.match(text)
         if branch and int(branch[1], 16) < address:
             loops.append((int(branch[1], 16), address))
-    innermost = [
+    innermost = sorted(
         (start, end) for start, end in loops
         if not any((start, end) != other and start <= other[0] and other[1] <= end for other in loops)
-    ]
-    bodies = [[(a, text) for a, text in instructions if start <= a <= end] for start, end in innermost]
-    return max(bodies, key=len, default=[])
+    )
+    return [[(a, text) for a, text in instructions if start <= a <= end] for start, end in innermost]
+
+
+def main_loop(sass):
+    """The largest innermost loop (see `innermost_loops`): where a kernel has several, the one
+    that does its work, the others being shorter versions of it or cheap passes."""
+    return max(innermost_loops(sass), key=len, default=[])
 
 
 def all_cases(name_filter=""):
@@ -146,7 +151,7 @@ def compile_case(case, arch):
     return dict(
         registers=registers, stack=int(fields["STACK"]), local=int(fields["LOCAL"]), shared=shared,
         hgmma=sass.count("HGMMA") if arch == "sm_90a" else None,
-        loop=len(main_loop(sass)) or None, ctas=ctas_per_sm(arch, registers, case["num_warps"], shared),
+        loop=len(main_loop(sass)) or None, loops=[len(body) for body in innermost_loops(sass)], ctas=ctas_per_sm(arch, registers, case["num_warps"], shared),
     )
 
 
@@ -201,15 +206,20 @@ def _number(result, key):
     return "-" if result.get(key) is None else str(result[key])
 
 
+def _loops(result):
+    return ", ".join(map(str, result.get("loops") or [])) or "-"
+
+
 def format_table(rows):
     header = ("| kernel variant | sm_80 regs / spill B / smem | sm_90a regs / spill B / smem | sm_80 CTAs/SM "
-              "| sm_90a CTAs/SM | sm_80 SASS instr / loop iter | sm_90a SASS instr / loop iter | sm_90a HGMMA | ok |")
+              "| sm_90a CTAs/SM | sm_80 SASS instr / iteration, each innermost loop | sm_90a SASS instr / iteration, each "
+              "innermost loop | sm_90a HGMMA | ok |")
     lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for case, result, found in rows:
         sm80, sm90 = result["sm_80"], result["sm_90a"]
         lines.append(
             f"| {case['name']} | {_cell(sm80)} | {_cell(sm90)} | {_number(sm80, 'ctas')} | "
-            f"{_number(sm90, 'ctas')} | {_number(sm80, 'loop')} | {_number(sm90, 'loop')} | "
+            f"{_number(sm90, 'ctas')} | {_loops(sm80)} | {_loops(sm90)} | "
             f"{_number(sm90, 'hgmma')} | {'yes' if not found else 'NO: ' + '; '.join(found)} |"
         )
     return "\n".join(lines)

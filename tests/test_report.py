@@ -106,6 +106,8 @@ def test_of_loops_in_sequence_the_largest_counts():
                    "IADD3 R0, R0, 0x1, RZ",         # 0x60: a loop around the second pass only
                    "@P2 BRA 0x20")
     assert [address for address, _ in report.main_loop(sass)] == [0x20, 0x30, 0x40, 0x50]
+    # the report lists every innermost loop, in code order (the outer loop around the second is not one)
+    assert [len(body) for body in report.innermost_loops(sass)] == [2, 4]
 
 
 # The kernel the GEMM + GELU variants launch: its main loop is the K loop, which on sm_90a issues
