@@ -17,7 +17,5 @@ triton = SimpleNamespace(
     jit=_decorator,
     autotune=lambda configs, key, **_options: _decorator,
     Config=_Config,
-    cdiv=lambda a, b: -(-a // b),
-    next_power_of_2=lambda n: 1 << max(0, (n - 1).bit_length()),
 )
 tl = SimpleNamespace(constexpr=object)  # kernels use it only in annotations

@@ -40,7 +40,8 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
 
 from . import backend
 from ._checks import FLOAT_DTYPES, check_float, check_like, read_back
-from ._launch import launches_on_input_device, on_device_of
+from ._dispatch import direct_when_eager
+from ._launch import cdiv, launches_on_input_device, next_power_of_2, on_device_of
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 MAX_DROPOUT_SEQLEN = 46340  # i·S + j < 2³¹ for the dropout counters
@@ -799,16 +800,15 @@ def _aligned_bias(bias, batch, heads, max_seqlen):
     strides = _bias_strides(bias)
     if strides[3] != 1 or any(stride % 16 for stride in strides[:3]):
         varying = [size if stride else 1 for size, stride in zip(bias.shape[:3], strides[:3])]
-        aligned = bias.new_empty(*varying, triton.cdiv(max_seqlen, 16) * 16)[..., :max_seqlen]
+        aligned = bias.new_empty(*varying, cdiv(max_seqlen, 16) * 16)[..., :max_seqlen]
         aligned.copy_(bias[tuple(slice(0, size) for size in varying)])
         bias = aligned.expand(batch, heads, max_seqlen, max_seqlen)
         strides = _bias_strides(bias)
     return bias, strides[:3]
 
 
-@torch.library.custom_op("fastencoder::attention_fwd", mutates_args=())
 @launches_on_input_device
-def _attention_fwd(
+def _attention_fwd_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
     bias: torch.Tensor | None, cu_seqlens: torch.Tensor | None, seed: torch.Tensor | None,
     max_seqlen: int, scale: float, dropout_p: float, allow_tf32: bool,
@@ -825,18 +825,21 @@ def _attention_fwd(
     block_m, block_n, num_warps, num_stages = _fwd_config(
         head_dim, q.dtype, allow_tf32, bias.numel() > 0, seed is not None)
     q, scale = _positive_scale(q, scale)
-    _attention_fwd_kernel[(triton.cdiv(max_seqlen, block_m), batch * heads)](
+    _attention_fwd_kernel[(cdiv(max_seqlen, block_m), batch * heads)](
         q, k, v, out, stats, mask, lengths, bias,
         cu_seqlens if packed else _unused(q.device, torch.int32), _seed_argument(seed),
         *_bsh_strides(q, packed), *_bsh_strides(k, packed), *_bsh_strides(v, packed),
         *_bsh_strides(out, packed), *mask_bias_strides,
         heads, max_seqlen, _scale_log2(scale), dropout_p,
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m,
+        HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), BLOCK_M=block_m,
         BLOCK_N=block_n, PACKED=packed, HAS_KEY_MASK=key_padding_mask is not None,
         HAS_BIAS=bias.numel() > 0, HAS_DROPOUT=seed is not None, ALLOW_TF32=allow_tf32,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, stats
+
+
+_attention_fwd = torch.library.custom_op("fastencoder::attention_fwd", _attention_fwd_impl, mutates_args=())
 
 
 @_attention_fwd.register_fake
@@ -847,9 +850,8 @@ def _(q, k, v, key_padding_mask, bias, cu_seqlens, seed, max_seqlen, scale, drop
     )
 
 
-@torch.library.custom_op("fastencoder::attention_bwd", mutates_args=())
 @launches_on_input_device
-def _attention_bwd(
+def _attention_bwd_impl(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     stats: torch.Tensor, key_padding_mask: torch.Tensor | None, bias: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None, seed: torch.Tensor | None, max_seqlen: int, scale: float,
@@ -858,7 +860,7 @@ def _attention_bwd(
     packed = cu_seqlens is not None
     batch, heads, _ = _layout(q, cu_seqlens, max_seqlen)
     head_dim = q.shape[-1]
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = next_power_of_2(head_dim)
     if do.stride(-1) != 1:
         do = do.contiguous()
     cu_seqlens = cu_seqlens if packed else _unused(q.device, torch.int32)
@@ -876,7 +878,7 @@ def _attention_bwd(
                       *_bsh_strides(v, packed), *_bsh_strides(do, packed))
 
     delta = torch.empty((batch, heads, max_seqlen), dtype=torch.float32, device=q.device)
-    _attention_bwd_delta_kernel[(triton.cdiv(max_seqlen, _DELTA_BLOCK_M), batch * heads)](
+    _attention_bwd_delta_kernel[(cdiv(max_seqlen, _DELTA_BLOCK_M), batch * heads)](
         out, do, delta, cu_seqlens, *_bsh_strides(out, packed), *_bsh_strides(do, packed),
         heads, max_seqlen,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=_DELTA_BLOCK_M, PACKED=packed,
@@ -886,13 +888,13 @@ def _attention_bwd(
     dv = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     (dkdv_m, dkdv_n, dkdv_warps, dkdv_stages), (dq_m, dq_n, dq_warps, dq_stages) = _bwd_configs(
         head_dim, q.dtype, allow_tf32, bias.numel() > 0)
-    _attention_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, dkdv_n), batch * heads)](
+    _attention_bwd_dkdv_kernel[(cdiv(max_seqlen, dkdv_n), batch * heads)](
         q, k, v, do, dk, dv, stats, delta, mask, lengths, bias, cu_seqlens, seed_arg,
         *qkv_do_strides, *_bsh_strides(dk, packed), *_bsh_strides(dv, packed), *mask_bias_strides,
         heads, max_seqlen, scale, _scale_log2(scale), dropout_p,
         BLOCK_M=dkdv_m, BLOCK_N=dkdv_n, **flags, num_warps=dkdv_warps, num_stages=dkdv_stages,
     )
-    _attention_bwd_dq_kernel[(triton.cdiv(max_seqlen, dq_m), batch * heads)](
+    _attention_bwd_dq_kernel[(cdiv(max_seqlen, dq_m), batch * heads)](
         q, k, v, do, dq, stats, delta, mask, lengths, bias, cu_seqlens, seed_arg,
         *qkv_do_strides, *_bsh_strides(dq, packed), *mask_bias_strides,
         heads, max_seqlen, scale, _scale_log2(scale), dropout_p,
@@ -901,6 +903,9 @@ def _attention_bwd(
     if negative_scale:  # the kernels' dQ is the gradient of -q
         dq.neg_()
     return dq, dk, dv
+
+
+_attention_bwd = torch.library.custom_op("fastencoder::attention_bwd", _attention_bwd_impl, mutates_args=())
 
 
 @_attention_bwd.register_fake
@@ -918,13 +923,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dstats):
     q, k, v, out, stats, key_padding_mask, bias, cu_seqlens, seed = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(
+    dq, dk, dv = _call_attention_bwd(
         dout, q, k, v, out, stats, key_padding_mask, bias, cu_seqlens, seed, *ctx.arguments
     )
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_call_attention_fwd = direct_when_eager(_attention_fwd, _attention_fwd_impl, _backward, _setup_context)
+_call_attention_bwd = direct_when_eager(_attention_bwd, _attention_bwd_impl)
 
 
 def _draw_dropout_seed():
@@ -1270,7 +1277,7 @@ def attention(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dropout_
         return _in_batch_chunks(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen)
     seed = _draw_dropout_seed() if dropout_p > 0 else None
     allow_tf32 = q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    return _attention_fwd(q, k, v, key_padding_mask, bias, cu_seqlens, seed, max_seqlen, scale,
+    return _call_attention_fwd(q, k, v, key_padding_mask, bias, cu_seqlens, seed, max_seqlen, scale,
                           dropout_p, allow_tf32)[0]
 
 
@@ -1390,7 +1397,7 @@ def compile_cases():
         for allow_tf32 in (False, True) if fp32 else (False,):
             precision = (" tf32" if allow_tf32 else " ieee") if fp32 else ""
             for head_dim in SUPPORTED_HEAD_DIMS:
-                dims = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim))
+                dims = dict(HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim))
                 for kernel, config, flags in _launches(head_dim, dtype, allow_tf32):
                     block_m, block_n, num_warps, num_stages = config
                     constexprs = dict(**dims, BLOCK_M=block_m, BLOCK_N=block_n, **flags,

@@ -10,6 +10,8 @@ scale, activation or missing bias changes results by 1e-2 or more). fp16 runs th
 half precision: every intermediate is rounded to 11 bits (relative 5e-4) over ~10 rounding steps,
 so FP16_TOL = 2e-2 of the output magnitude.
 """
+import importlib
+
 import pytest
 import torch
 import transformers
@@ -334,6 +336,21 @@ def count_attention_calls(monkeypatch):
     for name in ("attention", "attention_torch"):
         monkeypatch.setattr(layers, name, counting(getattr(layers, name)))
     return calls
+
+
+def test_key_lengths_derived_once_per_forward(triton_backend, monkeypatch):
+    """Under inference mode too, every layer of a padded forward gets one normal mask tensor, so the
+    attention op derives each sequence's key length in the first layer and reuses it in the others."""
+    attention_op = importlib.import_module("fastencoder.kernels.attention")
+    derived = []
+    key_lengths = attention_op._key_lengths
+    monkeypatch.setattr(attention_op, "_key_lengths", lambda mask: derived.append(key_lengths(mask)) or derived[-1])
+    config = bert_config(num_hidden_layers=3)
+    model = models.BertModel(config, unpad=False).eval()
+    with torch.inference_mode():
+        model(**ragged_batch(config))
+    assert len(derived) == 3 and all(lengths is derived[0] for lengths in derived)
+    assert derived[0].tolist() == [10, 6, -1]  # full, right-padded, left-padded (read as bytes)
 
 
 def check_gradient_checkpointing(model, inputs, labels, layer_calls, monkeypatch):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastencoder.kernels import layer_norm, linear, padding
+from fastencoder.kernels import attention, layer_norm, linear, padding
 
 
 class RecordedOps(TorchDispatchMode):
@@ -31,6 +31,13 @@ def _linear_case():
         "fastencoder.linear_fwd", "fastencoder.linear_bwd"
 
 
+def _attention_case():
+    q, k, v = (torch.randn(2, 20, 2, 16, requires_grad=True) for _ in range(3))
+    mask = torch.arange(20) < torch.tensor([[20], [13]])
+    return (q, k, v), lambda: attention(q, k, v, key_padding_mask=mask), \
+        "fastencoder.attention_fwd", "fastencoder.attention_bwd"
+
+
 def _padding_case():
     hidden = torch.randn(3, 4, 24, requires_grad=True)
     indices = torch.tensor([0, 1, 2, 4, 8, 9, 11])
@@ -47,7 +54,7 @@ def _ops_seen(run):
     return {event.name for event in profile.events() if event.name.startswith("fastencoder::")}, out, grads
 
 
-@pytest.mark.parametrize("case", [_layer_norm_case, _linear_case, _padding_case])
+@pytest.mark.parametrize("case", [_layer_norm_case, _linear_case, _attention_case, _padding_case])
 def test_eager_calls_skip_the_dispatcher_and_traced_calls_see_the_op(device, triton_backend, case):
     torch.manual_seed(0)
     run = case()
