@@ -19,12 +19,18 @@ def _eager(args):
         type(arg) in _PLAIN for arg in args if isinstance(arg, torch.Tensor))
 
 
+def _needs_grad(args):
+    return torch.is_grad_enabled() and any(isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args)
+
+
 def direct_when_eager(op, implementation, backward=None, setup_context=None):
     """A function with `op`'s positional arguments that calls `op` when traced, `implementation`
     (the function `op` was made from) otherwise; `backward` and `setup_context` as given to
-    `op.register_autograd`, for an op that has them."""
+    `op.register_autograd`, for an op that has them. An op without them (the backward ops) is
+    called as the op when gradients of it are asked for (a double backward): the op then says it has
+    no derivative, where the implementation would silently give outputs without one."""
     if backward is None:
-        return lambda *args: implementation(*args) if _eager(args) else op(*args)
+        return lambda *args: op(*args) if _needs_grad(args) or not _eager(args) else implementation(*args)
 
     function = type(f"{implementation.__name__}_function", (torch.autograd.Function,), dict(
         forward=staticmethod(implementation), setup_context=staticmethod(setup_context),
@@ -34,8 +40,6 @@ def direct_when_eager(op, implementation, backward=None, setup_context=None):
     def call(*args):
         if not _eager(args):
             return op(*args)
-        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            return function.apply(*args)
-        return implementation(*args)
+        return function.apply(*args) if _needs_grad(args) else implementation(*args)
 
     return call

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fastencoder
 from fastencoder.kernels import attention, layer_norm, linear, padding
 
 
@@ -69,3 +70,29 @@ def test_eager_calls_skip_the_dispatcher_and_traced_calls_see_the_op(device, tri
     torch.testing.assert_close(traced_out, out, rtol=0, atol=0)  # the same kernels, the same order
     for traced, eager in zip(traced_grads, grads):
         torch.testing.assert_close(traced, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", [_layer_norm_case, _linear_case, _attention_case])
+def test_a_double_backward_is_refused_not_silently_zero(device, triton_backend, case):
+    """These kernels' backward has no derivative: a gradient penalty through it must fail loudly, as
+    the custom op does, rather than come out without a graph (and so contribute nothing)."""
+    torch.manual_seed(0)
+    inputs, function, *_ = case()
+    grads = torch.autograd.grad(function().square().sum(), inputs, create_graph=True)
+    assert all(grad.requires_grad for grad in grads)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        sum(grad.square().sum() for grad in grads).backward()
+
+
+def test_a_double_backward_through_pad_and_unpad_is_exact(device, triton_backend):
+    """pad and unpad are each other's backward, so their gradients have gradients: a gradient penalty
+    through them gets the same values as on the PyTorch path."""
+    def penalty_gradient():
+        torch.manual_seed(0)
+        (hidden,), function, *_ = _padding_case()
+        (grad,) = torch.autograd.grad(function().pow(3).sum(), hidden, create_graph=True)
+        return torch.autograd.grad(grad.square().sum(), hidden)[0]
+
+    kernels = penalty_gradient()
+    fastencoder.set_backend("torch")
+    torch.testing.assert_close(kernels, penalty_gradient(), rtol=0, atol=0)  # copies and 2x: exact
