@@ -13,10 +13,12 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _eager(args):
-    # under a dispatch mode (make_fx, FlopCounterMode, fake tensors) and with tensor subclasses
-    # (fake, functional, user-defined) the call must be seen as the op: they trace or handle it
+    # under a dispatch mode (make_fx, FlopCounterMode, fake tensors), with tensor subclasses (fake,
+    # functional, user-defined) and under torch.func transforms (vmap, grad) the call must be seen
+    # as the op: they trace or handle it
     return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()) and all(
-        type(arg) in _PLAIN for arg in args if isinstance(arg, torch.Tensor))
+        type(arg) in _PLAIN and not torch._C._functorch.is_functorch_wrapped_tensor(arg)
+        for arg in args if isinstance(arg, torch.Tensor))
 
 
 def _needs_grad(args):

@@ -96,3 +96,14 @@ def test_a_double_backward_through_pad_and_unpad_is_exact(device, triton_backend
     kernels = penalty_gradient()
     fastencoder.set_backend("torch")
     torch.testing.assert_close(kernels, penalty_gradient(), rtol=0, atol=0)  # copies and 2x: exact
+
+
+def test_vmap_sees_the_op(device, triton_backend):
+    """Under torch.func transforms the call goes through the custom op, whose batching works; the
+    implementation itself cannot read a batched tensor's storage."""
+    x, residual = torch.randn(3, 4, 32), torch.randn(3, 4, 32)
+    weight, bias = torch.randn(32), torch.randn(32)
+    with torch.no_grad():
+        out = torch.vmap(lambda x, residual: layer_norm(x, weight, bias, 1e-5, residual=residual))(x, residual)
+    expected = torch.nn.functional.layer_norm((x + residual).double(), (32,), weight.double(), bias.double(), 1e-5)
+    torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-5)  # fp32 kernel vs fp64: 1e-6 seen
