@@ -32,28 +32,35 @@ def rows_view(tensor):
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-# per index tensor already read back: {summarize: (the tensor's version then, the summary)}
-_read_back = WeakTensorKeyDictionary()
+# per tensor: {(derive, *arguments): (the tensor's version then, what derive returned)}
+_remembered = WeakTensorKeyDictionary()
 
 
-def read_back(tensor, summarize):
-    """summarize(tensor): facts about a small index tensor that need a device-to-host copy (which
-    waits for the GPU), remembered while the tensor is unchanged. Every layer of a padding-free
-    forward passes the same cu_seqlens and indices: they are read back once, not once per layer.
-    Inference tensors track no version (they may change unseen), so they are read every time; so is
-    everything under torch.compile, which cannot trace the cache."""
-    if tensor.is_inference() or torch.compiler.is_compiling():
-        return summarize(tensor)
-    known = _read_back.setdefault(tensor, {})
-    version, summary = known.get(summarize, (None, None))
+def _untracked(tensor):
+    # inference tensors track no version (they may change unseen); torch.compile cannot trace the
+    # cache; a CUDA graph capture must record the computation, for replays on new contents
+    return tensor.is_inference() or torch.compiler.is_compiling() or (
+        tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def remembered(tensor, derive, *arguments):
+    """derive(tensor, *arguments), remembered while the tensor is unchanged (its version counter),
+    derived every time where that cannot be told (`_untracked`). Every layer of a forward passes the
+    same masks, cu_seqlens and indices: what is derived from them (facts that need a device-to-host
+    copy, which waits for the GPU, or device-side layouts) is derived once, not once per layer."""
+    if _untracked(tensor):
+        return derive(tensor, *arguments)
+    known = _remembered.setdefault(tensor, {})
+    key = (derive, *arguments)
+    version, value = known.get(key, (None, None))
     if version != tensor._version:
-        summary = summarize(tensor)
-        known[summarize] = (tensor._version, summary)
-    return summary
+        value = derive(tensor, *arguments)
+        known[key] = (tensor._version, value)
+    return value
 
 
-def remember(tensor, summarize, summary):
-    """Record summary as what summarize(tensor) returns, for a tensor whose caller knows it without
-    a read back (it built the tensor and read what it needed in one copy)."""
-    if not (tensor.is_inference() or torch.compiler.is_compiling()):
-        _read_back.setdefault(tensor, {})[summarize] = (tensor._version, summary)
+def remember(tensor, derive, value):
+    """Record value as what derive(tensor) returns, for a tensor whose caller knows it without
+    deriving it (it built the tensor and read what it needed in one copy)."""
+    if not _untracked(tensor):
+        _remembered.setdefault(tensor, {})[(derive,)] = (tensor._version, value)

@@ -30,7 +30,6 @@ import inspect
 import math
 
 import torch
-from torch.utils.weak import WeakTensorKeyDictionary
 
 try:
     import triton
@@ -39,7 +38,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
     from ._no_triton import tl, triton
 
 from . import backend
-from ._checks import FLOAT_DTYPES, check_float, check_like, read_back
+from ._checks import FLOAT_DTYPES, check_float, check_like, remembered
 from ._dispatch import direct_when_eager
 from ._launch import cdiv, launches_on_input_device, next_power_of_2, on_device_of
 
@@ -748,29 +747,20 @@ def _mask_bias_args(q, key_padding_mask, bias, batch, heads, max_seqlen):
     return mask, lengths, bias, (*mask_strides, *bias_strides)
 
 
-# key_padding_mask tensor → (its version, its key lengths): every layer of a forward, and its
-# backward, pass the same mask
-_key_length_cache = WeakTensorKeyDictionary()
-
-
 def _key_lengths(key_padding_mask):
     """int32 [B]: each sequence's number of real keys where its mask row is right-padded (True
     exactly on a prefix, BERT's usual batch: the kernels then bound the keys by the length and read
     no mask bytes), else -1 (the kernels read the bytes). Computed on the device, no host read, and
-    remembered while the mask is unchanged (inference tensors, tracing and CUDA graph captures
-    excepted: a capture must record the computation, for replays on new mask contents)."""
-    cacheable = not (key_padding_mask.is_inference() or torch.compiler.is_compiling() or (
-        key_padding_mask.is_cuda and torch.cuda.is_current_stream_capturing()))
-    known = _key_length_cache.get(key_padding_mask) if cacheable else None
-    if known is not None and known[0] == key_padding_mask._version:
-        return known[1]
+    remembered while the mask is unchanged: every layer of a forward, and its backward, pass the
+    same mask."""
+    return remembered(key_padding_mask, _lengths_of_prefixes)
+
+
+def _lengths_of_prefixes(key_padding_mask):
     lengths = key_padding_mask.sum(1, dtype=torch.int32)
     positions = torch.arange(key_padding_mask.shape[1], device=key_padding_mask.device)
     prefix = (key_padding_mask == (positions < lengths[:, None])).all(1)
-    lengths = torch.where(prefix, lengths, -1)
-    if cacheable:
-        _key_length_cache[key_padding_mask] = (key_padding_mask._version, lengths)
-    return lengths
+    return torch.where(prefix, lengths, -1)
 
 
 def _positive_scale(q, scale):
@@ -1116,29 +1106,22 @@ def _needs_exact_backward(q, k, v, key_padding_mask, bias):
     return bool(((largest < SWAMPING_BIAS) & (largest > float("-inf"))).any())
 
 
-# cu_seqlens tensor → (its version, max_seqlen, tokens, flat positions, key mask): every layer of a
-# padding-free forward passes the same cu_seqlens
-_packed_layouts = WeakTensorKeyDictionary()
-
-
 def _packed_positions(cu_seqlens, tokens, max_seqlen):
     """(int64 [T]: each token's flat position b·max_seqlen + s in the padded batch, bool
     [B, max_seqlen]: True at the real tokens, and at every position of an empty sequence, whose
     query rows are never gathered back: so every query row sees a key), computed on the device
-    without a host read, and remembered while cu_seqlens is unchanged (inference tensors and
-    tracing excepted, as in `read_back`)."""
-    cacheable = not (cu_seqlens.is_inference() or torch.compiler.is_compiling())
-    known = _packed_layouts.get(cu_seqlens) if cacheable else None
-    if known is not None and known[:3] == (cu_seqlens._version, max_seqlen, tokens):
-        return known[3:]
+    without a host read, and remembered while cu_seqlens is unchanged: every layer of a
+    padding-free forward passes the same cu_seqlens."""
+    return remembered(cu_seqlens, _positions_in_padded_batch, tokens, max_seqlen)
+
+
+def _positions_in_padded_batch(cu_seqlens, tokens, max_seqlen):
     device = cu_seqlens.device
     starts, lengths = cu_seqlens[:-1].long(), cu_seqlens.diff().long()
     sequence = torch.repeat_interleave(torch.arange(lengths.shape[0], device=device), lengths,
                                        output_size=tokens)
     flat = sequence * max_seqlen + torch.arange(tokens, device=device) - starts[sequence]
     key_mask = (torch.arange(max_seqlen, device=device) < lengths[:, None]) | (lengths == 0)[:, None]
-    if cacheable:
-        _packed_layouts[cu_seqlens] = (cu_seqlens._version, max_seqlen, tokens, flat, key_mask)
     return flat, key_mask
 
 
@@ -1217,7 +1200,7 @@ def _check_cu_seqlens(cu_seqlens, max_seqlen, q):
                          f"{tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
-    bounds = read_back(cu_seqlens, torch.Tensor.tolist)  # to refuse bad values up front
+    bounds = remembered(cu_seqlens, torch.Tensor.tolist)  # read back, to refuse bad values up front
     lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     if bounds[0] != 0 or min(lengths) < 0 or bounds[-1] != q.shape[0]:
         raise ValueError(
@@ -1285,7 +1268,7 @@ def _in_batch_chunks(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqle
     """`attention` over chunks of at most MAX_BATCH_HEADS // heads sequences, concatenated."""
     batch, heads, _ = _layout(q, cu_seqlens, max_seqlen)
     per_bias_batch = bias is not None and bias.dim() == 4 and bias.shape[0] > 1
-    bounds = None if cu_seqlens is None else read_back(cu_seqlens, torch.Tensor.tolist)
+    bounds = None if cu_seqlens is None else remembered(cu_seqlens, torch.Tensor.tolist)
     outs, per_chunk = [], MAX_BATCH_HEADS // heads
     for first in range(0, batch, per_chunk):
         last = min(first + per_chunk, batch)

@@ -19,7 +19,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
     from ._no_triton import tl, triton
 
 from . import backend
-from ._checks import check_float, read_back
+from ._checks import check_float, remembered
 from ._dispatch import direct_when_eager
 from ._launch import cdiv, launches_on_input_device
 
@@ -199,7 +199,7 @@ def _check_indices(indices, device, num_positions):
     capturing = indices.is_cuda and torch.cuda.is_current_stream_capturing()
     if indices.numel() == 0 or torch.compiler.is_compiling() or capturing:
         return
-    low, high, increasing = read_back(indices, index_facts)
+    low, high, increasing = remembered(indices, index_facts)
     if low < 0 or high >= num_positions or not increasing:
         raise ValueError(f"indices must be strictly increasing positions in [0, {num_positions}) "
                          f"(B x S), got values in [{low}, {high}]"

@@ -489,7 +489,7 @@ def test_bad_input_is_refused_before_any_launch(device, triton_backend, kernel_l
 
 @pytest.mark.parametrize("inference", [False, True], ids=["normal tensor", "inference tensor"])
 def test_cu_seqlens_changed_in_place_is_checked_again(device, triton_backend, kernel_launches, inference):
-    """cu_seqlens is read back once and remembered while unchanged (kernels/_checks.py read_back):
+    """cu_seqlens is read back once and remembered while unchanged (kernels/_checks.py remembered):
     an in-place change, which bumps the version or (inference tensors) is not tracked, is seen."""
     packed = torch.randn(8, 2, 16, device=device)
     with torch.inference_mode(inference):

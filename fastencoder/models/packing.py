@@ -67,7 +67,7 @@ def plan_unpadding(unpad, attention_mask, document_starts, batch, seqlen, output
         if not _unpadding_pays(real_tokens, left_padded, batch, seqlen):
             return None, real_tokens < batch * seqlen
     # Sized by one device-to-host copy, which also brings back what the ops' input checks would
-    # otherwise read back from indices and cu_seqlens (`read_back` in kernels/_checks.py): they are
+    # otherwise read back from indices and cu_seqlens (`remembered` in kernels/_checks.py): they are
     # told instead. Built outside inference mode, so that they can be remembered.
     with torch.inference_mode(False):
         first_positions = real.int().argmax(1)  # argmax returns the first maximum: the first real token
