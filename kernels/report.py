@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ._launch import cdiv
+
 KERNEL_MODULES = ("layer_norm", "linear", "attention", "padding")
 ARCHS = {"sm_80": 80, "sm_90a": 90}
 # Shared memory one block may use (opt-in maximum): A100 and H100/H200.
@@ -42,7 +44,7 @@ RESERVED_SHARED, SHARED_UNIT = 1024, 128
 
 
 def _round_up(value, unit):
-    return -(-value // unit) * unit
+    return cdiv(value, unit) * unit
 
 
 def ctas_per_sm(arch, registers, warps, shared):
@@ -151,7 +153,8 @@ def compile_case(case, arch):
     return dict(
         registers=registers, stack=int(fields["STACK"]), local=int(fields["LOCAL"]), shared=shared,
         hgmma=sass.count("HGMMA") if arch == "sm_90a" else None,
-        loop=len(main_loop(sass)) or None, loops=[len(body) for body in innermost_loops(sass)], ctas=ctas_per_sm(arch, registers, case["num_warps"], shared),
+        loops=[len(body) for body in innermost_loops(sass)],
+        ctas=ctas_per_sm(arch, registers, case["num_warps"], shared),
     )
 
 
