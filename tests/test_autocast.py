@@ -32,7 +32,8 @@ FAMILIES = {"bert": (transformers.BertModel, models.BertModel),
 def autocast_config(family, layers, **overrides):
     """Hidden 64 (two heads of 32), SDPA as Hugging Face runs by default."""
     sizes = dict(hidden_size=64, num_attention_heads=2, intermediate_size=128, num_hidden_layers=layers,
-                 max_position_embeddings=64, attn_implementation="sdpa", **overrides)
+                 max_position_embeddings=64, attn_implementation="sdpa")
+    sizes.update(overrides)
     return bert_config(**sizes) if family == "bert" else albert_config(num_hidden_groups=1, inner_group_num=1, **sizes)
 
 
@@ -242,6 +243,32 @@ def test_outputs_take_hugging_faces_dtypes_under_autocast(family, unpad, torch_b
         their_error = (theirs_h[real].float() - exact_h[real]).abs().max()
         # + 1e-6: fp32 roundings (BERT's embeddings, untouched by autocast, are summed in another order)
         assert (ours_h[real].float() - exact_h[real]).abs().max() <= 2 * their_error + 1e-6
+
+
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_probabilities_take_hugging_faces_dtype_under_autocast(family, padded, torch_backend):
+    """output_attentions under bf16 autocast on the CPU: Hugging Face's probabilities are fp32 when
+    its fp32 padding mask promotes the 16-bit scores, 16-bit without padding (the mask is dropped);
+    fastencoder's in the same dtype, their error within twice Hugging Face's (+ 1e-3: a probability
+    rounded to bf16 from fp32 scores, where Hugging Face's come from scores that are exact)."""
+    config = autocast_config(family, layers=2, attn_implementation="eager")
+    exact = scaled_weights(FAMILIES[family][0](config), 0.08, seed=0).eval()
+    theirs, ours = FAMILIES[family][0](config).eval(), FAMILIES[family][1](config).eval()
+    theirs.load_state_dict(exact.state_dict())
+    ours.load_state_dict(exact.state_dict())
+    inputs = ragged_batch(config)
+    if not padded:
+        inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
+    with torch.no_grad():
+        reference = exact(**inputs, output_attentions=True).attentions
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = theirs(**inputs, output_attentions=True).attentions
+            actual = ours(**inputs, output_attentions=True).attentions
+    assert [a.dtype for a in actual] == [a.dtype for a in expected] == 2 * [torch.float32 if padded else torch.bfloat16]
+    for ours_a, theirs_a, exact_a in zip(actual, expected, reference):
+        their_error = (theirs_a.float() - exact_a).abs().max()
+        assert (ours_a.float() - exact_a).abs().max() <= 2 * their_error + 1e-3
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # gradient_checkpointing_enable's new name

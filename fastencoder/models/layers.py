@@ -62,9 +62,20 @@ class QKVProjection(nn.Module):
 def attention_with_probabilities(q, k, v, mask, dropout_p):
     """Unfused attention computed in PyTorch (fp32 softmax, like the kernel), for output_attentions:
     returns the context [B, S, H, D] and the probabilities [B, H, S, S]. Padding keys get finfo.min,
-    as in Hugging Face, so a row with every key masked averages uniformly."""
-    with torch.autocast(q.device.type, enabled=False):  # the products too in fp32
-        return _attention_with_probabilities(q, k, v, mask, dropout_p)
+    as in Hugging Face, so a row with every key masked averages uniformly. The probabilities come
+    in q's dtype, or in fp32 where Hugging Face's are fp32 under autocast: CUDA's autocast runs softmax
+    in fp32, and its fp32 mask promotes the scores (a padding mask without padding, which it drops,
+    aside: a host read, on this slow path only)."""
+    device_type = q.device.type
+    fp32_probabilities = torch.is_autocast_enabled(device_type) and (
+        device_type in _FP32_SOFTMAX_UNDER_AUTOCAST or mask.bias is not None
+        or mask.key_padding is not None and not bool(mask.key_padding.all()))
+    with torch.autocast(device_type, enabled=False):  # the products too in fp32
+        context, probabilities = _attention_with_probabilities(q, k, v, mask, dropout_p)
+    return context, probabilities if fp32_probabilities else probabilities.to(q.dtype)
+
+
+_FP32_SOFTMAX_UNDER_AUTOCAST = frozenset({"cuda"})  # devices whose autocast runs softmax in fp32
 
 
 def _attention_with_probabilities(q, k, v, mask, dropout_p):
@@ -76,7 +87,7 @@ def _attention_with_probabilities(q, k, v, mask, dropout_p):
         scores = scores.masked_fill(~mask.key_padding[:, None, None, :], torch.finfo(compute).min)
     probs = F.dropout(torch.softmax(scores, dim=-1), dropout_p)
     context = torch.einsum("bhqk,bkhd->bqhd", probs, v.to(compute))
-    return context.to(q.dtype).contiguous(), probs.to(q.dtype)
+    return context.to(q.dtype).contiguous(), probs
 
 
 class FusedEncoderLayer(GradientCheckpointingLayer):
