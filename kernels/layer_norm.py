@@ -3,6 +3,11 @@
 BERT's post-LN "add & norm". Statistics are computed in fp32 whatever the input dtype, and eps is
 used exactly as given (BERT's 1e-12 included). Any hidden size: rows up to MAX_HIDDEN wide (every
 BERT-family model) run the Triton kernels, wider ones the PyTorch reference.
+
+x, residual and the affine parameters may differ in dtype (under autocast: a 16-bit branch output,
+the fp32 residual stream, fp32 weights): each is converted to fp32 as it is loaded, the output
+takes the promoted dtype of x and residual (that of x + residual), and each input's gradient comes
+back in that input's dtype.
 """
 import torch
 try:
@@ -109,7 +114,7 @@ def _layer_norm_fwd_impl(
     x2 = rows_view(x)
     r2 = rows_view(residual) if residual is not None else x2
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((m, n), dtype=_output_dtype(x, residual), device=x.device)
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     block_m, block_n, num_warps = _fwd_launch_params(n)
@@ -124,11 +129,16 @@ def _layer_norm_fwd_impl(
 _layer_norm_fwd = torch.library.custom_op("fastencoder::layer_norm_fwd", _layer_norm_fwd_impl, mutates_args=())
 
 
+def _output_dtype(x, residual):
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
 @_layer_norm_fwd.register_fake
 def _(x, weight, bias, eps, residual):
     rows = x.numel() // x.shape[-1]
     stats = x.new_empty(rows, dtype=torch.float32)
-    return x.new_empty(x.shape), stats, stats.clone()  # contiguous, whatever x's strides
+    # contiguous, whatever x's strides
+    return x.new_empty(x.shape, dtype=_output_dtype(x, residual)), stats, stats.clone()
 
 
 @launches_on_input_device
@@ -141,7 +151,7 @@ def _layer_norm_bwd_impl(
     r2 = rows_view(residual) if residual is not None else x2
     dy2 = rows_view(dy)
     m = x2.shape[0]
-    dz = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    dz = torch.empty((m, n), dtype=_output_dtype(x, residual), device=x.device)
     programs = max(1, _bwd_programs(x.device, m))
     dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
     db_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
@@ -159,7 +169,8 @@ _layer_norm_bwd = torch.library.custom_op("fastencoder::layer_norm_bwd", _layer_
 
 @_layer_norm_bwd.register_fake
 def _(dy, x, residual, weight, mean, rstd):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+    return (x.new_empty(x.shape, dtype=_output_dtype(x, residual)), weight.new_empty(weight.shape),
+            weight.new_empty(weight.shape))
 
 
 def _setup_context(ctx, inputs, output):
@@ -171,8 +182,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, residual, weight, mean, rstd = ctx.saved_tensors
+    # dz is in the output's dtype: each input's gradient in that input's dtype, as autograd gives
+    # for x + residual
     dz, dweight, dbias = _call_layer_norm_bwd(dy, x, residual, weight, mean, rstd)
-    return dz, dweight, dbias, None, dz if ctx.has_residual else None
+    dresidual = dz.to(residual.dtype) if ctx.has_residual else None
+    return dz.to(x.dtype), dweight, dbias, None, dresidual
 
 
 _layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -181,19 +195,23 @@ _call_layer_norm_bwd = direct_when_eager(_layer_norm_bwd, _layer_norm_bwd_impl)
 
 
 def layer_norm_reference(x, weight, bias, eps, residual=None):
-    """PyTorch reference: statistics in fp32 (or in x's dtype when that is wider), result in x's dtype."""
-    z = x if residual is None else x + residual
-    compute = torch.promote_types(x.dtype, torch.float32)
-    y = torch.nn.functional.layer_norm(
-        z.to(compute), z.shape[-1:], weight.to(compute), bias.to(compute), eps
-    )
-    return y.to(x.dtype)
+    """PyTorch reference: x + residual and the statistics in fp32 (or wider, for float64 inputs),
+    the result in the promoted dtype of x and residual."""
+    compute = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
+    z = x.to(compute) if residual is None else x.to(compute) + residual.to(compute)
+    y = torch.nn.functional.layer_norm(z, z.shape[-1:], weight.to(compute), bias.to(compute), eps)
+    return y.to(_output_dtype(x, residual))
 
 
 def layer_norm_torch(x, weight, bias, eps, residual=None):
-    """The fast PyTorch path of `layer_norm`: the residual add, then `F.layer_norm` in x's dtype
-    (its statistics are fp32 for 16-bit inputs too, on the CPU and on GPUs)."""
+    """The fast PyTorch path of `layer_norm`: the residual add (in the promoted dtype, as Hugging
+    Face adds), then `F.layer_norm` (its statistics are fp32 for 16-bit inputs too, on the CPU and on
+    GPUs), affine parameters of another dtype in fp32 with it."""
     z = x if residual is None else x + residual
+    if weight.dtype != z.dtype or bias.dtype != z.dtype:
+        compute = torch.promote_types(z.dtype, torch.float32)
+        return torch.nn.functional.layer_norm(z.to(compute), z.shape[-1:], weight.to(compute), bias.to(compute),
+                                              eps).to(z.dtype)
     return torch.nn.functional.layer_norm(z, z.shape[-1:], weight, bias, eps)
 
 
@@ -204,7 +222,7 @@ def layer_norm(x, weight, bias, eps, residual=None):
     if not backend.use_triton(x.device) or x.shape[-1] > MAX_HIDDEN:
         return layer_norm_torch(x, weight, bias, eps, residual)
     if x.numel() == 0:
-        return torch.empty_like(x)
+        return torch.empty_like(x, dtype=_output_dtype(x, residual))
     return _call_layer_norm_fwd(x, weight, bias, float(eps), residual)[0]
 
 
@@ -216,7 +234,7 @@ def _well_formed(x, weight, bias, eps, residual):
     attribute reads; the full checks, whose messages explain a refusal, run for the others."""
     return (type(x) is torch.Tensor and type(residual) is torch.Tensor and type(weight) in _PLAIN
             and type(bias) in _PLAIN and type(eps) is float and eps >= 0 and x.dtype in FLOAT_DTYPES
-            and weight.dtype == x.dtype == bias.dtype == residual.dtype
+            and residual.dtype in FLOAT_DTYPES and weight.dtype in FLOAT_DTYPES and bias.dtype == weight.dtype
             and weight.device == x.device == bias.device == residual.device
             and x.dim() >= 1 and x.shape[-1] > 0 and residual.shape == x.shape
             and weight.shape == bias.shape == x.shape[-1:])
@@ -227,12 +245,14 @@ def _check_inputs(x, weight, bias, eps, residual):
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dim, got shape {tuple(x.shape)}")
     n = x.shape[-1]
-    for name, param in (("weight", weight), ("bias", bias)):
-        check_like(name, param, x, "x")
-        check_shape(name, param, (n,))
-    if residual is not None:
-        check_like("residual", residual, x, "x")
-        check_shape("residual", residual, x.shape)
+    for name, tensor, shape in (("weight", weight, (n,)), ("residual", residual, x.shape)):
+        if tensor is not None:  # any float dtype: see the module docstring
+            check_float(name, tensor)
+            if tensor.device != x.device:
+                raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
+            check_shape(name, tensor, shape)
+    check_like("bias", bias, weight, "weight")
+    check_shape("bias", bias, (n,))
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
 
@@ -242,13 +262,17 @@ def compile_cases():
     for n in (100, 384, 768, 1024, MAX_HIDDEN):
         block_m, block_n, fwd_warps = _fwd_launch_params(n)
         bwd_block_n, bwd_warps = _bwd_launch_params(n)
-        for dtype in ("fp16", "bf16", "fp32"):
-            for has_residual in (False, True):
-                variant = f"N={n} {dtype}{' +residual' if has_residual else ''}"
+        # (x, residual, weight and bias, output): one dtype throughout, or autocast's 16-bit branch
+        # output with the fp32 residual stream and weights
+        variants = [(dtype, dtype, dtype, dtype) for dtype in ("fp16", "bf16", "fp32")]
+        variants += [(dtype, "fp32", "fp32", "fp32") for dtype in ("fp16", "bf16")]
+        for x, r, w, y in variants:
+            for has_residual in (False, True) if x == r else (True,):
+                variant = f"N={n} {x}" + (f" +{r} residual" if x != r else " +residual" if has_residual else "")
                 yield dict(
                     name=f"layer_norm_fwd {variant}", fn=_layer_norm_fwd_kernel,
                     signature=dict(
-                        X=f"*{dtype}", R=f"*{dtype}", W=f"*{dtype}", B=f"*{dtype}", Y=f"*{dtype}",
+                        X=f"*{x}", R=f"*{r}", W=f"*{w}", B=f"*{w}", Y=f"*{y}",
                         Mean="*fp32", Rstd="*fp32", M="i32", N="i32",
                         stride_x="i32", stride_r="i32", stride_y="i32", eps="fp32",
                     ),
@@ -258,7 +282,7 @@ def compile_cases():
                 yield dict(
                     name=f"layer_norm_bwd {variant}", fn=_layer_norm_bwd_kernel,
                     signature=dict(
-                        X=f"*{dtype}", R=f"*{dtype}", W=f"*{dtype}", DY=f"*{dtype}", DZ=f"*{dtype}",
+                        X=f"*{x}", R=f"*{r}", W=f"*{w}", DY=f"*{y}", DZ=f"*{y}",
                         Mean="*fp32", Rstd="*fp32", DW_partial="*fp32", DB_partial="*fp32",
                         M="i32", N="i32", stride_x="i32", stride_r="i32", stride_dy="i32",
                         stride_dz="i32",

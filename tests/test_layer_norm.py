@@ -56,6 +56,55 @@ def test_matches_float64_reference(dtype, lead, n, with_residual, device, triton
     assert kernel_launches.count("_layer_norm_bwd_kernel") == 1
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("branch_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("stream_dtype", ["fp32", "branch"])
+@pytest.mark.parametrize("lead, n", SHAPES)
+def test_mixed_dtypes_compute_in_fp32(backend, branch_dtype, stream_dtype, lead, n, device, request,
+                                      poisoned_allocations):
+    """Autocast's add & norm: a 16-bit branch output x, the residual stream in fp32 (BERT) or in
+    x's dtype (ALBERT's first layer on the CPU), fp32 weights. Every input is read in fp32: the
+    output takes the dtype of x + residual, with the error of its one final rounding (none for fp32:
+    fp32 tolerances, where casting the fp32 inputs to 16-bit would cost 16-bit errors), and each
+    input's gradient comes back in that input's dtype, with that dtype's error."""
+    request.getfixturevalue(f"{backend}_backend")
+    stream = torch.float32 if stream_dtype == "fp32" else branch_dtype
+    x = torch.randn(*lead, n, device=device).to(branch_dtype)
+    _, residual, weight, bias = _inputs(lead, n, torch.float32, device)
+    residual = residual.to(stream)
+    inputs = [leaf(t) for t in (x, residual, weight, bias)]
+    y = layer_norm(inputs[0], inputs[2], inputs[3], 1e-12, residual=inputs[1])
+    reference_inputs = float64_leaves(x, residual, weight, bias)
+    expected = layer_norm_reference(reference_inputs[0], reference_inputs[2], reference_inputs[3], 1e-12,
+                                    reference_inputs[1])
+    assert y.dtype == stream and y.shape == x.shape
+    atol, rtol = TOLERANCES[stream]
+    assert_close(y, expected, atol, rtol, "y")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    expected.backward(dy.double())
+    # the PyTorch path adds two 16-bit inputs in 16-bit, as Hugging Face does: 16-bit errors throughout
+    rounded_sum = backend == "torch" and stream != torch.float32
+    for name, got, want in zip(("dx", "dresidual", "dweight", "dbias"), inputs, reference_inputs):
+        assert got.grad.dtype == got.dtype, name
+        atol, rtol = TOLERANCES[stream if rounded_sum else got.dtype]
+        assert_close(got.grad, want.grad, atol * max(1.0, want.grad.abs().max().item()), rtol, name)
+
+
+def test_mixed_dtypes_traceable_by_torch_compile(device, triton_backend):
+    """The custom ops' fake functions give the promoted output and each input's gradient dtype."""
+    x = torch.randn(4, 100, device=device).to(torch.bfloat16).requires_grad_()
+    _, residual, weight, bias = _inputs((4,), 100, torch.float32, device)
+    residual, weight, bias = (t.requires_grad_() for t in (residual, weight, bias))
+    compiled = torch.compile(lambda *a: layer_norm(*a[:3], 1e-12, residual=a[3]), fullgraph=True, backend="aot_eager")
+    y = compiled(x, weight, bias, residual)
+    assert y.dtype == torch.float32
+    y.sum().backward()
+    assert [t.grad.dtype for t in (x, residual, weight, bias)] == [torch.bfloat16] + 3 * [torch.float32]
+    expected = layer_norm_reference(x.double(), weight.double(), bias.double(), 1e-12, residual.double())
+    assert_close(y, expected, 1e-5, 1e-5, "compiled")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n", [100, 768, 1024, 4096])

@@ -18,9 +18,7 @@ from .layers import (
     FusedEncoderLayer,
     QKVProjection,
     compute_dtype,
-    in_dtype,
     run_layers,
-    without_autocast,
 )
 from .packing import DEFAULT_UNPAD, first_token_rows, gather_tokens
 from .submodules import add_norm, dropout, project
@@ -158,18 +156,16 @@ class AlbertModel(EncoderOptionsMixin, modeling_albert.AlbertPreTrainedModel):
         dtype = compute_dtype(weights)
         mask, packing = self.attention_plan(attention_mask, position_ids, batch, seqlen, output_attentions,
                                             dtype, weights.device)
-        with without_autocast(weights.device):
-            embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
-            # gathered before the mapping: it too runs on the real tokens only
-            hidden_states = project(self.encoder.embedding_hidden_mapping_in, gather_tokens(embeddings, packing).to(dtype))
-            sequence_output, all_hidden_states, attentions = run_layers(
-                self.encoder.layer_calls(), hidden_states, mask, output_attentions, output_hidden_states, packing
-            )
-            pooled_output = None
-            if self.pooler is not None:
-                pooled_output = project(self.pooler, first_token_rows(sequence_output, packing)).tanh()
-        # hidden states in the weights' dtype, as Hugging Face's LayerNorms give them under autocast
-        sequence_output, all_hidden_states = in_dtype(weights.dtype, sequence_output, all_hidden_states)
+        embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+        # gathered before the mapping: it too runs on the real tokens only. Under autocast its output,
+        # the first layer's input and residual, is 16-bit, as in Hugging Face
+        hidden_states = project(self.encoder.embedding_hidden_mapping_in, gather_tokens(embeddings, packing))
+        sequence_output, all_hidden_states, attentions = run_layers(
+            self.encoder.layer_calls(), hidden_states, mask, output_attentions, output_hidden_states, packing
+        )
+        pooled_output = None
+        if self.pooler is not None:
+            pooled_output = project(self.pooler, first_token_rows(sequence_output, packing)).tanh()
         output = BaseModelOutputWithPooling(
             last_hidden_state=sequence_output,
             pooler_output=pooled_output,

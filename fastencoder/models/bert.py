@@ -18,9 +18,7 @@ from .layers import (
     FusedEncoderLayer,
     QKVProjection,
     compute_dtype,
-    in_dtype,
     run_layers,
-    without_autocast,
 )
 from .packing import DEFAULT_UNPAD, first_token_rows, gather_tokens
 from .submodules import add_norm, dropout, project
@@ -171,15 +169,12 @@ class BertModel(EncoderOptionsMixin, modeling_bert.BertPreTrainedModel):
         dtype = compute_dtype(weights)
         mask, packing = self.attention_plan(attention_mask, position_ids, batch, seqlen, output_attentions,
                                             dtype, weights.device)
-        with without_autocast(weights.device):
-            embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
-            sequence_output, hidden_states, attentions = run_layers(
-                self.encoder.layer, gather_tokens(embeddings, packing).to(dtype), mask, output_attentions,
-                output_hidden_states, packing,
-            )
-            pooled_output = self.pooler(sequence_output, packing) if self.pooler is not None else None
-        # hidden states in the weights' dtype, as Hugging Face's LayerNorms give them under autocast
-        sequence_output, hidden_states = in_dtype(weights.dtype, sequence_output, hidden_states)
+        embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+        sequence_output, hidden_states, attentions = run_layers(
+            self.encoder.layer, gather_tokens(embeddings, packing), mask, output_attentions, output_hidden_states,
+            packing,
+        )
+        pooled_output = self.pooler(sequence_output, packing) if self.pooler is not None else None
         output = BaseModelOutputWithPoolingAndCrossAttentions(
             last_hidden_state=sequence_output,
             pooler_output=pooled_output,

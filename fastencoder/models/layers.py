@@ -19,28 +19,14 @@ from fastencoder.kernels.attention import attention, attention_torch
 
 from .inputs import AttentionMask, attention_mask_for, as_config, check_inputs, document_mask, packed_document_starts
 from .packing import DEFAULT_UNPAD, checked_unpad, plan_unpadding
-from .submodules import add_norm, dropout, has_hooks, project_qkv, refuse_hooks
+from .submodules import add_norm, autocast_input, dropout, has_hooks, project_qkv, refuse_hooks
 
 
 def compute_dtype(weight):
-    """The dtype the encoder computes in: autocast's where autocast is on for the weights' device
-    (GEMMs and attention in 16-bit, LayerNorm statistics in fp32, as autocast would run them), else
-    the weights' own."""
+    """The dtype the GEMMs and the attention compute in: autocast's where autocast is on for the
+    weights' device, else the weights' own (see fastencoder/models/submodules.py)."""
     device_type = weight.device.type
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-
-
-def without_autocast(device):
-    """Inside the encoder the ops get their operands in one explicit dtype (`compute_dtype`):
-    autocast's own casts are off there, so that they cannot mix dtypes within an op."""
-    return torch.autocast(device.type, enabled=False)
-
-
-def in_dtype(dtype, last_hidden_state, hidden_states):
-    """The encoder's last hidden state and its tuple of hidden states (None entries kept) in `dtype`."""
-    if hidden_states is not None:
-        hidden_states = tuple(None if h is None else h.to(dtype) for h in hidden_states)
-    return last_hidden_state.to(dtype), hidden_states
 
 
 class FusedEmbeddingsMixin:
@@ -76,7 +62,23 @@ class QKVProjection(nn.Module):
 def attention_with_probabilities(q, k, v, mask, dropout_p):
     """Unfused attention computed in PyTorch (fp32 softmax, like the kernel), for output_attentions:
     returns the context [B, S, H, D] and the probabilities [B, H, S, S]. Padding keys get finfo.min,
-    as in Hugging Face, so a row with every key masked averages uniformly."""
+    as in Hugging Face, so a row with every key masked averages uniformly. The probabilities come
+    in q's dtype, or in fp32 where Hugging Face's are fp32 under autocast: CUDA's autocast runs softmax
+    in fp32, and its fp32 mask promotes the scores (a padding mask without padding, which it drops,
+    aside: a host read, on this slow path only)."""
+    device_type = q.device.type
+    fp32_probabilities = torch.is_autocast_enabled(device_type) and (
+        device_type in _FP32_SOFTMAX_UNDER_AUTOCAST or mask.bias is not None
+        or mask.key_padding is not None and not bool(mask.key_padding.all()))
+    with torch.autocast(device_type, enabled=False):  # the products too in fp32
+        context, probabilities = _attention_with_probabilities(q, k, v, mask, dropout_p)
+    return context, probabilities if fp32_probabilities else probabilities.to(q.dtype)
+
+
+_FP32_SOFTMAX_UNDER_AUTOCAST = frozenset({"cuda"})  # devices whose autocast runs softmax in fp32
+
+
+def _attention_with_probabilities(q, k, v, mask, dropout_p):
     compute = torch.promote_types(q.dtype, torch.float32)
     scores = torch.einsum("bqhd,bkhd->bhqk", q.to(compute), k.to(compute)) / math.sqrt(q.shape[-1])
     if mask.bias is not None:
@@ -85,7 +87,7 @@ def attention_with_probabilities(q, k, v, mask, dropout_p):
         scores = scores.masked_fill(~mask.key_padding[:, None, None, :], torch.finfo(compute).min)
     probs = F.dropout(torch.softmax(scores, dim=-1), dropout_p)
     context = torch.einsum("bhqk,bkhd->bqhd", probs, v.to(compute))
-    return context.to(q.dtype).contiguous(), probs.to(q.dtype)
+    return context.to(q.dtype).contiguous(), probs
 
 
 class FusedEncoderLayer(GradientCheckpointingLayer):
@@ -131,7 +133,9 @@ class FusedEncoderLayer(GradientCheckpointingLayer):
             refuse_hooks(module, name, "the projections, the LayerNorms and the modules Hugging Face calls "
                                        "with tensors only (BERT's intermediate, output, attention.output)")
         qkv = self.qkv()
-        q, k, v = project_qkv(qkv.query, qkv.key, qkv.value, hidden_states)
+        # under autocast the residual stream (hidden_states) is fp32, as in Hugging Face, and the
+        # projections' input 16-bit
+        q, k, v = project_qkv(qkv.query, qkv.key, qkv.value, autocast_input(hidden_states))
         heads = (self.num_heads, -1)
         q, k, v = q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads)
         dropout_p = self.attention_dropout if self.training else 0.0

@@ -13,9 +13,11 @@ every call from a few attribute reads:
     custom module, a LoRA variant such as DoRA) is called as Hugging Face calls it, so it computes
     what it would there; only that op is unfused.
 
-Every op computes in the dtype of its input activations: under autocast the models hand the
-layers 16-bit activations, and fp32 weights are cast to that dtype where they are used (a
-differentiable cast: gradients reach the fp32 weights in fp32), never modified.
+Under torch.autocast each op computes as autocast runs Hugging Face's module: a projection
+casts its input and weights to the autocast dtype (a differentiable cast: gradients reach the fp32
+weights in fp32, which are never modified) and returns 16-bit; LayerNorm(x + residual) adds the
+16-bit branch output to the fp32 residual stream and normalises in fp32 with the fp32 weights,
+returning fp32. Without autocast every op computes in the dtype of its input activations.
 """
 import sys
 
@@ -88,8 +90,20 @@ def _call(module, x):
     return _as(module(_as(x, dtype)), x.dtype)
 
 
+def autocast_input(x):
+    """x as autocast casts a Linear's input where it is on for x's device (to its 16-bit dtype), else x."""
+    device_type = x.device.type
+    return _as(x, torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else x
+
+
+# devices whose autocast runs layer_norm in fp32 (its inputs cast up, an fp32 output); elsewhere
+# (the CPU) LayerNorm keeps its input's dtype under autocast
+_FP32_LAYER_NORM_UNDER_AUTOCAST = frozenset({"cuda"})
+
+
 def project(module, x, activation=None, residual=None):
     """act(module(x)) + residual, computed as described in the module docstring."""
+    x = autocast_input(x)  # made explicit: autocast does not reach the Triton ops
     if _fusable(module, nn.Linear):
         # off the kernels, straight to the op's PyTorch path: per-op host time is what small batches
         # wait for, and nn.Linear's own checks apply there
@@ -124,12 +138,18 @@ def project_qkv(query, key, value, x):
 
 
 def add_norm(norm, x, residual):
-    """norm(x + residual), the add fused into fastencoder's LayerNorm for a plain nn.LayerNorm."""
+    """norm(x + residual), the add fused into fastencoder's LayerNorm for a plain nn.LayerNorm; the
+    result in the dtype Hugging Face's gives: that of x + residual (fp32 for the fp32 residual stream
+    under autocast), fp32 wherever autocast runs LayerNorm in fp32."""
+    device_type = x.device.type
+    if device_type in _FP32_LAYER_NORM_UNDER_AUTOCAST and torch.is_autocast_enabled(device_type):
+        residual = _as(residual, torch.float32)
     if _fusable(norm, nn.LayerNorm):
         weight, bias = norm.weight, norm.bias
         if weight is not None and bias is not None:
+            # the weights as they are: the op computes in fp32 from any mix of dtypes
             fused = layer_norm if backend.use_triton(x.device) else layer_norm_torch
-            return fused(x, _as(weight, x.dtype), _as(bias, x.dtype), norm.eps, residual)
+            return fused(x, weight, bias, norm.eps, residual)
     return _call(norm, x + residual)
 
 
