@@ -15,8 +15,8 @@ per-sequence lengths, found on the device: such a batch costs what an unmasked o
 blocks past a sequence's length are skipped. The softmax runs in fp32 whatever the input dtype;
 the S×S score matrix is never materialised. A query row whose keys are all masked
 (key_padding_mask False or bias -inf everywhere) gives zeros, in the kernels and the reference
-alike. float32 inputs run in the kernels too, with fp32 dot products ("ieee"), or TF32 when
-torch.backends.cuda.matmul.allow_tf32 is set.
+alike. float32 inputs run in the kernels too, with fp32 dot products ("ieee"), or TF32 where torch's
+settings allow it for cuBLAS matmuls (`backend.allows_tf32`).
 
 Dropout (dropout_p > 0) is applied to the probabilities in the kernels with Philox random numbers
 (tl.philox's, each draw's four outputs deciding four adjacent keys): one 64-bit seed per call,
@@ -1225,8 +1225,9 @@ def attention(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dropout_
     scale: default 1/sqrt(D). dropout_p: in [0, 1), dropout on the probabilities (kept ones
         scaled by 1/(1-p)); the seed comes from torch's default CPU generator.
     float16, bfloat16 and float32 all run in the kernels (float32 with fp32 dot products, or TF32
-    when torch.backends.cuda.matmul.allow_tf32 is set). Head dims 16, 32, 64, 80, 96, 128 run
-    in the kernels, others on the PyTorch path (`attention_torch`), as does every call the
+    where torch allows it for cuBLAS matmuls: torch.backends.cuda.matmul.fp32_precision or
+    torch.backends.fp32_precision "tf32", or the legacy allow_tf32). Head dims 16, 32, 64, 80, 96,
+    128 run in the kernels, others on the PyTorch path (`attention_torch`), as does every call the
     backend switch (kernels/backend.py) does not give to the kernels.
     Returns a contiguous tensor of q's shape; rows whose keys are all masked are zeros.
     """
@@ -1259,7 +1260,7 @@ def attention(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dropout_
     if batch * heads > MAX_BATCH_HEADS:
         return _in_batch_chunks(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen)
     seed = _draw_dropout_seed() if dropout_p > 0 else None
-    allow_tf32 = q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    allow_tf32 = q.dtype == torch.float32 and backend.allows_tf32()
     return _call_attention_fwd(q, k, v, key_padding_mask, bias, cu_seqlens, seed, max_seqlen, scale,
                           dropout_p, allow_tf32)[0]
 
