@@ -32,6 +32,14 @@ def rows_view(tensor):
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+def capturing_or_compiling(tensor):
+    """Whether work on `tensor` is being recorded rather than run: a CUDA graph capture on its
+    device's current stream, or torch.compile tracing. Its values can then be neither read back
+    (a capture fails on a device-to-host copy) nor branched on: value checks are skipped, and the
+    kernels bound what they read and write on the device."""
+    return torch.compiler.is_compiling() or (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 # per tensor: {(derive, *arguments): (the tensor's version then, what derive returned)}
 _remembered = WeakTensorKeyDictionary()
 
@@ -39,8 +47,7 @@ _remembered = WeakTensorKeyDictionary()
 def _untracked(tensor):
     # inference tensors track no version (they may change unseen); torch.compile cannot trace the
     # cache; a CUDA graph capture must record the computation, for replays on new contents
-    return tensor.is_inference() or torch.compiler.is_compiling() or (
-        tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+    return tensor.is_inference() or capturing_or_compiling(tensor)
 
 
 def remembered(tensor, derive, *arguments):

@@ -38,7 +38,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
     from ._no_triton import tl, triton
 
 from . import backend
-from ._checks import FLOAT_DTYPES, check_float, check_like, remembered
+from ._checks import FLOAT_DTYPES, capturing_or_compiling, check_float, check_like, remembered
 from ._dispatch import direct_when_eager
 from ._launch import cdiv, launches_on_input_device, next_power_of_2, on_device_of
 
@@ -120,13 +120,15 @@ def _keep_threshold(dropout_p):
     return tl.minimum(dropout_p * 4294967296.0, 4294967040.0).to(tl.uint32)
 
 
-# Where sequence `b` starts (in tokens of the packed layout; 0 in the padded one) and its length.
+# Where sequence `b` starts (in tokens of the packed layout; 0 in the padded one) and its length,
+# at most max_seqlen: cu_seqlens' values go unchecked where a CUDA graph captures or torch.compile
+# traces, and a longer sequence would have its rows of the statistics written past their end.
 @triton.jit
-def _sequence(CuSeqlens, b, padded_len, PACKED: tl.constexpr):
+def _sequence(CuSeqlens, b, max_seqlen, PACKED: tl.constexpr):
     if PACKED:
         start = tl.load(CuSeqlens + b)
-        return start, tl.load(CuSeqlens + b + 1) - start
-    return 0, padded_len
+        return start, tl.minimum(tl.load(CuSeqlens + b + 1) - start, max_seqlen)
+    return 0, max_seqlen
 
 
 # The keys a sequence's queries may see: (n_keys, byte_mask). Keys at or past n_keys are masked.
@@ -137,7 +139,7 @@ def _sequence(CuSeqlens, b, padded_len, PACKED: tl.constexpr):
 def _visible_keys(KeyLengths, b, seqlen, HAS_KEY_MASK: tl.constexpr):
     if HAS_KEY_MASK:
         length = tl.load(KeyLengths + b)
-        return tl.where(length >= 0, length, seqlen), length < 0
+        return tl.where(length >= 0, tl.minimum(length, seqlen), seqlen), length < 0
     return seqlen, False
 
 
@@ -1068,7 +1070,8 @@ def _sdpa_mask(key_padding_mask, bias, device):
     dropped, as Hugging Face does, so that SDPA runs unmasked. On a GPU, and under torch.compile
     (which cannot branch on data), both run unconditionally (a device-to-host read would stall the
     stream)."""
-    on_cpu = device.type == "cpu" and not torch.compiler.is_compiling()
+    read = key_padding_mask if bias is None else bias  # what the CPU's look reads, if anything
+    on_cpu = read is not None and device.type == "cpu" and not capturing_or_compiling(read)
     if bias is None:
         if key_padding_mask is None or (on_cpu and key_padding_mask.all()):
             return None, None
@@ -1094,11 +1097,12 @@ SWAMPING_BIAS = -1e3
 def _needs_exact_backward(q, k, v, key_padding_mask, bias):
     """Whether this call's gradients must come from the unfused math (see SWAMPING_BIAS). Reads
     one flag back from the device: only for a bias, with gradients needed; under torch.compile,
-    which cannot branch on data, such calls always take the unfused math."""
+    which cannot branch on data, and in a CUDA graph capture, such calls always take the unfused
+    math."""
     if bias is None or not torch.is_grad_enabled() or not any(
             t.requires_grad for t in (q, k, v, bias)):
         return False
-    if torch.compiler.is_compiling():
+    if capturing_or_compiling(bias):
         return True
     if key_padding_mask is not None:
         bias = bias.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
@@ -1120,7 +1124,9 @@ def _positions_in_padded_batch(cu_seqlens, tokens, max_seqlen):
     starts, lengths = cu_seqlens[:-1].long(), cu_seqlens.diff().long()
     sequence = torch.repeat_interleave(torch.arange(lengths.shape[0], device=device), lengths,
                                        output_size=tokens)
-    flat = sequence * max_seqlen + torch.arange(tokens, device=device) - starts[sequence]
+    within = torch.arange(tokens, device=device) - starts[sequence]
+    # a sequence longer than max_seqlen (unchecked while capturing or compiling) stays in its row
+    flat = sequence * max_seqlen + within.clamp_(max=max_seqlen - 1)
     key_mask = (torch.arange(max_seqlen, device=device) < lengths[:, None]) | (lengths == 0)[:, None]
     return flat, key_mask
 
@@ -1200,6 +1206,10 @@ def _check_cu_seqlens(cu_seqlens, max_seqlen, q):
                          f"{tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 1:
+        raise ValueError(f"max_seqlen must be an int >= 1 (and >= the longest sequence), got {max_seqlen!r}")
+    if capturing_or_compiling(cu_seqlens):
+        return  # values unread (see _sequence: the kernels cut a sequence to max_seqlen)
     bounds = remembered(cu_seqlens, torch.Tensor.tolist)  # read back, to refuse bad values up front
     lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     if bounds[0] != 0 or min(lengths) < 0 or bounds[-1] != q.shape[0]:
@@ -1207,7 +1217,7 @@ def _check_cu_seqlens(cu_seqlens, max_seqlen, q):
             f"cu_seqlens must start at 0, never decrease and end at T = {q.shape[0]} (q's tokens), "
             f"got {bounds if len(bounds) <= 10 else bounds[:5] + ['...'] + bounds[-2:]}"
         )
-    if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < max(1, max(lengths)):
+    if max_seqlen < max(lengths):
         raise ValueError(f"max_seqlen must be an int >= the longest sequence ({max(lengths)}) and "
                          f">= 1, got {max_seqlen!r}")
 
@@ -1218,7 +1228,11 @@ def attention(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dropout_
 
     q, k, v: [B, S, H, D] (padded layout; any strides on B, S, H, unit stride on D) or [T, H, D]
         with cu_seqlens (int32 [B + 1], cumulative lengths from 0) and max_seqlen (an int, at
-        least the longest sequence): the packed layout.
+        least the longest sequence): the packed layout. cu_seqlens' values are checked on the host,
+        except while a CUDA graph captures or torch.compile traces (a read back would fail the
+        capture): there the kernels cut a sequence longer than max_seqlen to its first max_seqlen
+        tokens, which attend among themselves, and leave its later rows of the output (and of
+        the gradients) unwritten; nothing outside the sequence's rows is touched.
     key_padding_mask: bool [B, S], True = real token (padded layout only).
     bias: additive, q's dtype, broadcastable to [B, H, S, S] (S = max_seqlen when packed; -inf and
         finfo.min allowed). Its gradient is not computed: a bias that requires grad is refused.
