@@ -32,12 +32,17 @@ def rows_view(tensor):
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+def capturing(tensor):
+    """Whether a CUDA graph is being captured on the current stream of `tensor`'s device."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def capturing_or_compiling(tensor):
     """Whether work on `tensor` is being recorded rather than run: a CUDA graph capture on its
     device's current stream, or torch.compile tracing. Its values can then be neither read back
     (a capture fails on a device-to-host copy) nor branched on: value checks are skipped, and the
     kernels bound what they read and write on the device."""
-    return torch.compiler.is_compiling() or (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+    return torch.compiler.is_compiling() or capturing(tensor)
 
 
 # per tensor: {(derive, *arguments): (the tensor's version then, what derive returned)}

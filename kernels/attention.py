@@ -24,7 +24,9 @@ drawn from torch's default CPU generator (so `torch.manual_seed` reproduces it, 
 checkpointing, which restores that generator for its recompute, recomputes the same mask); the
 backward regenerates the same mask from that seed.
 The seed reaches the kernels as a scalar argument: nothing is copied to the device for it, so a
-training step never waits on a copy, and the launch can be captured in a CUDA graph.
+training step never waits on a copy. A CUDA graph would keep that scalar as captured and repeat one
+mask on every replay: the kernels refuse dropout while a graph captures (the PyTorch path's
+dropout, SDPA's, draws anew per replay).
 """
 import inspect
 import math
@@ -38,7 +40,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
     from ._no_triton import tl, triton
 
 from . import backend
-from ._checks import FLOAT_DTYPES, capturing_or_compiling, check_float, check_like, remembered
+from ._checks import FLOAT_DTYPES, capturing, capturing_or_compiling, check_float, check_like, remembered
 from ._dispatch import direct_when_eager
 from ._launch import cdiv, launches_on_input_device, next_power_of_2, on_device_of
 
@@ -819,7 +821,7 @@ def _attention_fwd_impl(
     q, scale = _positive_scale(q, scale)
     _attention_fwd_kernel[(cdiv(max_seqlen, block_m), batch * heads)](
         q, k, v, out, stats, mask, lengths, bias,
-        cu_seqlens if packed else _unused(q.device, torch.int32), _seed_argument(seed),
+        cu_seqlens if packed else _unused(q.device, torch.int32), _seed_argument(seed, q),
         *_bsh_strides(q, packed), *_bsh_strides(k, packed), *_bsh_strides(v, packed),
         *_bsh_strides(out, packed), *mask_bias_strides,
         heads, max_seqlen, _scale_log2(scale), dropout_p,
@@ -856,7 +858,7 @@ def _attention_bwd_impl(
     if do.stride(-1) != 1:
         do = do.contiguous()
     cu_seqlens = cu_seqlens if packed else _unused(q.device, torch.int32)
-    seed_arg = _seed_argument(seed)
+    seed_arg = _seed_argument(seed, q)
     mask, lengths, bias, mask_bias_strides = _mask_bias_args(q, key_padding_mask, bias, batch, heads,
                                                              max_seqlen)
     negative_scale = scale < 0
@@ -934,10 +936,19 @@ def _draw_dropout_seed():
     return torch.randint(2**31, 2**63 - 1, (), dtype=torch.int64, device="cpu")
 
 
-def _seed_argument(seed):
-    """The seed as the kernels take it: a scalar (0 where dropout is off and it goes unread).
-    Read from CPU memory: no device synchronisation."""
-    return 0 if seed is None else int(seed)
+def _seed_argument(seed, launched_on):
+    """The seed as the kernels launched on `launched_on`'s device take it: a scalar (0 where dropout
+    is off and it goes unread). Read from CPU memory: no device synchronisation. Refused while a
+    CUDA graph captures there: the graph would keep this seed, and every replay the same mask."""
+    if seed is None:
+        return 0
+    if capturing(launched_on):
+        raise RuntimeError(
+            "the Triton attention's dropout cannot be captured in a CUDA graph: its seed is fixed at "
+            "capture, so every replay would repeat the same dropout mask. Capture with dropout_p=0 "
+            "(a model in eval mode, or attention_probs_dropout_prob=0), or run attention on the "
+            "PyTorch path, whose dropout draws anew per replay: set_backend('torch')")
+    return int(seed)
 
 
 def _dropout_keep_mask(seed, batch, heads, max_seqlen, dropout_p, device):
@@ -946,7 +957,7 @@ def _dropout_keep_mask(seed, batch, heads, max_seqlen, dropout_p, device):
     keep = torch.empty((batch, heads, max_seqlen, max_seqlen), dtype=torch.int8, device=device)
     with on_device_of(keep):
         _dropout_mask_kernel[(max_seqlen, batch * heads)](
-            keep, _seed_argument(seed), max_seqlen, dropout_p, BLOCK=_DROPOUT_MASK_BLOCK
+            keep, _seed_argument(seed, keep), max_seqlen, dropout_p, BLOCK=_DROPOUT_MASK_BLOCK
         )
     return keep.bool()
 

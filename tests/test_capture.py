@@ -182,3 +182,51 @@ def test_gpu_capture_of_every_op_replays_new_inputs(triton_backend):
         static_input.copy_(torch.randn_like(static_input))
         graph.replay()
         torch.testing.assert_close(out, op(), msg=lambda message: f"{name}: {message}")
+
+
+DROPOUT_REFUSED = r"cannot be captured in a CUDA graph.*dropout_p=0.*set_backend\('torch'\)"
+
+
+def test_kernels_refuse_dropout_while_capturing(triton_backend, monkeypatch, kernel_launches):
+    """The kernels' dropout seed is a launch argument, which a CUDA graph would keep: every replay
+    would repeat one mask. While a graph captures, attention with dropout is refused before any
+    launch, forward or backward, naming the ways out; without dropout, or eagerly, it runs."""
+    qkv = torch.randn(2, 17, 3, 2, 16, requires_grad=True)
+    q, k, v = qkv.unbind(2)
+    eager = attention(q, k, v, dropout_p=0.2)  # eagerly: dropout runs
+    kernel_launches.clear()
+    monkeypatch.setattr(attention_module, "capturing", lambda tensor: True, raising=False)
+    with pytest.raises(RuntimeError, match=DROPOUT_REFUSED):
+        attention(q, k, v, dropout_p=0.2)
+    with pytest.raises(RuntimeError, match=DROPOUT_REFUSED):  # a backward captured on its own
+        eager.backward(torch.ones_like(eager))
+    assert kernel_launches == []
+    torch.testing.assert_close(attention(q, k, v).double(),
+                               attention_reference(*(t.double() for t in (q, k, v))), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_dropout_in_a_captured_graph(device):
+    """Capturing a training-mode attention with dropout: the kernels refuse it; the PyTorch path
+    (the way out the error names) draws a new mask on each replay."""
+    qkv = torch.randn(2, 64, 3, 2, 64, device=device, dtype=torch.float16)
+    previous = fastencoder.get_backend()
+    try:
+        for backend_name in ("triton", "torch"):
+            fastencoder.set_backend(backend_name)
+            attention(*qkv.unbind(2), dropout_p=0.3)  # compile and warm up outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            if backend_name == "triton":
+                with pytest.raises(RuntimeError, match=DROPOUT_REFUSED):
+                    with torch.cuda.graph(graph):
+                        attention(*qkv.unbind(2), dropout_p=0.3)
+                continue
+            with torch.cuda.graph(graph):
+                out = attention(*qkv.unbind(2), dropout_p=0.3)
+            graph.replay()
+            first = out.clone()
+            graph.replay()
+            assert not torch.equal(first, out), "a replay repeated the previous dropout mask"
+    finally:
+        fastencoder.set_backend(previous)
