@@ -1294,6 +1294,11 @@ def _in_batch_chunks(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqle
     """`attention` over chunks of at most MAX_BATCH_HEADS // heads sequences, concatenated."""
     batch, heads, _ = _layout(q, cu_seqlens, max_seqlen)
     per_bias_batch = bias is not None and bias.dim() == 4 and bias.shape[0] > 1
+    if cu_seqlens is not None and capturing(cu_seqlens):
+        raise NotImplementedError(
+            f"the Triton attention runs more than {MAX_BATCH_HEADS} sequences x heads in chunks whose "
+            f"tokens it finds by reading cu_seqlens back, which a CUDA graph capture cannot do: pass "
+            f"at most {MAX_BATCH_HEADS // heads} sequences a call there, or use set_backend('torch')")
     bounds = None if cu_seqlens is None else remembered(cu_seqlens, torch.Tensor.tolist)
     outs, per_chunk = [], MAX_BATCH_HEADS // heads
     for first in range(0, batch, per_chunk):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastencoder
-from fastencoder.kernels import attention, layer_norm, linear, pad, unpad
+from fastencoder.kernels import _checks, attention, layer_norm, linear, pad, unpad
 from fastencoder.kernels.attention import attention_reference
 from fastencoder.kernels.layer_norm import layer_norm_reference
 from fastencoder.kernels.linear import linear_reference
@@ -116,6 +116,20 @@ def test_no_op_reads_a_tensor_back_while_capturing(either_backend, capturing, ho
     hidden = torch.randn(2, 17, 40)
     _check_op(lambda h: unpad(h, indices), lambda h: unpad_reference(h, indices), (hidden,))
     _check_op(lambda r: pad(r, indices, 2, 17), lambda r: pad_reference(r, indices, 2, 17), (hidden[mask],))
+
+
+def test_packed_batches_beyond_the_grid_are_refused_while_capturing(triton_backend, host_reads_refused,
+                                                                   monkeypatch):
+    """More sequences x heads than CUDA's grid takes run in chunks found by reading cu_seqlens
+    back: while a CUDA graph captures that is refused with the limit and the ways out (limit
+    shrunk to 5; torch.compile instead breaks its graph there and reads)."""
+    monkeypatch.setattr(attention_module, "MAX_BATCH_HEADS", 5)
+    for module in (_checks, attention_module):
+        monkeypatch.setattr(module, "capturing", lambda tensor: True)
+    q = torch.randn(26, 2, 16)
+    cu_seqlens = torch.tensor([0, 9, 12, 17, 26], dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match=r"at most 2 sequences a call.*set_backend\('torch'\)"):
+        attention(q, q, q, cu_seqlens=cu_seqlens, max_seqlen=9)
 
 
 def test_values_are_still_checked_outside_a_capture(triton_backend):
