@@ -1,4 +1,6 @@
 """Input checks shared by the ops: every bad input is refused before a kernel launches."""
+from collections import OrderedDict
+
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
@@ -32,30 +34,68 @@ def rows_view(tensor):
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-# per tensor: {(derive, *arguments): (the tensor's version then, what derive returned)}
+def capturing(tensor):
+    """Whether a CUDA graph is being captured on the current stream of `tensor`'s device."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def capturing_or_compiling(tensor):
+    """Whether work on `tensor` is being recorded rather than run: a CUDA graph capture on its
+    device's current stream, or torch.compile tracing. Its values can then be neither read back
+    (a capture fails on a device-to-host copy) nor branched on: value checks are skipped, and the
+    kernels bound what they read and write on the device."""
+    return torch.compiler.is_compiling() or capturing(tensor)
+
+
+# Derivations remembered per tensor: its latest uses (sizes of a reused buffer, streams). A
+# long-lived buffer refilled with batches of varying sizes keeps no more than these.
+MAX_REMEMBERED = 4
+
+# per tensor: {(derive, *arguments, stream): (the tensor's version then, what derive returned)},
+# least recently used first; an entry goes with its tensor (weak keys)
 _remembered = WeakTensorKeyDictionary()
 
 
 def _untracked(tensor):
     # inference tensors track no version (they may change unseen); torch.compile cannot trace the
     # cache; a CUDA graph capture must record the computation, for replays on new contents
-    return tensor.is_inference() or torch.compiler.is_compiling() or (
-        tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+    return tensor.is_inference() or capturing_or_compiling(tensor)
+
+
+def _stream_of(tensor):
+    """The stream that work on `tensor` runs on now (None on the CPU). A derived device tensor is
+    reused on the stream that computed it only: another stream could read it before it is ready
+    (nothing orders the two), and free it while the other still reads it (the allocator orders a
+    free after the work of the allocating stream only)."""
+    return torch.cuda.current_stream(tensor.device).cuda_stream if tensor.is_cuda else None
+
+
+def _keep(tensor, key, value):
+    known = _remembered.get(tensor)
+    if known is None:
+        known = _remembered[tensor] = OrderedDict()
+    known[key] = (tensor._version, value)
+    known.move_to_end(key)
+    while len(known) > MAX_REMEMBERED:
+        known.popitem(last=False)
 
 
 def remembered(tensor, derive, *arguments):
     """derive(tensor, *arguments), remembered while the tensor is unchanged (its version counter),
     derived every time where that cannot be told (`_untracked`). Every layer of a forward passes the
     same masks, cu_seqlens and indices: what is derived from them (facts that need a device-to-host
-    copy, which waits for the GPU, or device-side layouts) is derived once, not once per layer."""
+    copy, which waits for the GPU, or device-side layouts) is derived once, not once per layer.
+    Remembered per stream (see `_stream_of`), for the MAX_REMEMBERED latest uses of the tensor."""
     if _untracked(tensor):
         return derive(tensor, *arguments)
-    known = _remembered.setdefault(tensor, {})
-    key = (derive, *arguments)
-    version, value = known.get(key, (None, None))
-    if version != tensor._version:
-        value = derive(tensor, *arguments)
-        known[key] = (tensor._version, value)
+    key = (derive, *arguments, _stream_of(tensor))
+    known = _remembered.get(tensor)
+    entry = None if known is None else known.get(key)
+    if entry is not None and entry[0] == tensor._version:
+        known.move_to_end(key)
+        return entry[1]
+    value = derive(tensor, *arguments)
+    _keep(tensor, key, value)
     return value
 
 
@@ -63,4 +103,4 @@ def remember(tensor, derive, value):
     """Record value as what derive(tensor) returns, for a tensor whose caller knows it without
     deriving it (it built the tensor and read what it needed in one copy)."""
     if not _untracked(tensor):
-        _remembered.setdefault(tensor, {})[(derive,)] = (tensor._version, value)
+        _keep(tensor, (derive, _stream_of(tensor)), value)

@@ -15,8 +15,8 @@ per-sequence lengths, found on the device: such a batch costs what an unmasked o
 blocks past a sequence's length are skipped. The softmax runs in fp32 whatever the input dtype;
 the S×S score matrix is never materialised. A query row whose keys are all masked
 (key_padding_mask False or bias -inf everywhere) gives zeros, in the kernels and the reference
-alike. float32 inputs run in the kernels too, with fp32 dot products ("ieee"), or TF32 when
-torch.backends.cuda.matmul.allow_tf32 is set.
+alike. float32 inputs run in the kernels too, with fp32 dot products ("ieee"), or TF32 where torch's
+settings allow it for cuBLAS matmuls (`backend.allows_tf32`).
 
 Dropout (dropout_p > 0) is applied to the probabilities in the kernels with Philox random numbers
 (tl.philox's, each draw's four outputs deciding four adjacent keys): one 64-bit seed per call,
@@ -24,7 +24,9 @@ drawn from torch's default CPU generator (so `torch.manual_seed` reproduces it, 
 checkpointing, which restores that generator for its recompute, recomputes the same mask); the
 backward regenerates the same mask from that seed.
 The seed reaches the kernels as a scalar argument: nothing is copied to the device for it, so a
-training step never waits on a copy, and the launch can be captured in a CUDA graph.
+training step never waits on a copy. A CUDA graph would keep that scalar as captured and repeat one
+mask on every replay: the kernels refuse dropout while a graph captures (the PyTorch path's
+dropout, SDPA's, draws anew per replay).
 """
 import inspect
 import math
@@ -38,7 +40,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
     from ._no_triton import tl, triton
 
 from . import backend
-from ._checks import FLOAT_DTYPES, check_float, check_like, remembered
+from ._checks import FLOAT_DTYPES, capturing, capturing_or_compiling, check_float, check_like, remembered
 from ._dispatch import direct_when_eager
 from ._launch import cdiv, launches_on_input_device, next_power_of_2, on_device_of
 
@@ -120,13 +122,15 @@ def _keep_threshold(dropout_p):
     return tl.minimum(dropout_p * 4294967296.0, 4294967040.0).to(tl.uint32)
 
 
-# Where sequence `b` starts (in tokens of the packed layout; 0 in the padded one) and its length.
+# Where sequence `b` starts (in tokens of the packed layout; 0 in the padded one) and its length,
+# at most max_seqlen: cu_seqlens' values go unchecked where a CUDA graph captures or torch.compile
+# traces, and a longer sequence would have its rows of the statistics written past their end.
 @triton.jit
-def _sequence(CuSeqlens, b, padded_len, PACKED: tl.constexpr):
+def _sequence(CuSeqlens, b, max_seqlen, PACKED: tl.constexpr):
     if PACKED:
         start = tl.load(CuSeqlens + b)
-        return start, tl.load(CuSeqlens + b + 1) - start
-    return 0, padded_len
+        return start, tl.minimum(tl.load(CuSeqlens + b + 1) - start, max_seqlen)
+    return 0, max_seqlen
 
 
 # The keys a sequence's queries may see: (n_keys, byte_mask). Keys at or past n_keys are masked.
@@ -137,7 +141,7 @@ def _sequence(CuSeqlens, b, padded_len, PACKED: tl.constexpr):
 def _visible_keys(KeyLengths, b, seqlen, HAS_KEY_MASK: tl.constexpr):
     if HAS_KEY_MASK:
         length = tl.load(KeyLengths + b)
-        return tl.where(length >= 0, length, seqlen), length < 0
+        return tl.where(length >= 0, tl.minimum(length, seqlen), seqlen), length < 0
     return seqlen, False
 
 
@@ -817,7 +821,7 @@ def _attention_fwd_impl(
     q, scale = _positive_scale(q, scale)
     _attention_fwd_kernel[(cdiv(max_seqlen, block_m), batch * heads)](
         q, k, v, out, stats, mask, lengths, bias,
-        cu_seqlens if packed else _unused(q.device, torch.int32), _seed_argument(seed),
+        cu_seqlens if packed else _unused(q.device, torch.int32), _seed_argument(seed, q),
         *_bsh_strides(q, packed), *_bsh_strides(k, packed), *_bsh_strides(v, packed),
         *_bsh_strides(out, packed), *mask_bias_strides,
         heads, max_seqlen, _scale_log2(scale), dropout_p,
@@ -854,7 +858,7 @@ def _attention_bwd_impl(
     if do.stride(-1) != 1:
         do = do.contiguous()
     cu_seqlens = cu_seqlens if packed else _unused(q.device, torch.int32)
-    seed_arg = _seed_argument(seed)
+    seed_arg = _seed_argument(seed, q)
     mask, lengths, bias, mask_bias_strides = _mask_bias_args(q, key_padding_mask, bias, batch, heads,
                                                              max_seqlen)
     negative_scale = scale < 0
@@ -932,10 +936,19 @@ def _draw_dropout_seed():
     return torch.randint(2**31, 2**63 - 1, (), dtype=torch.int64, device="cpu")
 
 
-def _seed_argument(seed):
-    """The seed as the kernels take it: a scalar (0 where dropout is off and it goes unread).
-    Read from CPU memory: no device synchronisation."""
-    return 0 if seed is None else int(seed)
+def _seed_argument(seed, launched_on):
+    """The seed as the kernels launched on `launched_on`'s device take it: a scalar (0 where dropout
+    is off and it goes unread). Read from CPU memory: no device synchronisation. Refused while a
+    CUDA graph captures there: the graph would keep this seed, and every replay the same mask."""
+    if seed is None:
+        return 0
+    if capturing(launched_on):
+        raise RuntimeError(
+            "the Triton attention's dropout cannot be captured in a CUDA graph: its seed is fixed at "
+            "capture, so every replay would repeat the same dropout mask. Capture with dropout_p=0 "
+            "(a model in eval mode, or attention_probs_dropout_prob=0), or run attention on the "
+            "PyTorch path, whose dropout draws anew per replay: set_backend('torch')")
+    return int(seed)
 
 
 def _dropout_keep_mask(seed, batch, heads, max_seqlen, dropout_p, device):
@@ -944,7 +957,7 @@ def _dropout_keep_mask(seed, batch, heads, max_seqlen, dropout_p, device):
     keep = torch.empty((batch, heads, max_seqlen, max_seqlen), dtype=torch.int8, device=device)
     with on_device_of(keep):
         _dropout_mask_kernel[(max_seqlen, batch * heads)](
-            keep, _seed_argument(seed), max_seqlen, dropout_p, BLOCK=_DROPOUT_MASK_BLOCK
+            keep, _seed_argument(seed, keep), max_seqlen, dropout_p, BLOCK=_DROPOUT_MASK_BLOCK
         )
     return keep.bool()
 
@@ -1068,7 +1081,8 @@ def _sdpa_mask(key_padding_mask, bias, device):
     dropped, as Hugging Face does, so that SDPA runs unmasked. On a GPU, and under torch.compile
     (which cannot branch on data), both run unconditionally (a device-to-host read would stall the
     stream)."""
-    on_cpu = device.type == "cpu" and not torch.compiler.is_compiling()
+    read = key_padding_mask if bias is None else bias  # what the CPU's look reads, if anything
+    on_cpu = read is not None and device.type == "cpu" and not capturing_or_compiling(read)
     if bias is None:
         if key_padding_mask is None or (on_cpu and key_padding_mask.all()):
             return None, None
@@ -1094,11 +1108,12 @@ SWAMPING_BIAS = -1e3
 def _needs_exact_backward(q, k, v, key_padding_mask, bias):
     """Whether this call's gradients must come from the unfused math (see SWAMPING_BIAS). Reads
     one flag back from the device: only for a bias, with gradients needed; under torch.compile,
-    which cannot branch on data, such calls always take the unfused math."""
+    which cannot branch on data, and in a CUDA graph capture, such calls always take the unfused
+    math."""
     if bias is None or not torch.is_grad_enabled() or not any(
             t.requires_grad for t in (q, k, v, bias)):
         return False
-    if torch.compiler.is_compiling():
+    if capturing_or_compiling(bias):
         return True
     if key_padding_mask is not None:
         bias = bias.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
@@ -1120,7 +1135,9 @@ def _positions_in_padded_batch(cu_seqlens, tokens, max_seqlen):
     starts, lengths = cu_seqlens[:-1].long(), cu_seqlens.diff().long()
     sequence = torch.repeat_interleave(torch.arange(lengths.shape[0], device=device), lengths,
                                        output_size=tokens)
-    flat = sequence * max_seqlen + torch.arange(tokens, device=device) - starts[sequence]
+    within = torch.arange(tokens, device=device) - starts[sequence]
+    # a sequence longer than max_seqlen (unchecked while capturing or compiling) stays in its row
+    flat = sequence * max_seqlen + within.clamp_(max=max_seqlen - 1)
     key_mask = (torch.arange(max_seqlen, device=device) < lengths[:, None]) | (lengths == 0)[:, None]
     return flat, key_mask
 
@@ -1200,6 +1217,10 @@ def _check_cu_seqlens(cu_seqlens, max_seqlen, q):
                          f"{tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 1:
+        raise ValueError(f"max_seqlen must be an int >= 1 (and >= the longest sequence), got {max_seqlen!r}")
+    if capturing_or_compiling(cu_seqlens):
+        return  # values unread (see _sequence: the kernels cut a sequence to max_seqlen)
     bounds = remembered(cu_seqlens, torch.Tensor.tolist)  # read back, to refuse bad values up front
     lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     if bounds[0] != 0 or min(lengths) < 0 or bounds[-1] != q.shape[0]:
@@ -1207,7 +1228,7 @@ def _check_cu_seqlens(cu_seqlens, max_seqlen, q):
             f"cu_seqlens must start at 0, never decrease and end at T = {q.shape[0]} (q's tokens), "
             f"got {bounds if len(bounds) <= 10 else bounds[:5] + ['...'] + bounds[-2:]}"
         )
-    if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < max(1, max(lengths)):
+    if max_seqlen < max(lengths):
         raise ValueError(f"max_seqlen must be an int >= the longest sequence ({max(lengths)}) and "
                          f">= 1, got {max_seqlen!r}")
 
@@ -1218,15 +1239,20 @@ def attention(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dropout_
 
     q, k, v: [B, S, H, D] (padded layout; any strides on B, S, H, unit stride on D) or [T, H, D]
         with cu_seqlens (int32 [B + 1], cumulative lengths from 0) and max_seqlen (an int, at
-        least the longest sequence): the packed layout.
+        least the longest sequence): the packed layout. cu_seqlens' values are checked on the host,
+        except while a CUDA graph captures or torch.compile traces (a read back would fail the
+        capture): there the kernels cut a sequence longer than max_seqlen to its first max_seqlen
+        tokens, which attend among themselves, and leave its later rows of the output (and of
+        the gradients) unwritten; nothing outside the sequence's rows is touched.
     key_padding_mask: bool [B, S], True = real token (padded layout only).
     bias: additive, q's dtype, broadcastable to [B, H, S, S] (S = max_seqlen when packed; -inf and
         finfo.min allowed). Its gradient is not computed: a bias that requires grad is refused.
     scale: default 1/sqrt(D). dropout_p: in [0, 1), dropout on the probabilities (kept ones
         scaled by 1/(1-p)); the seed comes from torch's default CPU generator.
     float16, bfloat16 and float32 all run in the kernels (float32 with fp32 dot products, or TF32
-    when torch.backends.cuda.matmul.allow_tf32 is set). Head dims 16, 32, 64, 80, 96, 128 run
-    in the kernels, others on the PyTorch path (`attention_torch`), as does every call the
+    where torch allows it for cuBLAS matmuls: torch.backends.cuda.matmul.fp32_precision or
+    torch.backends.fp32_precision "tf32", or the legacy allow_tf32). Head dims 16, 32, 64, 80, 96,
+    128 run in the kernels, others on the PyTorch path (`attention_torch`), as does every call the
     backend switch (kernels/backend.py) does not give to the kernels.
     Returns a contiguous tensor of q's shape; rows whose keys are all masked are zeros.
     """
@@ -1259,7 +1285,7 @@ def attention(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dropout_
     if batch * heads > MAX_BATCH_HEADS:
         return _in_batch_chunks(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen)
     seed = _draw_dropout_seed() if dropout_p > 0 else None
-    allow_tf32 = q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    allow_tf32 = q.dtype == torch.float32 and backend.allows_tf32()
     return _call_attention_fwd(q, k, v, key_padding_mask, bias, cu_seqlens, seed, max_seqlen, scale,
                           dropout_p, allow_tf32)[0]
 
@@ -1268,6 +1294,11 @@ def _in_batch_chunks(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqle
     """`attention` over chunks of at most MAX_BATCH_HEADS // heads sequences, concatenated."""
     batch, heads, _ = _layout(q, cu_seqlens, max_seqlen)
     per_bias_batch = bias is not None and bias.dim() == 4 and bias.shape[0] > 1
+    if cu_seqlens is not None and capturing(cu_seqlens):
+        raise NotImplementedError(
+            f"the Triton attention runs more than {MAX_BATCH_HEADS} sequences x heads in chunks whose "
+            f"tokens it finds by reading cu_seqlens back, which a CUDA graph capture cannot do: pass "
+            f"at most {MAX_BATCH_HEADS // heads} sequences a call there, or use set_backend('torch')")
     bounds = None if cu_seqlens is None else remembered(cu_seqlens, torch.Tensor.tolist)
     outs, per_chunk = [], MAX_BATCH_HEADS // heads
     for first in range(0, batch, per_chunk):

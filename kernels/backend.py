@@ -5,7 +5,9 @@ variable FASTENCODER_BACKEND (read when fastencoder is imported). "torch" runs e
 PyTorch path (cuBLAS / oneDNN GEMMs, `F.scaled_dot_product_attention`, `F.layer_norm`, index ops);
 "triton" runs the kernels. "auto" picks the faster per op and device:
   * CUDA devices of compute capability 8.0 or newer: the kernels for 16-bit inputs, and for fp32
-    when TF32 is allowed (torch.backends.cuda.matmul.allow_tf32). fp32 without TF32 would run the
+    when TF32 is allowed (`allows_tf32`: torch.backends.cuda.matmul.fp32_precision, else the
+    global torch.backends.fp32_precision, as torch decides for cuBLAS; the legacy
+    torch.backends.cuda.matmul.allow_tf32 sets the former). fp32 without TF32 would run the
     kernels' dot products on the FMA units, slower than cuBLAS and SDPA: the ops with dot products
     (linear, attention) then take the PyTorch path; the memory-bound ones (LayerNorm, pad, unpad)
     keep their kernels, which read and write no more than PyTorch does.
@@ -69,7 +71,7 @@ def use_triton(device, matmul_dtype=None):
     if backend == "auto":
         if device.type != "cuda" or not _kernels_run_on(device):
             return False
-        return matmul_dtype is not torch.float32 or torch.backends.cuda.matmul.allow_tf32
+        return matmul_dtype is not torch.float32 or allows_tf32()
     if not TRITON_AVAILABLE:
         raise RuntimeError(
             "fastencoder backend 'triton' needs the triton package (Linux only); install it, "
@@ -89,6 +91,23 @@ def use_triton(device, matmul_dtype=None):
             f"got {device}. Use set_backend('torch') / FASTENCODER_BACKEND=torch"
         )
     return True
+
+
+# torch.compile cannot trace the settings' getters: a traced call takes the value at compile time
+@torch.compiler.assume_constant_result
+def allows_tf32():
+    """Whether fp32 dot products may use TF32, as torch decides for cuBLAS matmuls: the per-backend
+    torch.backends.cuda.matmul.fp32_precision, where it is "none" (unset) the global
+    torch.backends.fp32_precision, "none" there too meaning IEEE fp32 (torch's default). The legacy
+    flag torch.backends.cuda.matmul.allow_tf32 writes the per-backend value, but reading it raises
+    once the new API was used, so it is read only on a torch without that API (before 2.9)."""
+    try:
+        precision = torch.backends.cuda.matmul.fp32_precision
+    except AttributeError:
+        return torch.backends.cuda.matmul.allow_tf32
+    if precision == "none":
+        precision = torch.backends.fp32_precision
+    return precision == "tf32"
 
 
 _capability_8 = {}  # CUDA device index → compute capability >= 8.0

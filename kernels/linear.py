@@ -6,7 +6,8 @@ One Triton matmul serves the forward and both backward products:
             dx = dh · W,   dW = dhᵀ · x,   db = Σ_rows dh   (db reduced inside the dW product)
             dr = dy
 act is erf GELU (BERT "gelu"), tanh GELU (ALBERT "gelu_new"), ReLU, or none.
-Accumulation is fp32; fp32 inputs use TF32 only when torch.backends.cuda.matmul.allow_tf32 says so.
+Accumulation is fp32; fp32 inputs use TF32 only when torch's settings allow it for cuBLAS matmuls
+(`backend.allows_tf32`).
 """
 import torch
 try:
@@ -246,7 +247,7 @@ def _matmul(a, b, out, *, bias=None, activation=0, residual=None, act_grad=None,
         HAS_BIAS=bias is not None, ACTIVATION=activation, HAS_RESIDUAL=residual is not None,
         STORE_ACT_GRAD=act_grad is not None, SCALE_A=scale_a is not None,
         STORE_A=store_a is not None, ROWSUM_A=row_sum is not None,
-        ALLOW_TF32=a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32,
+        ALLOW_TF32=a.dtype == torch.float32 and backend.allows_tf32(),
     )
 
 

@@ -19,7 +19,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
     from ._no_triton import tl, triton
 
 from . import backend
-from ._checks import check_float, remembered
+from ._checks import capturing_or_compiling, check_float, remembered
 from ._dispatch import direct_when_eager
 from ._launch import cdiv, launches_on_input_device
 
@@ -196,8 +196,7 @@ def _check_indices(indices, device, num_positions):
     if num_positions >= 2**31:
         raise ValueError(f"at most 2**31 - 1 positions (B x S), got {num_positions}")
     # a data-dependent check can neither be traced nor captured in a CUDA graph: skipped there
-    capturing = indices.is_cuda and torch.cuda.is_current_stream_capturing()
-    if indices.numel() == 0 or torch.compiler.is_compiling() or capturing:
+    if indices.numel() == 0 or capturing_or_compiling(indices):
         return
     low, high, increasing = remembered(indices, index_facts)
     if low < 0 or high >= num_positions or not increasing:
