@@ -12,8 +12,11 @@ A graph reads the weights from where they were at capture, and every value deriv
 concatenated Q/K/V weight) is recomputed inside it, so writes into the weights' memory (`.data`
 writes included) show in the next replay. When a parameter or buffer changes in place through
 autograd's view (load_state_dict, an optimiser step), moves (.to(), .half()) or is replaced by
-another object, every graph is dropped and captured anew. Graphs are kept per autocast dtype too.
+another object, every graph is dropped and captured anew. Graphs are kept per autocast dtype too,
+and are captured with autocast's cache of cast weights off: that cache lives until the caller's
+autocast region ends, and a graph reading a cast copy from it would read freed memory later.
 """
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -103,14 +106,26 @@ class GraphRunner:
         # the warm-up must run what the capture runs: the padded path (unpadding is data dependent)
         unpad, model.unpad = model.unpad, False
         self.capturing = True
+
+        def forward():
+            with _autocast_without_cache(device.type):
+                return model(**inputs, return_dict=True)
+
         try:
-            graph, output, reserved = capture(lambda: model(**inputs, return_dict=True), device, self.pool)
+            graph, output, reserved = capture(forward, device, self.pool)
         finally:
             self.capturing = False
             model.unpad = unpad
         self.pool = graph.pool()
         self.memory_bytes += reserved
         return _Graph(graph, inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"], output)
+
+
+def _autocast_without_cache(device_type):
+    """The caller's autocast (if on) with its cache of cast weights off, else nothing."""
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
 
 
 def can_capture(device):

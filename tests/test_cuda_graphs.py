@@ -232,3 +232,26 @@ def test_graphs_follow_weight_changes_modes_and_unpad(device, triton_backend):
         expected = other(**batch)
     torch.testing.assert_close(replayed.last_hidden_state[real], expected.last_hidden_state[real], atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(replayed.pooler_output, expected.pooler_output, atol=2e-3, rtol=2e-3)
+
+
+def test_graphs_are_captured_without_autocasts_weight_cache(torch_backend, simulated_captures):
+    """Autocast caches the 16-bit copies of fp32 weights until the caller's autocast region ends: a
+    graph that read such a copy (a called module's weight) would read freed memory on later
+    replays, so the runner's warm-up and capture run with the cache off, under the same autocast."""
+    model = models.BertModel(bert_config(max_position_embeddings=128, vocab_size=100)).eval()
+    model.cuda_graphs = True
+    seen = []  # (autocast on, its dtype, its cache on) at every call of the model
+    model.register_forward_pre_hook(lambda module, args: seen.append(
+        (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), torch.is_autocast_cache_enabled())))
+    batch = ragged_batch(model.config, seqlen=20)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        replayed = model(**batch)
+        assert model.cuda_graph_runner.fallback_reason is None and len(simulated_captures) == 1
+        eager = eager_output(model, batch)
+    # the call itself, then the two warm-up runs and the capture
+    assert seen[0] == (True, torch.bfloat16, True)
+    assert seen[1:4] == [(True, torch.bfloat16, False)] * 3
+    # bf16 GEMMs over the bucket's 32 positions accumulate in another order than over 20: the
+    # LayerNorm'd outputs (of order 1) differ by well under one bf16 step (7.8e-3)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(replayed.last_hidden_state[real], eager.last_hidden_state[real], atol=1e-3, rtol=0)
