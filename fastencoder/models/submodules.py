@@ -45,16 +45,16 @@ def has_hooks(module):
     )
 
 
-def _plain(tensor):
-    """True for a plain tensor or parameter (None too): a tensor subclass (torchao's quantised
-    weights, a DTensor ...) computes through its own dispatch, which only its module's forward runs."""
-    return tensor is None or type(tensor) is torch.Tensor or type(tensor) is nn.Parameter
+# the types of a parameter slot that fastencoder's ops may read: a tensor subclass (torchao's
+# quantised weights, a DTensor ...) computes through its own dispatch, which only its module's
+# forward runs
+_PLAIN_PARAMETER_TYPES = frozenset({torch.Tensor, nn.Parameter, type(None)})
 
 
 def _fusable(module, module_type):
     # an instance's own forward (accelerate's device hooks replace it) must run: the module is called
     return (type(module) is module_type and not has_hooks(module) and "forward" not in module.__dict__
-            and all(map(_plain, module._parameters.values())))
+            and _PLAIN_PARAMETER_TYPES.issuperset(map(type, module._parameters.values())))
 
 
 # torch.ao's dynamically quantised modules scale each input by the range of the whole tensor
@@ -72,7 +72,7 @@ def mixes_rows(modules):
         if type(module).__module__.startswith(_PER_TENSOR_DYNAMIC_MODULES):
             return True
         for weight in module._parameters.values():
-            if not _plain(weight) and _per_tensor_dynamic_activations(weight):
+            if type(weight) not in _PLAIN_PARAMETER_TYPES and _per_tensor_dynamic_activations(weight):
                 return True
     return False
 
