@@ -36,11 +36,14 @@ FAMILIES = {
     "bert": (transformers.BertForSequenceClassification, bert_config, "bert"),
     "albert": (transformers.AlbertForSequenceClassification, albert_config, "albert"),
 }
+# set_inductor_config=False: otherwise quantize_ turns on process-wide inductor options (coordinate
+# descent tuning ...) that would slow every later torch.compile test
 TORCHAO_CONFIGS = {
-    "int8 dynamic, per token": lambda: torchao_quantization.Int8DynamicActivationInt8WeightConfig(),
+    "int8 dynamic, per token": lambda: torchao_quantization.Int8DynamicActivationInt8WeightConfig(
+        set_inductor_config=False),
     "int8 dynamic, per tensor": lambda: torchao_quantization.Int8DynamicActivationInt8WeightConfig(
-        granularity=torchao_quantization.PerTensor()),
-    "int8 weight-only": lambda: torchao_quantization.Int8WeightOnlyConfig(),
+        granularity=torchao_quantization.PerTensor(), set_inductor_config=False),
+    "int8 weight-only": lambda: torchao_quantization.Int8WeightOnlyConfig(set_inductor_config=False),
 }
 
 
@@ -142,7 +145,7 @@ def test_quantized_weights_are_called_not_fused(triton_backend):
     reference, ours = quantized_twins("bert", lambda model: model, "quantize first")
     key_only = lambda module, name: name.endswith("attention.self.key")
     for model in (reference, ours):
-        torchao_quantization.quantize_(model, torchao_quantization.Int8WeightOnlyConfig(), filter_fn=key_only)
+        torchao_quantization.quantize_(model, TORCHAO_CONFIGS["int8 weight-only"](), filter_fn=key_only)
     attention = ours.bert.encoder.layer[0].attention.self
     assert not submodules._fusable(attention.key, torch.nn.Linear)
     assert submodules._fusable(attention.query, torch.nn.Linear)
