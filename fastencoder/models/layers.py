@@ -19,7 +19,7 @@ from fastencoder.kernels.attention import attention, attention_torch
 
 from .inputs import AttentionMask, attention_mask_for, as_config, check_inputs, document_mask, packed_document_starts
 from .packing import DEFAULT_UNPAD, checked_unpad, plan_unpadding
-from .submodules import add_norm, autocast_input, dropout, has_hooks, project_qkv, refuse_hooks
+from .submodules import add_norm, autocast_input, dropout, has_hooks, mixes_rows, project_qkv, refuse_hooks
 
 
 def compute_dtype(weight):
@@ -226,13 +226,17 @@ class EncoderOptionsMixin:
     def attention_plan(self, attention_mask, position_ids, batch, seqlen, output_attentions, dtype, device):
         """(the padded path's masks, or the padding-free layout) for this call: exactly one is used.
         With hooks inside the encoder (where the padding-free path runs on [tokens, hidden] rows) the
-        model runs padded, so that they see Hugging Face's shapes."""
+        model runs padded, so that they see Hugging Face's shapes; under "auto" so does an encoder
+        with modules that mix rows (`mixes_rows`: dynamic per-tensor quantisation), whose results
+        on the real tokens alone would differ from Hugging Face's."""
         mask = attention_mask_for(attention_mask, batch, seqlen, self.config.num_attention_heads, dtype)  # validates
         documents = packed_document_starts(position_ids, attention_mask, batch, seqlen)
         packing, maybe_padded = plan_unpadding(self.unpad, attention_mask, documents, batch, seqlen,
                                                output_attentions, device)
-        if packing is not None and any(has_hooks(module) for module in self.encoder.modules()):
-            packing = None
+        if packing is not None:
+            modules = list(self.encoder.modules())  # walked once: most of the scan's cost
+            if any(map(has_hooks, modules)) or self.unpad == "auto" and mixes_rows(modules):
+                packing = None
         if packing is not None:
             return AttentionMask(None, None), packing
         if documents is not None:

@@ -10,8 +10,9 @@ every call from a few attribute reads:
     the op (Q, K and V still one GEMM) and adds each active adapter's update
     lora_B(lora_A(dropout(x))) · scaling on top, as peft does;
   * called: anything else (a module with forward hooks or pre-hooks, a parametrised, quantised or
-    custom module, a LoRA variant such as DoRA) is called as Hugging Face calls it, so it computes
-    what it would there; only that op is unfused.
+    custom module, a module whose weight is a tensor subclass such as torchao's quantised ones, a
+    LoRA variant such as DoRA) is called as Hugging Face calls it, so it computes what it would
+    there; only that op is unfused.
 
 Under torch.autocast each op computes as autocast runs Hugging Face's module: a projection
 casts its input and weights to the autocast dtype (a differentiable cast: gradients reach the fp32
@@ -44,9 +45,45 @@ def has_hooks(module):
     )
 
 
+# the types of a parameter slot that fastencoder's ops may read: a tensor subclass (torchao's
+# quantised weights, a DTensor ...) computes through its own dispatch, which only its module's
+# forward runs
+_PLAIN_PARAMETER_TYPES = frozenset({torch.Tensor, nn.Parameter, type(None)})
+
+
 def _fusable(module, module_type):
     # an instance's own forward (accelerate's device hooks replace it) must run: the module is called
-    return type(module) is module_type and not has_hooks(module) and "forward" not in module.__dict__
+    return (type(module) is module_type and not has_hooks(module) and "forward" not in module.__dict__
+            and _PLAIN_PARAMETER_TYPES.issuperset(map(type, module._parameters.values())))
+
+
+# torch.ao's dynamically quantised modules scale each input by the range of the whole tensor
+_PER_TENSOR_DYNAMIC_MODULES = ("torch.ao.nn.quantized.dynamic.", "torch.ao.nn.intrinsic.quantized.dynamic.")
+
+
+def mixes_rows(modules):
+    """True when one of `modules` (its own computation, not its submodules') makes a token's output
+    depend on the other tokens it is called with, so that calling it on the real tokens only gives
+    other results than on the padded batch: torch.ao's dynamically quantised modules, and a torchao
+    weight that quantises its activations dynamically with one scale per tensor. Row-wise modules
+    (Linear, LoRA, weight-only or per-token activation quantisation) do not."""
+    # one loop over all of them: it runs on every padding-free call
+    for module in modules:
+        if type(module).__module__.startswith(_PER_TENSOR_DYNAMIC_MODULES):
+            return True
+        for weight in module._parameters.values():
+            if type(weight) not in _PLAIN_PARAMETER_TYPES and _per_tensor_dynamic_activations(weight):
+                return True
+    return False
+
+
+def _per_tensor_dynamic_activations(weight):
+    # torchao's quantised weights say how they quantise their activations in `act_quant_kwargs`
+    # (None: weight-only); a static scale (`act_quant_scale`) does not depend on the input
+    granularity = getattr(getattr(weight, "act_quant_kwargs", None), "granularity", None)
+    torchao_granularity = sys.modules.get("torchao.quantization.granularity")
+    return (torchao_granularity is not None and isinstance(granularity, torchao_granularity.PerTensor)
+            and getattr(weight, "act_quant_scale", None) is None)
 
 
 def _peft_lora_linear():
@@ -123,9 +160,10 @@ def project(module, x, activation=None, residual=None):
 
 def project_qkv(query, key, value, x):
     """(q, k, v): the three projections of x. With the Triton kernels, when each is a plain Linear
-    or a LoRA layer over one, their (base) weights are concatenated at every call and run as one
-    GEMM, low-rank updates added to its slices; otherwise each runs as `project` runs it (three
-    GEMMs cost what one does in PyTorch's CPU and pre-Ampere paths, and skip the concatenation)."""
+    (plain weights: a tensor subclass is never concatenated) or a LoRA layer over one, their (base)
+    weights are concatenated at every call and run as one GEMM, low-rank updates added to its
+    slices; otherwise each runs as `project` runs it (three GEMMs cost what one does in PyTorch's
+    CPU and pre-Ampere paths, and skip the concatenation)."""
     modules = (query, key, value)
     if backend.use_triton(x.device, x.dtype):
         parts = [(m, []) if _fusable(m, nn.Linear) else _lora(m) for m in modules]
