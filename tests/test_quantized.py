@@ -154,6 +154,20 @@ def test_quantized_weights_are_called_not_fused(triton_backend):
         assert_same_outputs(ours(**inputs), reference(**inputs), what="key quantised")
 
 
+def test_quantized_token_type_table_without_token_type_ids(backend):
+    """Without token_type_ids every token has type 0: a quantised type table is looked up through
+    its module (its weight cannot be indexed as a plain tensor), as Hugging Face does."""
+    reference, ours = quantized_twins("bert", lambda model: model, "quantize first")
+    type_table = lambda module, name: name.endswith("embeddings.token_type_embeddings")
+    for model in (reference, ours):
+        torchao_quantization.quantize_(model, TORCHAO_CONFIGS["int8 weight-only"](), filter_fn=type_table)
+    assert not submodules.is_plain(ours.bert.embeddings.token_type_embeddings.weight)
+    inputs = right_padded_batch(bert_config())
+    del inputs["token_type_ids"]
+    with torch.no_grad():
+        assert_same_outputs(ours(**inputs), reference(**inputs), what="type table quantised")
+
+
 def test_which_modules_mix_rows():
     """Precisely the dynamic per-tensor activation quantisations; row-wise modules keep the
     padding-free path."""

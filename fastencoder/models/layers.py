@@ -19,7 +19,7 @@ from fastencoder.kernels.attention import attention, attention_torch
 
 from .inputs import AttentionMask, attention_mask_for, as_config, check_inputs, document_mask, packed_document_starts
 from .packing import DEFAULT_UNPAD, checked_unpad, plan_unpadding
-from .submodules import add_norm, autocast_input, dropout, has_hooks, mixes_rows, project_qkv, refuse_hooks
+from .submodules import add_norm, autocast_input, dropout, has_hooks, is_plain, mixes_rows, project_qkv, refuse_hooks
 
 
 def compute_dtype(weight):
@@ -40,8 +40,10 @@ class FusedEmbeddingsMixin:
         seqlen = words.shape[1]
         if position_ids is None:
             position_ids = self.position_ids[:, :seqlen]
-        if token_type_ids is None:
-            token_types = self.token_type_embeddings.weight[0]  # type 0 everywhere, as HF's default
+        if token_type_ids is None:  # type 0 everywhere, as HF's default
+            table = self.token_type_embeddings
+            # a quantised table (a tensor subclass) is looked up through its module, as HF does
+            token_types = table.weight[0] if is_plain(table.weight) else table(self.position_ids.new_zeros(1))[0]
         else:
             token_types = self.token_type_embeddings(token_type_ids)
         others = (self.position_embeddings(position_ids) + token_types).expand_as(words)

@@ -51,6 +51,11 @@ def has_hooks(module):
 _PLAIN_PARAMETER_TYPES = frozenset({torch.Tensor, nn.Parameter, type(None)})
 
 
+def is_plain(tensor):
+    """True for a plain tensor or parameter (or None), which fastencoder's ops may read directly."""
+    return type(tensor) in _PLAIN_PARAMETER_TYPES
+
+
 def _fusable(module, module_type):
     # an instance's own forward (accelerate's device hooks replace it) must run: the module is called
     return (type(module) is module_type and not has_hooks(module) and "forward" not in module.__dict__
