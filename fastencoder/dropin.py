@@ -22,7 +22,13 @@ from fastencoder.kernels.attention import attention
 from fastencoder.models.inputs import check_supported
 from fastencoder.models.packing import checked_unpad
 
-_FASTENCODER_CLASS = {transformers.BertModel: models.BertModel, transformers.AlbertModel: models.AlbertModel}
+_FASTENCODER_CLASS = {
+    transformers.BertModel: models.BertModel,
+    transformers.AlbertModel: models.AlbertModel,
+    transformers.RobertaModel: models.RobertaModel,
+    transformers.XLMRobertaModel: models.XLMRobertaModel,
+    transformers.CamembertModel: models.CamembertModel,
+}
 _ORIGINAL = "_fastencoder_original"  # kept in the module's __dict__: not a submodule, not in state_dict
 
 
