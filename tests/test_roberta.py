@@ -16,8 +16,10 @@ import fastencoder
 from fastencoder import models
 from fastencoder.models import layers
 from test_bert import (
-    BACKWARD_KERNELS, FORWARD_KERNELS, FP32_TOL, assert_same_grads, assert_same_outputs, mlm_labels, randomize,
+    BACKWARD_KERNELS, FORWARD_KERNELS, FP32_TOL, assert_same_grads, assert_same_outputs, check_gradient_checkpointing,
+    mlm_labels, randomize,
 )
+from test_cuda_graphs import simulated_captures  # noqa: F401 (a fixture)
 
 PAD = 1
 FAMILIES = {
@@ -312,8 +314,17 @@ def test_output_attentions_and_tuples_match_transformers(torch_backend):
             torch.testing.assert_close(mine, theirs, atol=FP32_TOL * max(1, theirs.abs().max().item()), rtol=FP32_TOL)
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Compiled code of other tests' models dropped before and after: the models share the layer's
+    code, and each model compiled adds to Dynamo's per-code recompile limit."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("backend_name", ["torch", "triton"])
-def test_fullgraph_compile_matches_transformers(backend_name, request):
+def test_fullgraph_compile_matches_transformers(backend_name, request, fresh_dynamo):
     request.getfixturevalue(f"{backend_name}_backend")
     config = roberta_config("XLMRoberta")
     reference, ours = twin_models("XLMRoberta", "ForSequenceClassification", config)
@@ -330,7 +341,6 @@ def test_fullgraph_compile_matches_transformers(backend_name, request):
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers 5.2x renames it activation_checkpointing_enable
 def test_gradient_checkpointing_recomputes(torch_backend, monkeypatch):
-    from test_bert import check_gradient_checkpointing
     config = roberta_config("Camembert", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
     model = models.CamembertForMaskedLM(config)
     inputs = roberta_batch(config)
@@ -377,3 +387,23 @@ def test_forward_hooks_fire(torch_backend):
 def test_lazy_exports():
     assert set(fastencoder.MODELS) == set(models.__all__)
     assert fastencoder.XLMRobertaForSequenceClassification is models.XLMRobertaForSequenceClassification
+
+
+def test_simulated_cuda_graph_replay_matches_transformers(torch_backend, simulated_captures):
+    """A graph embeds positions up to pad_token_id + its bucket: buckets stop at
+    max_position_embeddings - pad_token_id - 1 (31 here, where BERT's would be 33), and a replayed
+    left-padded batch with pad tokens in the ids gives Hugging Face's outputs at the real tokens."""
+    config = roberta_config(max_position_embeddings=33)
+    reference, ours = (model.eval() for model in twin_models("Roberta", "Model", config))
+    ours.cuda_graphs = True
+    runner = ours.cuda_graph_runner
+    assert runner.buckets[-1] == 31
+    batch = roberta_batch(config, seqlen=20)
+    with torch.inference_mode():
+        replayed, expected = ours(**batch), reference(**batch)
+    assert runner.fallback_reason is None and len(simulated_captures) == 1
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(replayed.last_hidden_state[real], expected.last_hidden_state[real],
+                               atol=FP32_TOL * 10, rtol=FP32_TOL)
+    with pytest.raises(ValueError, match="max_position_embeddings=33"):  # checked before a replay
+        ours.check_ids(torch.randint(2, 50, (1, 32)), None)

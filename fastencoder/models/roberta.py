@@ -132,6 +132,8 @@ class RobertaEncoderMixin(EncoderOptionsMixin):
                                 input_ids.shape[1])
 
     def attention_plan(self, attention_mask, position_ids, batch, seqlen, output_attentions, dtype, device):
+        # unpad=True and a left-padded batch: padded, so that position 0 is computed as Hugging Face
+        # computes it ("auto" never unpads such a batch)
         if (self.unpad is True and attention_mask is not None and attention_mask.dim() == 2 and not tracing()
                 and attention_mask.shape == (batch, seqlen) and not attention_mask[:, 0].all()):
             return attention_mask_for(attention_mask, batch, seqlen, self.config.num_attention_heads, dtype), None
