@@ -75,7 +75,8 @@ def tiny_checkpoint(directory, tokenizer, family, hf_head):
 
 
 def hf_models(st_model):
-    return [module.model for module in st_model.modules() if isinstance(module, sentence_transformers.base.modules.Transformer)]
+    transformer = sentence_transformers.base.modules.Transformer
+    return [module.model for module in st_model.modules() if isinstance(module, transformer)]
 
 
 def assert_same(actual, expected, what):
