@@ -15,9 +15,10 @@ import transformers
 import fastencoder
 from fastencoder import models
 from fastencoder.models import layers
+from test_autocast import errors_under_autocast
 from test_bert import (
-    BACKWARD_KERNELS, FORWARD_KERNELS, FP32_TOL, assert_same_grads, assert_same_outputs, check_gradient_checkpointing,
-    mlm_labels, randomize,
+    BACKWARD_KERNELS, FORWARD_KERNELS, FP32_TOL, assert_same_grads, assert_same_outputs,
+    check_16_bit_against_transformers, check_gradient_checkpointing, mlm_labels, randomize,
 )
 from test_cuda_graphs import simulated_captures  # noqa: F401 (a fixture)
 
@@ -407,3 +408,24 @@ def test_simulated_cuda_graph_replay_matches_transformers(torch_backend, simulat
                                atol=FP32_TOL * 10, rtol=FP32_TOL)
     with pytest.raises(ValueError, match="max_position_embeddings=33"):  # checked before a replay
         ours.check_ids(torch.randint(2, 50, (1, 32)), None)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp16_autocast_error_at_most_twice_hugging_faces(family, backend):
+    """The error rule of test_autocast.py (FlashAttention's): under fp16 autocast, the distance to
+    Hugging Face in fp32 (outputs at real tokens, every gradient) is at most twice Hugging Face's own."""
+    hf_class, our_class = classes(family, "Model")
+    errors = errors_under_autocast(hf_class, our_class, roberta_config(family), torch.device("cpu"), torch.float16)
+    for what, error in errors.items():
+        assert error["theirs"] > 1e-5, f"{what}: autocast should change Hugging Face's results ({error})"
+        assert error["ours"] <= 2 * error["theirs"] + 1e-4, (what, error)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("unpad", [False, True], ids=["padded", "padding-free"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_16_bit_error_at_most_twice_hugging_faces(dtype, unpad, triton_backend):
+    """Two XLM-RoBERTa layers of BERT-base's width: see test_bert's check_16_bit_against_transformers."""
+    config = roberta_config("XLMRoberta", vocab_size=1000, hidden_size=768, num_attention_heads=12,
+                            intermediate_size=3072, max_position_embeddings=514, attn_implementation="sdpa")
+    check_16_bit_against_transformers(transformers.XLMRobertaModel, models.XLMRobertaModel, config, dtype, unpad)
