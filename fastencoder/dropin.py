@@ -1,7 +1,8 @@
 """One-line drop-in for Hugging Face and sentence-transformers models.
 
-`optimize(model)` swaps the BERT / ALBERT encoder inside a Hugging Face model (a base model, any
-task model, or a SentenceTransformer whose first module wraps one) for fastencoder's, in place.
+`optimize(model)` swaps the encoder inside a Hugging Face model of a supported family (a base model,
+any task model, or a sentence-transformers model — SentenceTransformer, CrossEncoder, SparseEncoder,
+MultiVectorEncoder — whose Transformer modules wrap one) for fastencoder's, in place.
 The new encoder holds the very same parameter and buffer tensors, so optimisers, tied weights,
 `save_pretrained` (Hugging Face's own keys), Trainer and pipelines carry on unchanged;
 `restore(model)` puts the original encoder back.
@@ -22,7 +23,13 @@ from fastencoder.kernels.attention import attention
 from fastencoder.models.inputs import check_supported
 from fastencoder.models.packing import checked_unpad
 
-_FASTENCODER_CLASS = {transformers.BertModel: models.BertModel, transformers.AlbertModel: models.AlbertModel}
+_FASTENCODER_CLASS = {
+    transformers.BertModel: models.BertModel,
+    transformers.AlbertModel: models.AlbertModel,
+    transformers.RobertaModel: models.RobertaModel,
+    transformers.XLMRobertaModel: models.XLMRobertaModel,
+    transformers.CamembertModel: models.CamembertModel,
+}
 _ORIGINAL = "_fastencoder_original"  # kept in the module's __dict__: not a submodule, not in state_dict
 
 
@@ -36,10 +43,17 @@ def optimize(model, *, unpad=None, cuda_graphs=None):
     options = {name: value for name, value in (("unpad", unpad), ("cuda_graphs", cuda_graphs)) if value is not None}
     if unpad is not None:
         checked_unpad(unpad)
-    slot = _sentence_transformer_slot(model)
-    if slot is not None:
-        holder, name = slot
-        setattr(holder, name, optimize(getattr(holder, name), **options))
+    slots = _sentence_transformer_slots(model)
+    if slots:
+        done = []
+        try:
+            for holder, name in slots:
+                setattr(holder, name, optimize(getattr(holder, name), **options))
+                done.append((holder, name))
+        except BaseException:
+            for holder, name in done:  # all or nothing
+                setattr(holder, name, restore(getattr(holder, name)))
+            raise
         return model
     if _is_peft_model(model):
         optimize(model.get_base_model(), **options)
@@ -53,8 +67,9 @@ def optimize(model, *, unpad=None, cuda_graphs=None):
     inner = _inner_encoder(model)
     if inner is None:
         raise TypeError(
-            "fastencoder.optimize takes a Hugging Face BertModel / AlbertModel, a task model built on one "
-            f"(Bert*/Albert*), or a SentenceTransformer whose first module wraps one; got {type(model).__name__}"
+            f"fastencoder.optimize takes a Hugging Face {' / '.join(cls.__name__ for cls in _FASTENCODER_CLASS)}, a "
+            "task model built on one, or a sentence-transformers model (SentenceTransformer, CrossEncoder, "
+            f"SparseEncoder, MultiVectorEncoder) that wraps one; got {type(model).__name__}"
         )
     setattr(model, model.base_model_prefix, optimize(inner, **options))
     return model
@@ -62,10 +77,10 @@ def optimize(model, *, unpad=None, cuda_graphs=None):
 
 def restore(model):
     """Undo `optimize`: put the original Hugging Face encoder back; returns `model`."""
-    slot = _sentence_transformer_slot(model)
-    if slot is not None:
-        holder, name = slot
-        setattr(holder, name, restore(getattr(holder, name)))
+    slots = _sentence_transformer_slots(model)
+    if slots:
+        for holder, name in slots:
+            setattr(holder, name, restore(getattr(holder, name)))
         return model
     if _is_peft_model(model):
         restore(model.get_base_model())
@@ -92,21 +107,32 @@ def _is_peft_model(model):
     return peft is not None and isinstance(model, peft.PeftModel)
 
 
-def _sentence_transformer_slot(model):
-    """(module, attribute) holding the Hugging Face model inside a SentenceTransformer, else None."""
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError:
+def _sentence_transformer_slots(model):
+    """[(module, attribute)] holding each Hugging Face model inside a sentence-transformers model
+    (SentenceTransformer, CrossEncoder, SparseEncoder, MultiVectorEncoder: their `Transformer`
+    modules, wherever they sit, a Router's routes included); None for any other model."""
+    if not _is_sentence_transformers_model(model):
         return None
-    if not isinstance(model, SentenceTransformer):
-        return None
-    first = model[0]
-    # sentence-transformers 6 keeps it in `.model` (`.auto_model` became a read-only alias); older
-    # releases in `.auto_model`
-    for name in ("model", "auto_model"):
-        if isinstance(first._modules.get(name), torch.nn.Module):
-            return first, name
-    return None
+    return list(_hf_model_slots(model))
+
+
+def _is_sentence_transformers_model(model):
+    # sentence-transformers 6's model classes share a base class; older releases have SentenceTransformer
+    base = sys.modules.get("sentence_transformers.base.model")
+    root = sys.modules.get("sentence_transformers")
+    classes = tuple(cls for cls in (getattr(base, "BaseModel", None), getattr(root, "SentenceTransformer", None))
+                    if cls is not None)
+    return bool(classes) and isinstance(model, classes)
+
+
+def _hf_model_slots(module):
+    # a Transformer module keeps the model in `.model` (sentence-transformers 6; `.auto_model` is a
+    # read-only alias there) or `.auto_model` (older releases); nothing inside a model is searched
+    for name, child in module._modules.items():
+        if isinstance(child, transformers.PreTrainedModel) or _is_peft_model(child):
+            yield module, name
+        elif child is not None:
+            yield from _hf_model_slots(child)
 
 
 # what a module's hooks live in: shared between a Hugging Face container and fastencoder's, so

@@ -125,11 +125,18 @@ def test_bench_without_gpu_times_the_models_on_the_cpu(tmp_path, capsys):
             mine = case_rows[variant]
             assert mine["speedup_vs_HF sdpa"] == case_rows["HF sdpa"]["median_ms"] / mine["median_ms"]
             assert mine["cpu_time_speedup_vs_HF sdpa"] > 0 and mine["rounds"] >= 2
+    for case in ("xlm-roberta minilm-l6 size float32 fwd B2xS16 no padding",
+                 "xlm-roberta minilm-l6 size float32 fwd B2xS16 25% padding"):
+        case_rows = {row["variant"]: row for row in rows if row["case"] == case}
+        assert set(case_rows) == {"HF sdpa", "fastencoder"}, case
+        assert case_rows["fastencoder"]["speedup_vs_HF sdpa"] > 0
     host = {row["variant"]: row for row in rows if row["group"] == "host"}
     assert set(host) == {"HF sdpa", "fastencoder"} and all(row["us_per_layer"] for row in host.values())
     if sweep.minilm_checkpoint() is not None and importlib.util.find_spec("sentence_transformers"):
         encode = {row["variant"] for row in rows if row["group"] == "encode"}
         assert encode == {"HF sdpa", "fastencoder", "fastencoder unpad=auto"}
+        rerank = {row["variant"]: row for row in rows if row["group"] == "rerank"}
+        assert set(rerank) == {"HF sdpa", "fastencoder"} and rerank["fastencoder"]["speedup_vs_HF sdpa"] > 0
     assert (out / "results.csv").read_text().startswith("group,case,variant")
     assert (out / "model_speedups.png").exists()
     assert "speedups are ratios of medians" in printed and " ms " in printed
