@@ -1,4 +1,4 @@
-"""fastencoder: fused Triton kernels for BERT and ALBERT encoders."""
+"""fastencoder: fused Triton kernels for BERT, ALBERT, DistilBERT and ELECTRA encoders."""
 from .kernels import get_backend, set_backend
 
 # The models and the drop-in need transformers, an optional dependency: imported on first access.
@@ -17,6 +17,19 @@ MODELS = (
     "BertForSequenceClassification",
     "BertForTokenClassification",
     "BertModel",
+    "DistilBertForMaskedLM",
+    "DistilBertForMultipleChoice",
+    "DistilBertForQuestionAnswering",
+    "DistilBertForSequenceClassification",
+    "DistilBertForTokenClassification",
+    "DistilBertModel",
+    "ElectraForMaskedLM",
+    "ElectraForMultipleChoice",
+    "ElectraForPreTraining",
+    "ElectraForQuestionAnswering",
+    "ElectraForSequenceClassification",
+    "ElectraForTokenClassification",
+    "ElectraModel",
 )
 
 DROP_IN = ("optimize", "register_hf_attention", "restore")

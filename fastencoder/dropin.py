@@ -19,10 +19,11 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from fastencoder import models
 from fastencoder.kernels.attention import attention
-from fastencoder.models.inputs import check_supported
 from fastencoder.models.packing import checked_unpad
 
 _FASTENCODER_CLASS = {transformers.BertModel: models.BertModel, transformers.AlbertModel: models.AlbertModel}
+_FASTENCODER_CLASS[transformers.DistilBertModel] = models.DistilBertModel
+_FASTENCODER_CLASS[transformers.ElectraModel] = models.ElectraModel
 _ORIGINAL = "_fastencoder_original"  # kept in the module's __dict__: not a submodule, not in state_dict
 
 
@@ -53,8 +54,9 @@ def optimize(model, *, unpad=None, cuda_graphs=None):
     inner = _inner_encoder(model)
     if inner is None:
         raise TypeError(
-            "fastencoder.optimize takes a Hugging Face BertModel / AlbertModel, a task model built on one "
-            f"(Bert*/Albert*), or a SentenceTransformer whose first module wraps one; got {type(model).__name__}"
+            "fastencoder.optimize takes a Hugging Face BertModel / AlbertModel / DistilBertModel / ElectraModel, a "
+            "task model built on one (Bert*/Albert*/DistilBert*/Electra*), or a SentenceTransformer whose first "
+            f"module wraps one; got {type(model).__name__}"
         )
     setattr(model, model.base_model_prefix, optimize(inner, **options))
     return model
@@ -120,9 +122,11 @@ def _fastencoder_encoder(original):
     (Linear, LayerNorm, Embedding, and whatever wraps or replaces them: peft's LoRA layers, quantised
     modules) is the very object `original` holds, with its hooks; fastencoder's containers, which
     compute the fused layer, share their hooks with the Hugging Face containers they replace."""
-    check_supported(original.config)
+    # the constructor refuses unsupported configurations (on the meta device: nothing has changed yet);
+    # DistilBERT and ELECTRA have no pooler
+    pooler = {"add_pooling_layer": original.pooler is not None} if hasattr(original, "pooler") else {}
     with torch.device("meta"):
-        encoder = _FASTENCODER_CLASS[type(original)](original.config, add_pooling_layer=original.pooler is not None)
+        encoder = _FASTENCODER_CLASS[type(original)](original.config, **pooler)
     for name, ours in list(encoder.named_modules()):
         theirs = original.get_submodule(name)
         if next(ours.children(), None) is None:

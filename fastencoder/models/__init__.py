@@ -1,5 +1,5 @@
-"""BERT and ALBERT models on fastencoder's fused ops: drop-ins for Hugging Face transformers' classes
-of the same names (same configs, state dicts, heads, losses and outputs)."""
+"""BERT, ALBERT, DistilBERT and ELECTRA models on fastencoder's fused ops: drop-ins for Hugging Face
+transformers' classes of the same names (same configs, state dicts, heads, losses and outputs)."""
 from .albert import (
     AlbertForMaskedLM,
     AlbertForMultipleChoice,
@@ -18,6 +18,23 @@ from .bert import (
     BertForTokenClassification,
     BertModel,
 )
+from .distilbert import (
+    DistilBertForMaskedLM,
+    DistilBertForMultipleChoice,
+    DistilBertForQuestionAnswering,
+    DistilBertForSequenceClassification,
+    DistilBertForTokenClassification,
+    DistilBertModel,
+)
+from .electra import (
+    ElectraForMaskedLM,
+    ElectraForMultipleChoice,
+    ElectraForPreTraining,
+    ElectraForQuestionAnswering,
+    ElectraForSequenceClassification,
+    ElectraForTokenClassification,
+    ElectraModel,
+)
 
 __all__ = [
     "AlbertForMaskedLM",
@@ -34,4 +51,17 @@ __all__ = [
     "BertForSequenceClassification",
     "BertForTokenClassification",
     "BertModel",
+    "DistilBertForMaskedLM",
+    "DistilBertForMultipleChoice",
+    "DistilBertForQuestionAnswering",
+    "DistilBertForSequenceClassification",
+    "DistilBertForTokenClassification",
+    "DistilBertModel",
+    "ElectraForMaskedLM",
+    "ElectraForMultipleChoice",
+    "ElectraForPreTraining",
+    "ElectraForQuestionAnswering",
+    "ElectraForSequenceClassification",
+    "ElectraForTokenClassification",
+    "ElectraModel",
 ]
