@@ -135,12 +135,26 @@ def packed_runs(monkeypatch):
     return runs
 
 
+def assert_grads_as_close_to_float64_as_hugging_faces(ours, reference, exact, what):
+    """test_bert.assert_same_grads's tolerance (FP32_TOL of the largest gradient, rtol 1e-4), against
+    float64; where Hugging Face's own fp32 gradients are further off than that (measured: up to
+    1.3e-5 of the largest, through ELECTRA's token classifier), twice Hugging Face's distance."""
+    exact_grads = {name: p.grad for name, p in exact.named_parameters()}
+    assert all(p.grad is not None for p in ours.parameters()), f"{what}: every parameter should get a gradient"
+    scale = max(grad.abs().max().item() for grad in exact_grads.values())
+    their_distance = max((p.grad.double() - exact_grads[name]).abs().max().item() for name, p in
+                         reference.named_parameters())
+    atol = max(FP32_TOL * scale, 2 * their_distance)
+    for name, param in ours.named_parameters():
+        assert_close(param.grad, exact_grads[name], atol=atol, rtol=1e-4, what=f"{what}: grad of {name}")
+
+
 def check_family_parity(reference, ours, config, rows, unpad, backend, kernel_launches, packed_runs):  # noqa: F811
     """Ours (unpad as given) against Hugging Face on a batch with the given padding: every output
     field (with labels and hidden states) and every parameter's gradient. Where the batch runs
     padding-free, per-token fields are compared at the real positions (padding holds zeros there),
     and the loss, which QA's spans would take over padding too, is left out; otherwise everything is
-    compared, then the attention probabilities."""
+    compared, then the attention probabilities. Gradients are measured against float64."""
     name = type(reference).__name__
     ours.unpad = unpad
     inputs = batch_from_rows(config, rows, choices=2 if name.endswith("MultipleChoice") else None)
@@ -149,8 +163,9 @@ def check_family_parity(reference, ours, config, rows, unpad, backend, kernel_la
     padding_free = unpad is True and all(row[0] == "1" for row in rows)
     if padding_free and name.endswith("QuestionAnswering"):
         labels = {}
+    exact = copy.deepcopy(reference).double()
     projections, outputs = {}, {}
-    for key, model in (("ours", ours), ("reference", reference)):
+    for key, model in (("ours", ours), ("reference", reference), ("exact", exact)):
         model.train()  # dropout is 0: train mode only makes sure nothing depends on it
         output = model(**inputs, **labels, output_hidden_states=True)
         fields = padding_free_outputs(output, real) if padding_free else {k: output[k] for k in output.keys()}
@@ -160,7 +175,7 @@ def check_family_parity(reference, ours, config, rows, unpad, backend, kernel_la
     assert outputs["ours"].keys() == outputs["reference"].keys(), what
     for key, value in outputs["reference"].items():
         assert_same_values(outputs["ours"][key], value, FP32_TOL, f"{what} {key}")
-    assert_same_grads(ours, reference)
+    assert_grads_as_close_to_float64_as_hugging_faces(ours, reference, exact, what)
     assert packed_runs[0] is padding_free, f"{what}: ran padding-free {packed_runs[0]}, expected {padding_free}"
     if backend == "triton":
         assert FORWARD_KERNELS | BACKWARD_KERNELS <= set(kernel_launches)
