@@ -472,6 +472,33 @@ def test_fullgraph_compile_matches_transformers(backend_name, request, kernel_la
     assert_same_grads(ours, reference)
 
 
+def check_fp16_autocast_error(hf_class, our_class, config):
+    """test_autocast's rule on the CPU, fp16 autocast: against Hugging Face in fp32 without autocast,
+    our error (outputs at real tokens, every parameter's gradient; norms) under autocast is at most
+    twice Hugging Face's own under the same autocast, plus 1e-4."""
+    exact = randomize(hf_class(config))
+    theirs, ours = hf_class(config), our_class(config)
+    theirs.load_state_dict(exact.state_dict()), ours.load_state_dict(exact.state_dict())
+    inputs = batch_from_rows(config, RAGGED)
+    real = inputs["attention_mask"].bool()
+    projection = torch.randn_like(exact(**inputs).last_hidden_state[real])
+    found = {}
+    for name, model in (("exact", exact), ("theirs", theirs), ("ours", ours)):
+        with torch.autocast("cpu", dtype=torch.float16, enabled=name != "exact"):
+            output = model.train()(**inputs).last_hidden_state[real].float()
+        (output * projection).sum().backward()
+        gradients = torch.cat([param.grad.float().flatten() for _, param in sorted(model.named_parameters())])
+        found[name] = dict(output=output, gradients=gradients)
+    for what, reference in found["exact"].items():
+        error = {name: ((found[name][what] - reference).norm() / reference.norm()).item() for name in ("theirs", "ours")}
+        assert error["theirs"] > 1e-5, f"{what}: autocast should change Hugging Face's results ({error})"
+        assert error["ours"] <= 2 * error["theirs"] + 1e-4, (what, error)
+
+
+def test_fp16_autocast_error_at_most_twice_hugging_faces(backend):  # noqa: F811
+    check_fp16_autocast_error(transformers.DistilBertModel, models.DistilBertModel, distilbert_config())
+
+
 class SimulatedFieldsGraph(SimulatedGraph):
     """test_cuda_graphs' simulated graph for any output class (every field rewritten on replay)."""
 

@@ -27,6 +27,7 @@ from test_distilbert import (
     bad_inputs,
     batch_from_rows,
     check_16_bit_last_hidden_state,
+    check_fp16_autocast_error,
     check_family_parity,
     check_forward_arguments,
     check_simulated_cuda_graph_replay,
@@ -242,6 +243,10 @@ def test_bad_inputs_are_refused_before_any_kernel(triton_backend, kernel_launche
 
 def test_forward_takes_hugging_faces_arguments(torch_backend):
     check_forward_arguments(models.ElectraModel, transformers.ElectraModel, electra_config())
+
+
+def test_fp16_autocast_error_at_most_twice_hugging_faces(backend):  # noqa: F811
+    check_fp16_autocast_error(transformers.ElectraModel, models.ElectraModel, electra_config())
 
 
 def test_simulated_cuda_graph_replay_matches_eager(torch_backend, simulated_captures):  # noqa: F811
