@@ -394,6 +394,26 @@ def check_forward_arguments(ours, theirs, config):
     assert output.last_hidden_state.shape == (2, 5, config.hidden_size)
 
 
+def check_hidden_states_selected_by_index(hf_class, our_class, config):
+    """output_hidden_states as layer indices: the same entries as Hugging Face's, the others None."""
+    try:
+        from transformers.utils.output_capturing import selected_hidden_states  # noqa: F401
+    except ImportError:
+        pytest.skip("transformers before 5.2x selects no hidden states by index")
+    reference, ours = (model.eval() for model in twin_models(hf_class, our_class, config))
+    inputs = batch_from_rows(config, RAGGED)
+    with torch.no_grad():
+        for selection in ([0, -1], 1):
+            expected = reference(**inputs, output_hidden_states=selection)
+            actual = ours(**inputs, output_hidden_states=selection)
+            assert [h is None for h in actual.hidden_states] == [h is None for h in expected.hidden_states]
+            assert_same_outputs(actual, expected, what=f"output_hidden_states={selection}")
+
+
+def test_hidden_states_selected_by_index(torch_backend):
+    check_hidden_states_selected_by_index(transformers.DistilBertModel, models.DistilBertModel, distilbert_config())
+
+
 def test_forward_takes_hugging_faces_arguments(torch_backend):
     check_forward_arguments(models.DistilBertModel, transformers.DistilBertModel, distilbert_config())
 

@@ -28,6 +28,7 @@ from test_distilbert import (
     batch_from_rows,
     check_16_bit_last_hidden_state,
     check_fp16_autocast_error,
+    check_hidden_states_selected_by_index,
     check_family_parity,
     check_forward_arguments,
     check_simulated_cuda_graph_replay,
@@ -239,6 +240,10 @@ def test_bad_inputs_are_refused_before_any_kernel(triton_backend, kernel_launche
         with pytest.raises(error, match=match):
             model(**kwargs)
     assert kernel_launches == []
+
+
+def test_hidden_states_selected_by_index(torch_backend):
+    check_hidden_states_selected_by_index(transformers.ElectraModel, models.ElectraModel, electra_config())
 
 
 def test_forward_takes_hugging_faces_arguments(torch_backend):

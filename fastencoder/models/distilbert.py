@@ -54,12 +54,13 @@ class FirstPositionHeadsMixin:
     """For families whose task heads read position 0 of last_hidden_state themselves (DistilBERT's
     pre_classifier, ELECTRA's classification head and sequence summary): a left-padded batch runs
     padded, so that position 0 holds what Hugging Face computes there, not the zeros of padding-free
-    execution (unpad="auto" never unpads it; unpad=True then costs one more read)."""
+    execution. unpad="auto" never unpads such a batch, so only unpad=True pays the one more
+    device-to-host read this takes."""
 
     def attention_plan(self, attention_mask, position_ids, batch, seqlen, output_attentions, dtype, device):
         mask, packing = super().attention_plan(attention_mask, position_ids, batch, seqlen, output_attentions,
                                                dtype, device)
-        if packing is not None and packing.first_positions.any().item():
+        if packing is not None and self.unpad is True and packing.first_positions.any().item():
             return attention_mask_for(attention_mask, batch, seqlen, self.config.num_attention_heads, dtype), None
         return mask, packing
 
