@@ -418,12 +418,13 @@ def test_forward_takes_hugging_faces_arguments(torch_backend):
     check_forward_arguments(models.DistilBertModel, transformers.DistilBertModel, distilbert_config())
 
 
-def test_peft_lora_matches_hugging_face_with_peft(backend):  # noqa: F811
+def check_peft_lora(hf_class, config, target_modules):
+    """LoRA adapters (random, not peft's zero lora_B) on an optimised model and on Hugging Face's:
+    the same outputs and loss, and the adapters' gradients."""
     peft = pytest.importorskip("peft", reason="peft is in the test extras")
-    config = distilbert_config()
-    reference = randomize(transformers.DistilBertForSequenceClassification(config))
+    reference = randomize(hf_class(config))
     ours = fastencoder.optimize(copy.deepcopy(reference))
-    lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_lin", "k_lin", "v_lin", "out_lin", "lin1"])
+    lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=target_modules)
     reference, ours = (peft.get_peft_model(model, peft.LoraConfig(**lora)) for model in (reference, ours))
     generator = torch.Generator().manual_seed(1)
     values = {}
@@ -432,9 +433,10 @@ def test_peft_lora_matches_hugging_face_with_peft(backend):  # noqa: F811
             for name, param in model.named_parameters():
                 if "lora_" in name:
                     param.copy_(values.setdefault(name, torch.randn(param.shape, generator=generator) / 4))
-    assert type(ours.get_base_model().distilbert) is models.DistilBertModel
+    encoder = getattr(ours.get_base_model(), ours.get_base_model().base_model_prefix)
+    assert type(encoder).__module__.startswith("fastencoder")
     inputs = batch_from_rows(config, RAGGED)
-    labels = labels_for("SequenceClassification", config, inputs)
+    labels = labels_for(hf_class.__name__, config, inputs)
     expected, actual = reference(**inputs, **labels), ours(**inputs, **labels)
     assert_same_outputs(actual, expected, what="LoRA forward")
     expected.loss.backward(), actual.loss.backward()
@@ -444,6 +446,11 @@ def test_peft_lora_matches_hugging_face_with_peft(backend):  # noqa: F811
         if "lora_" in name:
             # test_works_with.py's bound: Hugging Face's own fp32 adapter gradients are off by 2e-5
             assert_close(param.grad, reference_grads[name], atol=5e-5 * largest, rtol=FP32_TOL, what=name)
+
+
+def test_peft_lora_matches_hugging_face_with_peft(backend):  # noqa: F811
+    check_peft_lora(transformers.DistilBertForSequenceClassification, distilbert_config(),
+                    ["q_lin", "k_lin", "v_lin", "out_lin", "lin1"])
 
 
 def test_hooks_fire_with_hugging_faces_tensors_and_quantized_modules_are_called(torch_backend):
@@ -474,22 +481,27 @@ def test_hooks_fire_with_hugging_faces_tensors_and_quantized_modules_are_called(
     assert_same_values(actual, expected, FP32_TOL, "dynamically quantised Linears are called")
 
 
-@pytest.mark.parametrize("backend_name", ["torch", "triton"])
-def test_fullgraph_compile_matches_transformers(backend_name, request, kernel_launches):
-    request.getfixturevalue(f"{backend_name}_backend")
-    config = distilbert_config()
-    reference, ours = twin_models(transformers.DistilBertForSequenceClassification,
-                                  models.DistilBertForSequenceClassification, config)
+def check_fullgraph_compile(hf_class, our_class, config):
+    """torch.compile(fullgraph=True, backend="aot_eager"), as test_compile.py: training outputs,
+    gradients and eval outputs equal Hugging Face's."""
+    reference, ours = twin_models(hf_class, our_class, config)
     ours.unpad = True  # asked for, but T is data dependent: the compiled graph runs the padded path
     inputs = batch_from_rows(config, RAGGED)
-    labels = labels_for("SequenceClassification", config, inputs)
+    labels = labels_for(hf_class.__name__, config, inputs)
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     outputs = {}
     for key, model in (("ours", compiled), ("reference", reference)):
         outputs[key] = model.train()(**inputs, **labels)
         outputs[key].loss.backward()
-    assert_same_outputs(outputs["ours"], outputs["reference"], what=f"compiled ({backend_name})")
+    assert_same_outputs(outputs["ours"], outputs["reference"], what="compiled")
     assert_same_grads(ours, reference)
+    with torch.no_grad():
+        assert_same_outputs(compiled.eval()(**inputs), reference.eval()(**inputs), what="compiled, eval")
+
+
+def test_fullgraph_compile_matches_transformers(backend):  # noqa: F811
+    check_fullgraph_compile(transformers.DistilBertForSequenceClassification,
+                            models.DistilBertForSequenceClassification, distilbert_config())
 
 
 def check_fp16_autocast_error(hf_class, our_class, config):
@@ -510,7 +522,8 @@ def check_fp16_autocast_error(hf_class, our_class, config):
         gradients = torch.cat([param.grad.float().flatten() for _, param in sorted(model.named_parameters())])
         found[name] = dict(output=output, gradients=gradients)
     for what, reference in found["exact"].items():
-        error = {name: ((found[name][what] - reference).norm() / reference.norm()).item() for name in ("theirs", "ours")}
+        error = {name: ((found[name][what] - reference).norm() / reference.norm()).item()
+                 for name in ("theirs", "ours")}
         assert error["theirs"] > 1e-5, f"{what}: autocast should change Hugging Face's results ({error})"
         assert error["ours"] <= 2 * error["theirs"] + 1e-4, (what, error)
 

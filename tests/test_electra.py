@@ -28,7 +28,9 @@ from test_distilbert import (
     batch_from_rows,
     check_16_bit_last_hidden_state,
     check_fp16_autocast_error,
+    check_fullgraph_compile,
     check_hidden_states_selected_by_index,
+    check_peft_lora,
     check_family_parity,
     check_forward_arguments,
     check_simulated_cuda_graph_replay,
@@ -244,6 +246,16 @@ def test_bad_inputs_are_refused_before_any_kernel(triton_backend, kernel_launche
 
 def test_hidden_states_selected_by_index(torch_backend):
     check_hidden_states_selected_by_index(transformers.ElectraModel, models.ElectraModel, electra_config())
+
+
+def test_peft_lora_matches_hugging_face_with_peft(backend):  # noqa: F811
+    check_peft_lora(transformers.ElectraForSequenceClassification, electra_config(),
+                    ["query", "key", "value", "dense", "embeddings_project"])
+
+
+def test_fullgraph_compile_matches_transformers(backend):  # noqa: F811
+    check_fullgraph_compile(transformers.ElectraForSequenceClassification, models.ElectraForSequenceClassification,
+                            electra_config())
 
 
 def test_forward_takes_hugging_faces_arguments(torch_backend):

@@ -84,7 +84,8 @@ class DistilBertEmbeddings(modeling_distilbert.Embeddings):
         words = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds.to(weight_dtype)
         if position_ids is None:
             position_ids = self.position_ids[:, :words.shape[1]]
-        return dropout(self.dropout, add_norm(self.LayerNorm, words, self.position_embeddings(position_ids).expand_as(words)))
+        positions = self.position_embeddings(position_ids).expand_as(words)
+        return dropout(self.dropout, add_norm(self.LayerNorm, words, positions))
 
 
 class DistilBertSelfAttention(nn.Module):
@@ -133,6 +134,7 @@ class DistilBertLayer(FusedEncoderLayer):
         return {"attention": (self.attention, DistilBertSelfAttention)}
 
     def attention_output(self, context, hidden_states):
+        # Hugging Face's DistilBERT applies no dropout to the attention's output projection
         return add_norm(self.sa_layer_norm, project(self.attention.out_lin, context), hidden_states)
 
     def feed_forward(self, attended):
