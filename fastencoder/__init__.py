@@ -1,4 +1,4 @@
-"""fastencoder: fused Triton kernels for BERT and ALBERT encoders."""
+"""fastencoder: fused Triton kernels for BERT, ALBERT, DistilBERT and ELECTRA encoders."""
 from .kernels import get_backend, set_backend
 
 # The models and the drop-in need transformers, an optional dependency: imported on first access.
@@ -23,6 +23,19 @@ MODELS = (
     "CamembertForSequenceClassification",
     "CamembertForTokenClassification",
     "CamembertModel",
+    "DistilBertForMaskedLM",
+    "DistilBertForMultipleChoice",
+    "DistilBertForQuestionAnswering",
+    "DistilBertForSequenceClassification",
+    "DistilBertForTokenClassification",
+    "DistilBertModel",
+    "ElectraForMaskedLM",
+    "ElectraForMultipleChoice",
+    "ElectraForPreTraining",
+    "ElectraForQuestionAnswering",
+    "ElectraForSequenceClassification",
+    "ElectraForTokenClassification",
+    "ElectraModel",
     "RobertaForMaskedLM",
     "RobertaForMultipleChoice",
     "RobertaForQuestionAnswering",

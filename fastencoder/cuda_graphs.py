@@ -88,10 +88,10 @@ class GraphRunner:
         graph.token_type_ids.zero_()[:, :seqlen].copy_(0 if token_type_ids is None else token_type_ids)
         graph.graph.replay()
         output = graph.output
-        return type(output)(
-            last_hidden_state=output.last_hidden_state[:, :seqlen].clone(),
-            pooler_output=None if output.pooler_output is None else output.pooler_output.clone(),
-        )
+        # every field the family's output has (BERT's pooler_output; DistilBERT and ELECTRA have none)
+        fields = {name: value.clone() for name, value in output.items() if name != "last_hidden_state"}
+        fields["last_hidden_state"] = output.last_hidden_state[:, :seqlen].clone()
+        return type(output)(**fields)
 
     def reset(self):
         """Drop every graph and the memory they hold."""

@@ -20,7 +20,6 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from fastencoder import models
 from fastencoder.kernels.attention import attention
-from fastencoder.models.inputs import check_supported
 from fastencoder.models.packing import checked_unpad
 
 _FASTENCODER_CLASS = {
@@ -29,6 +28,8 @@ _FASTENCODER_CLASS = {
     transformers.RobertaModel: models.RobertaModel,
     transformers.XLMRobertaModel: models.XLMRobertaModel,
     transformers.CamembertModel: models.CamembertModel,
+    transformers.DistilBertModel: models.DistilBertModel,
+    transformers.ElectraModel: models.ElectraModel,
 }
 _ORIGINAL = "_fastencoder_original"  # kept in the module's __dict__: not a submodule, not in state_dict
 
@@ -146,9 +147,11 @@ def _fastencoder_encoder(original):
     (Linear, LayerNorm, Embedding, and whatever wraps or replaces them: peft's LoRA layers, quantised
     modules) is the very object `original` holds, with its hooks; fastencoder's containers, which
     compute the fused layer, share their hooks with the Hugging Face containers they replace."""
-    check_supported(original.config)
+    # the constructor refuses unsupported configurations (on the meta device: nothing has changed yet);
+    # DistilBERT and ELECTRA have no pooler
+    pooler = {"add_pooling_layer": original.pooler is not None} if hasattr(original, "pooler") else {}
     with torch.device("meta"):
-        encoder = _FASTENCODER_CLASS[type(original)](original.config, add_pooling_layer=original.pooler is not None)
+        encoder = _FASTENCODER_CLASS[type(original)](original.config, **pooler)
     for name, ours in list(encoder.named_modules()):
         theirs = original.get_submodule(name)
         if next(ours.children(), None) is None:

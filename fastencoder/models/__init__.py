@@ -1,5 +1,6 @@
-"""BERT, ALBERT, RoBERTa, XLM-RoBERTa and CamemBERT models on fastencoder's fused ops: drop-ins for Hugging Face transformers' classes
-of the same names (same configs, state dicts, heads, losses and outputs)."""
+"""BERT, ALBERT, RoBERTa, XLM-RoBERTa, CamemBERT, DistilBERT and ELECTRA models on fastencoder's fused
+ops: drop-ins for Hugging Face transformers' classes of the same names (same configs, state dicts,
+heads, losses and outputs)."""
 from .albert import (
     AlbertForMaskedLM,
     AlbertForMultipleChoice,
@@ -17,6 +18,23 @@ from .bert import (
     BertForSequenceClassification,
     BertForTokenClassification,
     BertModel,
+)
+from .distilbert import (
+    DistilBertForMaskedLM,
+    DistilBertForMultipleChoice,
+    DistilBertForQuestionAnswering,
+    DistilBertForSequenceClassification,
+    DistilBertForTokenClassification,
+    DistilBertModel,
+)
+from .electra import (
+    ElectraForMaskedLM,
+    ElectraForMultipleChoice,
+    ElectraForPreTraining,
+    ElectraForQuestionAnswering,
+    ElectraForSequenceClassification,
+    ElectraForTokenClassification,
+    ElectraModel,
 )
 from .roberta import (
     CamembertForMaskedLM,
@@ -60,6 +78,19 @@ __all__ = [
     "CamembertForSequenceClassification",
     "CamembertForTokenClassification",
     "CamembertModel",
+    "DistilBertForMaskedLM",
+    "DistilBertForMultipleChoice",
+    "DistilBertForQuestionAnswering",
+    "DistilBertForSequenceClassification",
+    "DistilBertForTokenClassification",
+    "DistilBertModel",
+    "ElectraForMaskedLM",
+    "ElectraForMultipleChoice",
+    "ElectraForPreTraining",
+    "ElectraForQuestionAnswering",
+    "ElectraForSequenceClassification",
+    "ElectraForTokenClassification",
+    "ElectraModel",
     "RobertaForMaskedLM",
     "RobertaForMultipleChoice",
     "RobertaForQuestionAnswering",
