@@ -15,7 +15,7 @@ import transformers
 import fastencoder
 from fastencoder import models
 from fastencoder.models import layers
-from test_autocast import errors_under_autocast
+from test_distilbert import check_fp16_autocast_error
 from test_bert import (
     BACKWARD_KERNELS, FORWARD_KERNELS, FP32_TOL, assert_same_grads, assert_same_outputs,
     check_16_bit_against_transformers, check_gradient_checkpointing, mlm_labels, randomize,
@@ -415,10 +415,7 @@ def test_fp16_autocast_error_at_most_twice_hugging_faces(family, backend):
     """The error rule of test_autocast.py (FlashAttention's): under fp16 autocast, the distance to
     Hugging Face in fp32 (outputs at real tokens, every gradient) is at most twice Hugging Face's own."""
     hf_class, our_class = classes(family, "Model")
-    errors = errors_under_autocast(hf_class, our_class, roberta_config(family), torch.device("cpu"), torch.float16)
-    for what, error in errors.items():
-        assert error["theirs"] > 1e-5, f"{what}: autocast should change Hugging Face's results ({error})"
-        assert error["ours"] <= 2 * error["theirs"] + 1e-4, (what, error)
+    check_fp16_autocast_error(hf_class, our_class, roberta_config(family))
 
 
 @pytest.mark.gpu
