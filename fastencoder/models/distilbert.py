@@ -13,10 +13,11 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.distilbert import modeling_distilbert
 
-from .inputs import FUSED_ACTIVATIONS, as_config, attention_mask_for, check_inputs, check_supported, output_flags
+from .inputs import FUSED_ACTIVATIONS, as_config, check_inputs, check_supported, output_flags
 from .layers import (
     EncoderHeadsMixin,
     EncoderOptionsMixin,
+    FirstPositionHeadsMixin,
     FusedEncoderLayer,
     compute_dtype,
     run_layers,
@@ -48,21 +49,6 @@ def check_distilbert_supported(config):
         raise ValueError(f"dim {config.dim} is not a multiple of n_heads {config.n_heads}")
     distilbert_activation(config)
     check_supported(bert_named(config))
-
-
-class FirstPositionHeadsMixin:
-    """For families whose task heads read position 0 of last_hidden_state themselves (DistilBERT's
-    pre_classifier, ELECTRA's classification head and sequence summary): a left-padded batch runs
-    padded, so that position 0 holds what Hugging Face computes there, not the zeros of padding-free
-    execution. unpad="auto" never unpads such a batch, so only unpad=True pays the one more
-    device-to-host read this takes."""
-
-    def attention_plan(self, attention_mask, position_ids, batch, seqlen, output_attentions, dtype, device):
-        mask, packing = super().attention_plan(attention_mask, position_ids, batch, seqlen, output_attentions,
-                                               dtype, device)
-        if packing is not None and self.unpad is True and packing.first_positions.any().item():
-            return attention_mask_for(attention_mask, batch, seqlen, self.config.num_attention_heads, dtype), None
-        return mask, packing
 
 
 class PoolerlessHeadsMixin(EncoderHeadsMixin):

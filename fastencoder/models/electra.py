@@ -11,10 +11,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttenti
 from transformers.models.electra import modeling_electra
 
 from .bert import BertEncoder
-from .distilbert import FirstPositionHeadsMixin, PoolerlessHeadsMixin
+from .distilbert import PoolerlessHeadsMixin
 from .inputs import as_config, check_inputs, check_supported, output_flags
 from .layers import (
     EncoderOptionsMixin,
+    FirstPositionHeadsMixin,
     FusedEmbeddingsMixin,
     compute_dtype,
     run_layers,

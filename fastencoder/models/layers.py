@@ -247,6 +247,21 @@ class EncoderOptionsMixin:
         return mask if maybe_padded else mask._replace(key_padding=None), None
 
 
+class FirstPositionHeadsMixin:
+    """For families whose task heads read position 0 of last_hidden_state themselves (RoBERTa's
+    and ELECTRA's classification heads, DistilBERT's pre_classifier, ELECTRA's sequence summary): a left-padded batch runs
+    padded, so that position 0 holds what Hugging Face computes there, not the zeros of padding-free
+    execution. unpad="auto" never unpads such a batch, so only unpad=True pays the one more
+    device-to-host read this takes."""
+
+    def attention_plan(self, attention_mask, position_ids, batch, seqlen, output_attentions, dtype, device):
+        mask, packing = super().attention_plan(attention_mask, position_ids, batch, seqlen, output_attentions,
+                                               dtype, device)
+        if packing is not None and self.unpad is True and packing.first_positions.any().item():
+            return attention_mask_for(attention_mask, batch, seqlen, self.config.num_attention_heads, dtype), None
+        return mask, packing
+
+
 class EncoderHeadsMixin:
     """For a Hugging Face task model (heads, losses and outputs kept): its `__init__` builds HF's
     encoder and then calls `post_init()`; here `post_init` first puts fastencoder's encoder in its

@@ -18,8 +18,8 @@ from transformers.models.xlm_roberta import modeling_xlm_roberta
 from fastencoder.cuda_graphs import GraphRunner
 
 from .bert import BertEncoder, BertModel, BertPooler
-from .inputs import as_config, attention_mask_for, check_inputs, check_supported, tracing
-from .layers import EncoderHeadsMixin, EncoderOptionsMixin, FusedEmbeddingsMixin
+from .inputs import as_config, check_inputs, check_supported, tracing
+from .layers import EncoderHeadsMixin, EncoderOptionsMixin, FirstPositionHeadsMixin, FusedEmbeddingsMixin
 from .packing import DEFAULT_UNPAD
 
 
@@ -76,7 +76,7 @@ class CamembertEmbeddings(PositionsFromIdsMixin, modeling_camembert.CamembertEmb
     pass
 
 
-class RobertaEncoderMixin(EncoderOptionsMixin):
+class RobertaEncoderMixin(FirstPositionHeadsMixin, EncoderOptionsMixin):
     """The encoder of a RoBERTa-family model (embeddings, BERT's layers, optional pooler).
 
     `config`: the family's config, or a path to a config.json or a model directory.
@@ -130,14 +130,6 @@ class RobertaEncoderMixin(EncoderOptionsMixin):
         check_inputs(self.config, input_ids, None, token_type_ids, None, None, None, {})
         check_derived_positions(self.config.max_position_embeddings, self.config.pad_token_id, input_ids,
                                 input_ids.shape[1])
-
-    def attention_plan(self, attention_mask, position_ids, batch, seqlen, output_attentions, dtype, device):
-        # unpad=True and a left-padded batch: padded, so that position 0 is computed as Hugging Face
-        # computes it ("auto" never unpads such a batch)
-        if (self.unpad is True and attention_mask is not None and attention_mask.dim() == 2 and not tracing()
-                and attention_mask.shape == (batch, seqlen) and not attention_mask[:, 0].all()):
-            return attention_mask_for(attention_mask, batch, seqlen, self.config.num_attention_heads, dtype), None
-        return super().attention_plan(attention_mask, position_ids, batch, seqlen, output_attentions, dtype, device)
 
 
 class RobertaModel(RobertaEncoderMixin, modeling_roberta.RobertaPreTrainedModel):
