@@ -211,7 +211,12 @@ class EncoderOptionsMixin:
         if not isinstance(enabled, bool):
             raise ValueError(f"cuda_graphs must be True or False, got {enabled!r}")
         if enabled != self.cuda_graphs:
-            self.__dict__["cuda_graph_runner"] = GraphRunner(self.config.max_position_embeddings) if enabled else None
+            self.__dict__["cuda_graph_runner"] = GraphRunner(self.longest_embedded_sequence()) if enabled else None
+
+    def longest_embedded_sequence(self):
+        """The longest sequence whose positions the position table holds (a graph's bucket embeds
+        every position up to its length)."""
+        return self.config.max_position_embeddings
 
     @property
     def cuda_graph_runner(self):

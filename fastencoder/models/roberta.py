@@ -15,8 +15,6 @@ from transformers.models.camembert import modeling_camembert
 from transformers.models.roberta import modeling_roberta
 from transformers.models.xlm_roberta import modeling_xlm_roberta
 
-from fastencoder.cuda_graphs import GraphRunner
-
 from .bert import BertEncoder, BertModel, BertPooler
 from .inputs import as_config, check_inputs, check_supported, tracing
 from .layers import EncoderHeadsMixin, EncoderOptionsMixin, FirstPositionHeadsMixin, FusedEmbeddingsMixin
@@ -113,18 +111,9 @@ class RobertaEncoderMixin(FirstPositionHeadsMixin, EncoderOptionsMixin):
     # BERT's forward: the same arguments and outputs; only the embeddings differ
     forward = BertModel.forward
 
-    @property
-    def cuda_graphs(self):
-        return self.cuda_graph_runner is not None
-
-    @cuda_graphs.setter
-    def cuda_graphs(self, enabled):
-        if not isinstance(enabled, bool):
-            raise ValueError(f"cuda_graphs must be True or False, got {enabled!r}")
-        if enabled != self.cuda_graphs:
-            # a graph embeds positions up to pad_token_id + its bucket's length
-            longest = self.config.max_position_embeddings - self.config.pad_token_id - 1
-            self.__dict__["cuda_graph_runner"] = GraphRunner(longest) if enabled else None
+    def longest_embedded_sequence(self):
+        # positions count from pad_token_id + 1
+        return self.config.max_position_embeddings - self.config.pad_token_id - 1
 
     def check_ids(self, input_ids, token_type_ids):
         check_inputs(self.config, input_ids, None, token_type_ids, None, None, None, {})
