@@ -157,3 +157,12 @@ def poisoned_allocations(monkeypatch):
     for owner, name in ((torch, "empty"), (torch, "empty_like"), (torch.Tensor, "new_empty")):
         original = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda *a, _original=original, **k: poison(_original(*a, **k)))
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Compiled code of other tests' models dropped before and after: the models share the layer's
+    code, and each model compiled adds to Dynamo's per-code recompile limit."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -499,6 +499,7 @@ def check_fullgraph_compile(hf_class, our_class, config):
         assert_same_outputs(compiled.eval()(**inputs), reference.eval()(**inputs), what="compiled, eval")
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_fullgraph_compile_matches_transformers(backend):  # noqa: F811
     check_fullgraph_compile(transformers.DistilBertForSequenceClassification,
                             models.DistilBertForSequenceClassification, distilbert_config())

@@ -253,6 +253,7 @@ def test_peft_lora_matches_hugging_face_with_peft(backend):  # noqa: F811
                     ["query", "key", "value", "dense", "embeddings_project"])
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_fullgraph_compile_matches_transformers(backend):  # noqa: F811
     check_fullgraph_compile(transformers.ElectraForSequenceClassification, models.ElectraForSequenceClassification,
                             electra_config())

@@ -315,15 +315,6 @@ def test_output_attentions_and_tuples_match_transformers(torch_backend):
             torch.testing.assert_close(mine, theirs, atol=FP32_TOL * max(1, theirs.abs().max().item()), rtol=FP32_TOL)
 
 
-@pytest.fixture
-def fresh_dynamo():
-    """Compiled code of other tests' models dropped before and after: the models share the layer's
-    code, and each model compiled adds to Dynamo's per-code recompile limit."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("backend_name", ["torch", "triton"])
 def test_fullgraph_compile_matches_transformers(backend_name, request, fresh_dynamo):
     request.getfixturevalue(f"{backend_name}_backend")
