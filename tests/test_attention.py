@@ -14,10 +14,8 @@ import pytest
 import torch
 
 from fastencoder import models
-from fastencoder.kernels.attention import (
-    MAX_DROPOUT_SEQLEN, _draw_dropout_seed, _dropout_keep_mask, attention, attention_reference,
-    attention_torch,
-)
+from fastencoder.kernels.attention import MAX_DROPOUT_SEQLEN, attention, attention_reference, attention_torch
+from fastencoder.kernels.attention.dropout import _draw_dropout_seed, _dropout_keep_mask
 from test_bert import bert_config, ragged_batch
 
 FWD = "_attention_fwd_kernel"
@@ -170,8 +168,7 @@ def test_more_sequences_x_heads_than_the_grid_takes_run_in_chunks(device, triton
     """CUDA's grid y axis (sequences x heads) holds 65535 blocks; beyond, the op runs in chunks of
     sequences. The limit shrunk to 5 (2 heads: 2 sequences a chunk) shows 5 sequences in 3 chunks
     giving the float64 reference's outputs and gradients, a per-sequence bias sliced along."""
-    # the module, not the function fastencoder.kernels exports under the same name
-    monkeypatch.setattr(importlib.import_module("fastencoder.kernels.attention"), "MAX_BATCH_HEADS", 5)
+    monkeypatch.setattr(importlib.import_module("fastencoder.kernels.attention.op"), "MAX_BATCH_HEADS", 5)
     lengths, heads, head_dim, dtype = [9, 3, 0, 17, 5], 2, 32, torch.float32
     max_seqlen = max(lengths)
     qkv, (q, k, v) = _qkv(len(lengths), max_seqlen, heads, head_dim, dtype, device)
@@ -207,12 +204,12 @@ def test_tf32_configurations_match_float64(device, triton_backend, launch_argume
     their TF32 configurations (every one, over the four cases) with TF32 dot products, and match
     float64 within TF32's tolerance. The interpreter computes TF32 dots in fp32; on a GPU they
     round (test_gpu_tf32_only_when_allowed shows it)."""
-    module = importlib.import_module("fastencoder.kernels.attention")
+    configs = importlib.import_module("fastencoder.kernels.attention.configs")
     with _tf32(True):
         qkv, out, grad_out, kwargs = _run_padded(device, torch.float32, 77, head_dim, [77, 30], False, bias_kind)
     key = ("tf32", 64 if head_dim <= 64 else 128, bias_kind is not None)
     expected = dict(zip((FWD, "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"),
-                        (module._FWD_CONFIGS[key], *module._BWD_CONFIGS[key])))
+                        (configs._FWD_CONFIGS[key], *configs._BWD_CONFIGS[key])))
     launched = {name: (arguments["BLOCK_M"], arguments["BLOCK_N"], arguments["num_warps"],
                        arguments["num_stages"])
                 for name, arguments in launch_arguments if arguments.get("ALLOW_TF32") is True}

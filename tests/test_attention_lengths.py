@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from fastencoder.kernels._launch import on_device_of
-from fastencoder.kernels.attention import _draw_dropout_seed, _dropout_keep_mask, attention
+from fastencoder.kernels.attention import attention
+from fastencoder.kernels.attention.dropout import _draw_dropout_seed, _dropout_keep_mask, _philox
 from test_attention import BWD, FWD, _check_against_float64, _cu_seqlens, _packed, _qkv
 
-attention_module = importlib.import_module("fastencoder.kernels.attention")
+attention_op = importlib.import_module("fastencoder.kernels.attention.op")
 
 
 def _mask(rows, seqlen, device):
@@ -90,14 +91,14 @@ def test_masked_keys_get_zero_gradients_and_padding_queries_are_still_computed(d
 
 def test_key_lengths_are_computed_on_the_device_and_remembered(device):
     mask = _mask(MIXED_ROWS, 37, device)
-    lengths = attention_module._key_lengths(mask)
+    lengths = attention_op._key_lengths(mask)
     assert lengths.dtype == torch.int32 and lengths.device == mask.device
     assert lengths.tolist() == MIXED_LENGTHS
-    assert attention_module._key_lengths(mask) is lengths  # every layer passes the same mask
+    assert attention_op._key_lengths(mask) is lengths  # every layer passes the same mask
     mask[0, 36] = False  # changed in place: computed again (still a prefix, one shorter)
-    assert attention_module._key_lengths(mask).tolist() == [36, *MIXED_LENGTHS[1:]]
+    assert attention_op._key_lengths(mask).tolist() == [36, *MIXED_LENGTHS[1:]]
     mask[1, 30] = True  # a True after the padding: not a prefix any more
-    assert attention_module._key_lengths(mask).tolist()[1] == -1
+    assert attention_op._key_lengths(mask).tolist()[1] == -1
 
 
 # fp16, head dim 64: 128-query forward programs over 64-key blocks; dK/dV 64-key programs over
@@ -158,7 +159,7 @@ def test_philox_draws_the_numbers_of_tl_philox(device):
     def compare(Same, seed, stream):
         counter = (tl.arange(0, 64) * 7919 + 12345).to(tl.uint32)
         a0, a1, a2, a3 = tl.philox(seed, counter, stream.to(tl.uint32), 0, 0)
-        b0, b1, b2, b3 = attention_module._philox(seed, counter, stream.to(tl.uint32))
+        b0, b1, b2, b3 = _philox(seed, counter, stream.to(tl.uint32))
         same = (a0 == b0) & (a1 == b1) & (a2 == b2) & (a3 == b3)
         tl.store(Same + tl.arange(0, 64), same.to(tl.int32))
 

@@ -341,7 +341,7 @@ def count_attention_calls(monkeypatch):
 def test_key_lengths_derived_once_per_forward(triton_backend, monkeypatch):
     """Under inference mode too, every layer of a padded forward gets one normal mask tensor, so the
     attention op derives each sequence's key length in the first layer and reuses it in the others."""
-    attention_op = importlib.import_module("fastencoder.kernels.attention")
+    attention_op = importlib.import_module("fastencoder.kernels.attention.op")
     derived = []
     key_lengths = attention_op._key_lengths
     monkeypatch.setattr(attention_op, "_key_lengths", lambda mask: derived.append(key_lengths(mask)) or derived[-1])

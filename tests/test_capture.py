@@ -17,7 +17,8 @@ from fastencoder.kernels.layer_norm import layer_norm_reference
 from fastencoder.kernels.linear import linear_reference
 from fastencoder.kernels.padding import pad_reference, unpad_reference
 
-attention_module = importlib.import_module("fastencoder.kernels.attention")
+attention_op = importlib.import_module("fastencoder.kernels.attention.op")
+attention_dropout = importlib.import_module("fastencoder.kernels.attention.dropout")
 PACKAGE_DIRS = tuple(os.path.dirname(module.__file__) + os.sep for module in (fastencoder, fastencoder.kernels))
 HOST_READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
 
@@ -64,7 +65,7 @@ def capturing(request, monkeypatch):
         if name.startswith("fastencoder.kernels") and hasattr(module, "capturing_or_compiling"):
             monkeypatch.setattr(module, "capturing_or_compiling", lambda tensor: True)
             patched.append(name.rsplit(".", 1)[-1])
-    assert {"_checks", "attention", "padding"} <= set(patched)
+    assert {"_checks", "checks", "reference", "padding"} <= set(patched)  # attention.checks, .reference
 
 
 def _leaves(*tensors):
@@ -123,8 +124,8 @@ def test_packed_batches_beyond_the_grid_are_refused_while_capturing(triton_backe
     """More sequences x heads than CUDA's grid takes run in chunks found by reading cu_seqlens
     back: while a CUDA graph captures that is refused with the limit and the ways out (limit
     shrunk to 5; torch.compile instead breaks its graph there and reads)."""
-    monkeypatch.setattr(attention_module, "MAX_BATCH_HEADS", 5)
-    for module in (_checks, attention_module):
+    monkeypatch.setattr(attention_op, "MAX_BATCH_HEADS", 5)
+    for module in (_checks, attention_op):
         monkeypatch.setattr(module, "capturing", lambda tensor: True)
     q = torch.randn(26, 2, 16)
     cu_seqlens = torch.tensor([0, 9, 12, 17, 26], dtype=torch.int32)
@@ -152,7 +153,7 @@ def test_sequences_longer_than_max_seqlen_are_cut_on_the_device(triton_backend, 
     cu_seqlens = torch.tensor([0, 21, 34, 50], dtype=torch.int32)
     qkv = torch.randn(3, 50, 2, 16)
     q, k, v = _leaves(*qkv)
-    out, stats = attention_module._call_attention_fwd(q, k, v, None, None, cu_seqlens, None, max_seqlen,
+    out, stats = attention_op._call_attention_fwd(q, k, v, None, None, cu_seqlens, None, max_seqlen,
                                                       0.25, 0.0, False)
     out.backward(torch.ones_like(out))  # rows past the bound must not reach the inputs' gradients
     kept = torch.cat([torch.arange(0, 16), torch.arange(21, 50)])
@@ -209,7 +210,7 @@ def test_kernels_refuse_dropout_while_capturing(triton_backend, monkeypatch, ker
     q, k, v = qkv.unbind(2)
     eager = attention(q, k, v, dropout_p=0.2)  # eagerly: dropout runs
     kernel_launches.clear()
-    monkeypatch.setattr(attention_module, "capturing", lambda tensor: True, raising=False)
+    monkeypatch.setattr(attention_dropout, "capturing", lambda tensor: True)
     with pytest.raises(RuntimeError, match=DROPOUT_REFUSED):
         attention(q, k, v, dropout_p=0.2)
     with pytest.raises(RuntimeError, match=DROPOUT_REFUSED):  # a backward captured on its own

@@ -9,7 +9,7 @@ import transformers
 from fastencoder import models
 from fastencoder.kernels import attention, layer_norm, linear, pad, report, unpad
 from fastencoder.kernels._launch import launch_device, on_device_of
-from fastencoder.kernels.attention import _draw_dropout_seed, _dropout_keep_mask
+from fastencoder.kernels.attention.dropout import _draw_dropout_seed, _dropout_keep_mask
 from fastencoder.kernels.layer_norm import _layer_norm_fwd_kernel
 from test_bert import FP32_TOL, assert_same_grads, bert_config, ragged_batch, twin_models
 from helpers import assert_close

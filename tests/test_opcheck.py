@@ -10,7 +10,7 @@ import torch
 
 # the modules, not the functions fastencoder.kernels exports under the same names
 attention, layer_norm, linear, padding = (importlib.import_module(f"fastencoder.kernels.{name}")
-                                          for name in ("attention", "layer_norm", "linear", "padding"))
+                                          for name in ("attention.op", "layer_norm", "linear", "padding"))
 
 DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.float32, id="fp32")]
 BF16 = pytest.param(torch.bfloat16, id="bf16")

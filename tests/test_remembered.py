@@ -11,7 +11,7 @@ from fastencoder.kernels import _checks, attention
 from fastencoder.kernels._checks import remember, remembered
 from fastencoder.kernels.attention import attention_reference
 
-attention_module = importlib.import_module("fastencoder.kernels.attention")
+attention_op = importlib.import_module("fastencoder.kernels.attention.op")
 
 
 class Counting:
@@ -84,7 +84,7 @@ def test_gpu_two_streams_share_one_mask(triton_backend):
         with torch.cuda.stream(stream):
             outs.append(attention(*qkv, key_padding_mask=mask))
     torch.cuda.synchronize()
-    keys = [key for key in _checks._remembered[mask] if key[0] is attention_module._lengths_of_prefixes]
+    keys = [key for key in _checks._remembered[mask] if key[0] is attention_op._lengths_of_prefixes]
     assert sorted(key[-1] for key in keys) == sorted(stream.cuda_stream for stream in streams)
     for out in outs:
         torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)  # fp16 tolerances of test_attention

@@ -14,7 +14,7 @@ from fastencoder.kernels.linear import linear_reference, linear_torch
 from fastencoder.kernels.padding import pad_reference, pad_torch, unpad_reference, unpad_torch
 
 # the module, not the function fastencoder.kernels exports under the same name
-attention_module = importlib.import_module("fastencoder.kernels.attention")
+attention_module = importlib.import_module("fastencoder.kernels.attention.reference")
 
 # as for the kernels (tests/test_attention.py): fp32 ~1e-6 measured, 1e-4 with margin; 16-bit from
 # the rounding of P and of the outputs

@@ -1,0 +1,299 @@
+"""The attention backward kernels: delta = rowsum(dO * O), dK/dV per key block, dQ per query
+block, each recomputing P from the forward's statistics."""
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton ships for Linux only; elsewhere every op runs its PyTorch reference
+    from .._no_triton import tl, triton
+
+from .dropout import _dropout_keep, _keep_threshold
+from .tiles import _byte_masked, _exp2_shifted, _load_rows, _scores_init, _sequence, _visible_keys
+
+
+# Backward preprocess: delta_i = Σ_d dO_id · O_id  (= Σ_j P_ij · dP_ij, dropout included), per row.
+@triton.jit
+def _attention_bwd_delta_kernel(
+    Out, DO, Delta, CuSeqlens,
+    stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
+    num_heads, max_seqlen,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, PACKED: tl.constexpr,
+):
+    batch_head = tl.program_id(1)
+    b = batch_head // num_heads
+    h = batch_head % num_heads
+    start, seqlen = _sequence(CuSeqlens, b, max_seqlen, PACKED)
+    if tl.program_id(0) * BLOCK_M >= seqlen:
+        return
+    token0 = tl.cast(start, tl.int64)
+    Out += b.to(tl.int64) * stride_ob + token0 * stride_os + h.to(tl.int64) * stride_oh
+    DO += b.to(tl.int64) * stride_dob + token0 * stride_dos + h.to(tl.int64) * stride_doh
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (rows < seqlen)[:, None] & (dims < HEAD_DIM)[None, :]
+    o = tl.load(Out + rows[:, None] * stride_os + dims[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_dos + dims[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + batch_head.to(tl.int64) * max_seqlen + rows, delta, mask=rows < seqlen)
+
+
+# One query block of the dK/dV backward (tiles transposed, [keys × queries]). Keys are not masked
+# here: a masked key's row of Pᵀ only feeds its own rows of dK and dV, which the kernel zeroes.
+# TAIL: the block may run past the sequence: its rows load as zeros with m = 1/l = delta = 0, so
+# their P is exactly 0 (a bias is not read there) and nothing reaches the sums.
+@triton.jit
+def _dkdv_block(dk, dv, k, v, Q, DO, Stats, Delta, Bias, seed, batch_head, key_start, bias_cols, dims,
+                query_start, seqlen, max_seqlen, stride_qs, stride_dos, stride_bm, scale_log2,
+                inv_scale, bias_floor, groups_per_row, threshold, keep_fraction,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, TAIL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr, precision: tl.constexpr):
+    rows = query_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < seqlen
+    q = _load_rows(Q, rows, dims, row_ok, stride_qs, HEAD_DIM, BLOCK_D, TAIL)
+    do = _load_rows(DO, rows, dims, row_ok, stride_dos, HEAD_DIM, BLOCK_D, TAIL)
+    if TAIL:
+        row_max = tl.load(Stats + rows, mask=row_ok, other=0.0)
+        inv_sum = tl.load(Stats + max_seqlen + rows, mask=row_ok, other=0.0)
+        delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
+    else:
+        row_max = tl.load(Stats + rows)
+        inv_sum = tl.load(Stats + max_seqlen + rows)
+        delta = tl.load(Delta + rows)
+    init = _scores_init(Bias, rows[None, :], bias_cols[:, None], row_ok[None, :], stride_bm,
+                        inv_scale, bias_floor, HAS_BIAS, TAIL, BLOCK_N, BLOCK_M)
+    qk_t = tl.dot(k, tl.trans(q), init, input_precision=precision)
+    p_t = _exp2_shifted(qk_t, row_max[None, :], scale_log2, HAS_BIAS) * inv_sum[None, :]
+    dp_t = tl.dot(v, tl.trans(do), input_precision=precision)
+    if HAS_DROPOUT:  # 1 / (1 - p) is applied once, to the sums, hence delta · (1 - p)
+        keep_t = tl.trans(_dropout_keep(seed, batch_head, rows, key_start, groups_per_row, threshold,
+                                        BLOCK_M, BLOCK_N))
+        dv += tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, input_precision=precision)
+        ds_t = p_t * (tl.where(keep_t, dp_t, 0.0) - (delta * keep_fraction)[None, :])
+    else:
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=precision)
+        ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=precision)
+    return dk, dv
+
+
+# Backward for one block of BLOCK_N keys, looping over query blocks (P recomputed from the
+# forward's m·c and 1/l, Z = keep mask, D = delta, k = 1 / (1 - p) or 1 without dropout):
+#   P = exp2(s - m·c) · (1/l),  dV = k · Σ_i (P∘Z)ᵀ·dO,  dP = (dO·Vᵀ)∘Z·k,  dS = P∘(dP - D),
+#   dK = scale · Σ_i dSᵀ·Q = scale · k · Σ_i (P∘((dO·Vᵀ)∘Z - D/k))ᵀ·Q
+# Tiles are kept transposed ([keys × queries]) so that no register tile needs transposing. Full
+# query blocks run unmasked, then one masked tail block. Keys that no query sees (past the
+# sequence's visible keys, or masked by the mask's bytes) store zero gradients; a block of them
+# only (padding, with a right-padded mask) skips the loop.
+@triton.jit(do_not_specialize=["seed"])
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, Stats, Delta, KeyMask, KeyLengths, Bias, CuSeqlens, seed,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+    stride_mb, stride_mk, stride_bb, stride_bh, stride_bm,
+    num_heads, max_seqlen, scale, scale_log2, dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, ALLOW_TF32: tl.constexpr,
+):
+    precision: tl.constexpr = "tf32" if ALLOW_TF32 else "ieee"
+    batch_head = tl.program_id(1)
+    b = batch_head // num_heads
+    h = batch_head % num_heads
+    start, seqlen = _sequence(CuSeqlens, b, max_seqlen, PACKED)
+    key_start = tl.program_id(0) * BLOCK_N
+    if key_start >= seqlen:
+        return
+    n_keys, byte_mask = _visible_keys(KeyLengths, b, seqlen, HAS_KEY_MASK)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    token0 = tl.cast(start, tl.int64)
+    Q += b64 * stride_qb + token0 * stride_qs + h64 * stride_qh
+    K += b64 * stride_kb + token0 * stride_ks + h64 * stride_kh
+    V += b64 * stride_vb + token0 * stride_vs + h64 * stride_vh
+    DO += b64 * stride_dob + token0 * stride_dos + h64 * stride_doh
+    DK += b64 * stride_dkb + token0 * stride_dks + h64 * stride_dkh
+    DV += b64 * stride_dvb + token0 * stride_dvs + h64 * stride_dvh
+    Stats += batch_head.to(tl.int64) * 2 * max_seqlen
+    Delta += batch_head.to(tl.int64) * max_seqlen
+    KeyMask += b64 * stride_mb
+    Bias += b64 * stride_bb + h64 * stride_bh
+
+    cols = key_start + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    in_sequence = cols < seqlen
+    visible = cols < n_keys
+    if HAS_KEY_MASK:
+        real_key = tl.load(KeyMask + cols * stride_mk, mask=in_sequence, other=0) != 0
+        visible = tl.where(byte_mask, real_key, visible)
+    k = _load_rows(K, cols, dims, in_sequence, stride_ks, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(V, cols, dims, in_sequence, stride_vs, HEAD_DIM, BLOCK_D, True)
+    inv_scale = tl.fdiv(1.4426950408889634, scale_log2)  # approximate: no slow-path call
+    bias_floor = -2.3e38 * tl.minimum(scale_log2 / 1.4426950408889634, 1.0)
+    bias_cols = tl.minimum(cols, seqlen - 1)  # keys past the end read the last key's bias
+    groups_per_row = (max_seqlen + 3) // 4
+    threshold = _keep_threshold(dropout_p)
+    keep_fraction = 1.0 - dropout_p
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # no query sees these keys: skip the loop (their gradients are zeros)
+    queries = tl.where(key_start < n_keys, seqlen, 0)
+    # full query blocks unmasked, then the tail; with a bias tile or accumulators wider than 64
+    # every block is bounds-checked (sm_80 spills with a second copy of the block code)
+    if HAS_BIAS or BLOCK_D > 64:
+        masked_from = 0
+    else:
+        masked_from = queries - queries % BLOCK_M
+    for query_start in range(0, masked_from, BLOCK_M):
+        dk, dv = _dkdv_block(
+            dk, dv, k, v, Q, DO, Stats, Delta, Bias, seed, batch_head, key_start, bias_cols, dims,
+            query_start, seqlen, max_seqlen, stride_qs, stride_dos, stride_bm, scale_log2,
+            inv_scale, bias_floor, groups_per_row, threshold, keep_fraction, HEAD_DIM, BLOCK_D,
+            BLOCK_M, BLOCK_N, False, HAS_BIAS, HAS_DROPOUT, precision)
+    for query_start in range(masked_from, queries, BLOCK_M):
+        dk, dv = _dkdv_block(
+            dk, dv, k, v, Q, DO, Stats, Delta, Bias, seed, batch_head, key_start, bias_cols, dims,
+            query_start, seqlen, max_seqlen, stride_qs, stride_dos, stride_bm, scale_log2,
+            inv_scale, bias_floor, groups_per_row, threshold, keep_fraction, HEAD_DIM, BLOCK_D,
+            BLOCK_M, BLOCK_N, True, HAS_BIAS, HAS_DROPOUT, precision)
+    dk_scale = scale
+    dv_scale = 1.0
+    if HAS_DROPOUT:
+        dv_scale = tl.fdiv(1.0, keep_fraction)
+        dk_scale = scale * dv_scale
+    # where, not a product: a masked key's row may hold inf or nan
+    dk = tl.where(visible[:, None], dk * dk_scale, 0.0)
+    dv = tl.where(visible[:, None], dv * dv_scale, 0.0)
+    store_mask = in_sequence[:, None] & (dims < HEAD_DIM)[None, :]
+    tl.store(DK + cols[:, None] * stride_dks + dims[None, :], dk.to(DK.dtype.element_ty),
+             mask=store_mask)
+    tl.store(DV + cols[:, None] * stride_dvs + dims[None, :], dv.to(DV.dtype.element_ty),
+             mask=store_mask)
+
+
+# One key block of the dQ backward (rows past the sequence are never stored: no row mask).
+@triton.jit
+def _dq_block(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batch_head, rows,
+              bias_rows, dims, key_start, n_keys, byte_mask, stride_ks, stride_vs, stride_mk,
+              stride_bm, scale_log2, inv_scale, bias_floor, groups_per_row, threshold,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, TAIL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+              HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, precision: tl.constexpr):
+    cols = key_start + tl.arange(0, BLOCK_N)
+    key_ok = cols < n_keys
+    k = _load_rows(K, cols, dims, key_ok, stride_ks, HEAD_DIM, BLOCK_D, TAIL)
+    v = _load_rows(V, cols, dims, key_ok, stride_vs, HEAD_DIM, BLOCK_D, TAIL)
+    init = _scores_init(Bias, bias_rows[:, None], cols[None, :], key_ok[None, :], stride_bm,
+                        inv_scale, bias_floor, HAS_BIAS, TAIL, BLOCK_M, BLOCK_N)
+    qk = tl.dot(q, tl.trans(k), init, input_precision=precision)
+    if TAIL:
+        qk = tl.where(key_ok[None, :], qk, float("-inf"))
+    if HAS_KEY_MASK:
+        qk = _byte_masked(qk, KeyMask, cols, key_ok, stride_mk, byte_mask, TAIL)
+    p = _exp2_shifted(qk, row_max[:, None], scale_log2, HAS_BIAS) * inv_sum[:, None]
+    dp = tl.dot(do, tl.trans(v), input_precision=precision)
+    if HAS_DROPOUT:  # delta arrives as delta · (1 - p): 1 / (1 - p) is applied once, to dQ
+        keep = _dropout_keep(seed, batch_head, rows, key_start, groups_per_row, threshold,
+                             BLOCK_M, BLOCK_N)
+        dp = tl.where(keep, dp, 0.0)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=precision)
+
+
+@triton.jit
+def _dq_keys(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batch_head, rows,
+             bias_rows, dims, n_keys, byte_mask, stride_ks, stride_vs, stride_mk, stride_bm,
+             scale_log2, inv_scale, bias_floor, groups_per_row, threshold,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+             HAS_DROPOUT: tl.constexpr, precision: tl.constexpr):
+    # full key blocks unmasked, then the tail; with a bias tile or accumulators wider than 64 every
+    # block is bounds-checked (sm_80 spills with a second copy of the block code)
+    if HAS_BIAS or BLOCK_D > 64:
+        masked_from = 0
+    else:
+        masked_from = n_keys - n_keys % BLOCK_N
+    for key_start in range(0, masked_from, BLOCK_N):
+        dq = _dq_block(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batch_head,
+                       rows, bias_rows, dims, key_start, n_keys, byte_mask, stride_ks, stride_vs,
+                       stride_mk, stride_bm, scale_log2, inv_scale, bias_floor, groups_per_row,
+                       threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_KEY_MASK, HAS_BIAS,
+                       HAS_DROPOUT, precision)
+    for key_start in range(masked_from, n_keys, BLOCK_N):
+        dq = _dq_block(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batch_head,
+                       rows, bias_rows, dims, key_start, n_keys, byte_mask, stride_ks, stride_vs,
+                       stride_mk, stride_bm, scale_log2, inv_scale, bias_floor, groups_per_row,
+                       threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_KEY_MASK, HAS_BIAS,
+                       HAS_DROPOUT, precision)
+    return dq
+
+
+# Backward for one block of BLOCK_M queries, looping over key blocks (full blocks unmasked, one
+# masked tail block):
+#   P = exp2(s - m·c) · (1/l),  dP = (dO·Vᵀ)∘Z·k,  dS = P∘(dP - D),
+#   dQ = scale · Σ_j dS·K = scale · k · Σ_j (P∘((dO·Vᵀ)∘Z - D/k))·K
+@triton.jit(do_not_specialize=["seed"])
+def _attention_bwd_dq_kernel(
+    Q, K, V, DO, DQ, Stats, Delta, KeyMask, KeyLengths, Bias, CuSeqlens, seed,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_mb, stride_mk, stride_bb, stride_bh, stride_bm,
+    num_heads, max_seqlen, scale, scale_log2, dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, ALLOW_TF32: tl.constexpr,
+):
+    precision: tl.constexpr = "tf32" if ALLOW_TF32 else "ieee"
+    batch_head = tl.program_id(1)
+    b = batch_head // num_heads
+    h = batch_head % num_heads
+    start, seqlen = _sequence(CuSeqlens, b, max_seqlen, PACKED)
+    if tl.program_id(0) * BLOCK_M >= seqlen:
+        return
+    n_keys, byte_mask = _visible_keys(KeyLengths, b, seqlen, HAS_KEY_MASK)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    token0 = tl.cast(start, tl.int64)
+    Q += b64 * stride_qb + token0 * stride_qs + h64 * stride_qh
+    K += b64 * stride_kb + token0 * stride_ks + h64 * stride_kh
+    V += b64 * stride_vb + token0 * stride_vs + h64 * stride_vh
+    DO += b64 * stride_dob + token0 * stride_dos + h64 * stride_doh
+    DQ += b64 * stride_dqb + token0 * stride_dqs + h64 * stride_dqh
+    KeyMask += b64 * stride_mb
+    Bias += b64 * stride_bb + h64 * stride_bh
+
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < seqlen
+    q = _load_rows(Q, rows, dims, row_ok, stride_qs, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO, rows, dims, row_ok, stride_dos, HEAD_DIM, BLOCK_D, True)
+    Stats += batch_head.to(tl.int64) * 2 * max_seqlen
+    row_max = tl.load(Stats + rows, mask=row_ok, other=0.0)
+    inv_sum = tl.load(Stats + max_seqlen + rows, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + batch_head.to(tl.int64) * max_seqlen + rows, mask=row_ok, other=0.0)
+    inv_scale = tl.fdiv(1.4426950408889634, scale_log2)  # approximate: no slow-path call
+    bias_floor = -2.3e38 * tl.minimum(scale_log2 / 1.4426950408889634, 1.0)
+    bias_rows = tl.minimum(rows, seqlen - 1)  # rows past the end read the last row's bias
+    groups_per_row = (max_seqlen + 3) // 4
+    threshold = _keep_threshold(dropout_p)
+    dq_scale = scale
+    if HAS_DROPOUT:
+        delta = delta * (1.0 - dropout_p)
+        dq_scale = scale * tl.fdiv(1.0, 1.0 - dropout_p)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # a sequence whose mask is not a prefix reads its bytes in every key block; the others run a
+    # copy of the loops without that code
+    if byte_mask:
+        dq = _dq_keys(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batch_head,
+                      rows, bias_rows, dims, n_keys, byte_mask, stride_ks, stride_vs, stride_mk,
+                      stride_bm, scale_log2, inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM,
+                      BLOCK_D, BLOCK_M, BLOCK_N, HAS_KEY_MASK, HAS_BIAS, HAS_DROPOUT, precision)
+    else:
+        dq = _dq_keys(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batch_head,
+                      rows, bias_rows, dims, n_keys, byte_mask, stride_ks, stride_vs, stride_mk,
+                      stride_bm, scale_log2, inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM,
+                      BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_BIAS, HAS_DROPOUT, precision)
+    dq_mask = row_ok[:, None] & (dims < HEAD_DIM)[None, :]
+    tl.store(DQ + rows[:, None] * stride_dqs + dims[None, :], (dq * dq_scale).to(DQ.dtype.element_ty),
+             mask=dq_mask)

@@ -1,0 +1,70 @@
+"""Launch configurations of the attention kernels, per precision, head-dim bucket and bias."""
+import torch
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
+
+
+# Launch configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages), keyed by (precision, head-dim
+# bucket, has bias). Every one is listed in compile_cases() and checked there to compile without
+# register spills for sm_80 and sm_90a, for every head dim it serves. What the registers must hold
+# grows with the head dim (the [rows, D] fp32 accumulators), with fp32 operands, with a bias tile
+# (loaded, then moved into the dot's layout) and with dropout's Philox rounds; the biggest tiles
+# that stay spill-free with all of them are below. Precision "16" is fp16/bf16 (tensor cores),
+# "tf32" is fp32 on tensor cores, "ieee" is fp32 on the FMA units (no wgmma, so small tiles).
+_FWD_CONFIGS = {
+    ("16", 64, False): (128, 64, 8, 2),
+    ("16", 64, True): (128, 64, 8, 2),
+    ("16", 128, False): (128, 64, 8, 2),
+    ("16", 128, True): (64, 64, 4, 2),
+    ("tf32", 64, False): (64, 32, 4, 2),
+    ("tf32", 64, True): (64, 32, 4, 2),
+    ("tf32", 128, False): (64, 32, 4, 2),
+    ("tf32", 128, True): (64, 32, 4, 2),
+    ("ieee", 64, False): (32, 32, 4, 1),
+    ("ieee", 64, True): (32, 32, 4, 1),
+    ("ieee", 128, False): (16, 16, 4, 1),
+    ("ieee", 128, True): (16, 16, 4, 1),
+}
+# Dropout's Philox rounds at head dims above 64 (the [rows, D] accumulators twice as wide): 32-key
+# blocks, half the draws per block. (A single 128-key block for sequences up to 128 keys is not
+# used: on sm_80 its 128 keys of K fragments spill, and on sm_90a it needs ~176 registers, one CTA
+# per SM, where 128x64 keeps two.)
+_FWD_DROPOUT_CONFIGS = {
+    ("16", 128, False): (128, 32, 8, 2),
+    ("16", 128, True): (64, 32, 4, 2),
+}
+_BWD_CONFIGS = {  # (dK/dV kernel config, dQ kernel config)
+    ("16", 64, False): ((32, 64, 4, 2), (128, 32, 8, 2)),
+    # dK/dV with a bias: 32-query blocks spill on sm_80 with dropout's draws
+    ("16", 64, True): ((16, 64, 4, 1), (128, 32, 8, 2)),
+    ("16", 128, False): ((16, 64, 4, 2), (64, 32, 4, 2)),
+    ("16", 128, True): ((16, 64, 4, 2), (64, 32, 4, 1)),
+    ("tf32", 64, False): ((16, 64, 4, 1), (64, 16, 4, 1)),
+    ("tf32", 64, True): ((16, 64, 4, 1), (64, 16, 4, 1)),
+    # TF32 dK/dV with D >= 80: 64-key tiles (wgmma's minimum) spill, fp32 K, V, dK and dV tiles
+    # being 4x as many registers as fp16 K, V; 32-key tiles run on mma.sync instead of wgmma
+    ("tf32", 128, False): ((16, 32, 4, 1), (64, 16, 4, 1)),
+    ("tf32", 128, True): ((16, 32, 4, 1), (64, 16, 4, 1)),
+    # dK/dV with dropout: 32-key tiles spill (D = 64 on sm_90a; with a bias, D = 32 on sm_80)
+    ("ieee", 64, False): ((16, 16, 4, 1), (16, 16, 4, 1)),
+    ("ieee", 64, True): ((16, 16, 4, 1), (16, 16, 4, 1)),
+    ("ieee", 128, False): ((16, 16, 4, 1), (16, 16, 4, 1)),
+    # dQ: with 4 warps, a bias and dropout's 64-bit seed argument spill at D = 80, 96 on sm_90a
+    ("ieee", 128, True): ((16, 16, 4, 1), (16, 16, 8, 1)),
+}
+_DELTA_BLOCK_M = 64
+
+
+
+def _config_key(head_dim, dtype, allow_tf32, has_bias):
+    precision = "16" if dtype != torch.float32 else ("tf32" if allow_tf32 else "ieee")
+    return precision, 64 if head_dim <= 64 else 128, has_bias
+
+
+def _fwd_config(head_dim, dtype, allow_tf32, has_bias, has_dropout):
+    key = _config_key(head_dim, dtype, allow_tf32, has_bias)
+    return _FWD_DROPOUT_CONFIGS.get(key, _FWD_CONFIGS[key]) if has_dropout else _FWD_CONFIGS[key]
+
+
+def _bwd_configs(head_dim, dtype, allow_tf32, has_bias):
+    return _BWD_CONFIGS[_config_key(head_dim, dtype, allow_tf32, has_bias)]

@@ -1,0 +1,187 @@
+"""The float64/fp32 reference of `attention` and its fast PyTorch path (SDPA), same semantics."""
+import math
+
+import torch
+
+from .._checks import capturing_or_compiling, remembered
+from .checks import _layout
+
+
+def _padded_reference(q, k, v, key_padding_mask, bias, scale, dropout_p, dropout_mask):
+    compute = torch.promote_types(q.dtype, torch.float32)
+    qh, kh, vh = (t.to(compute).transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+    scores = (qh @ kh.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.to(compute)
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    # rows with no visible key give zeros; softmax of finite placeholders keeps gradients finite
+    no_keys = (scores == float("-inf")).all(dim=-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(no_keys, 0.0), dim=-1).masked_fill(no_keys, 0.0)
+    if dropout_mask is not None:
+        probs = probs * dropout_mask / (1.0 - dropout_p)
+    elif dropout_p > 0:
+        probs = torch.nn.functional.dropout(probs, dropout_p)
+    return (probs @ vh).transpose(1, 2).to(q.dtype).contiguous()
+
+
+def attention_reference(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dropout_p=0.0,
+                        cu_seqlens=None, max_seqlen=None, dropout_mask=None):
+    """PyTorch reference of `attention`, computed in fp32 (or in q's dtype when that is wider:
+    float64 inputs give a float64 reference), result in q's dtype.
+
+    dropout_mask: optional boolean [B, H, S, S] (S = max_seqlen in the packed layout, indexed by
+    positions within each sequence) of the probabilities kept; without it dropout_p > 0 draws
+    torch's own dropout, which is not the kernels' mask.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if cu_seqlens is None:
+        if q.shape[1] == 0:
+            return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        return _padded_reference(q, k, v, key_padding_mask, bias, scale, dropout_p, dropout_mask)
+    batch, heads, _ = _layout(q, cu_seqlens, max_seqlen)
+    if bias is not None:
+        bias = bias.expand(batch, heads, max_seqlen, max_seqlen)
+    bounds = cu_seqlens.tolist()
+    outs = [torch.empty((0, *q.shape[1:]), dtype=q.dtype, device=q.device)]
+    for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if end == start:
+            continue
+        length = end - start
+        window = (slice(b, b + 1), slice(None), slice(0, length), slice(0, length))
+        outs.append(_padded_reference(
+            q[start:end][None], k[start:end][None], v[start:end][None], None,
+            None if bias is None else bias[window], scale, dropout_p,
+            None if dropout_mask is None else dropout_mask[window],
+        )[0])
+    return torch.cat(outs)
+
+
+def attention_torch(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dropout_p=0.0,
+                    cu_seqlens=None, max_seqlen=None):
+    """The fast PyTorch path of `attention` (same arguments, same semantics): whichever
+    `F.scaled_dot_product_attention` backend torch picks for the device (flash, memory-efficient,
+    cuDNN, or its fused CPU kernel), on strided [B, H, S, D] views of the inputs, no copies.
+
+    Rows with no visible key give zeros, as in the kernels. The packed layout is scattered into a
+    zero-padded [B, max_seqlen] batch by index ops, attended with the padding masked and gathered
+    back: no host read, no loop over sequences. (One SDPA call per sequence on views instead was
+    measured on a 2-core CPU, MiniLM-L6 B16-32 x S128 at 40-50 % padding: 10 % faster with one
+    thread, 15 % slower with two on a busy machine, and it reads cu_seqlens back.) Dropout
+    (dropout_p > 0) is SDPA's own, drawn from torch's generator: the kernels' distribution, not
+    their mask. Gradients reach q, k, v, and a bias that requires grad.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if cu_seqlens is None:
+        return _padded_torch(q, k, v, key_padding_mask, bias, scale, dropout_p)
+    batch = cu_seqlens.shape[0] - 1
+    flat, key_mask = _packed_positions(cu_seqlens, q.shape[0], max_seqlen)
+    q, k, v = _scattered(q, k, v, flat, batch * max_seqlen)
+    q, k, v = (t.view(batch, max_seqlen, *t.shape[1:]) for t in (q, k, v))
+    if bias is None:  # every query row sees a key (see _packed_positions): SDPA as it is
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask[:, None, None, :],
+            dropout_p=dropout_p, scale=scale).transpose(1, 2)
+    else:
+        out = _padded_torch(q, k, v, key_mask, bias, scale, dropout_p)
+    return out.reshape(batch * max_seqlen, *out.shape[2:]).index_select(0, flat)
+
+
+def _scattered(q, k, v, flat, positions):
+    """q, k, v [T, H, D] scattered to rows `flat` of zero-filled [positions, H, D] tensors. Views of
+    one fused [T, 3, H, D] projection (what the models pass) are scattered as one tensor, outside
+    autograd and tracing: one fill and one copy instead of three."""
+    heads, dim = q.shape[1:]
+    step = heads * dim
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    fused = not (needs_grad or torch.compiler.is_compiling()) and q.stride() == k.stride() == v.stride() == (
+        3 * step, dim, 1) and k.data_ptr() - q.data_ptr() == v.data_ptr() - k.data_ptr() == step * q.element_size()
+    if not fused:
+        return (t.new_zeros((positions, heads, dim)).index_copy_(0, flat, t) for t in (q, k, v))
+    qkv = q.as_strided((q.shape[0], 3, heads, dim), (3 * step, step, dim, 1))
+    return q.new_zeros((positions, 3, heads, dim)).index_copy_(0, flat, qkv).unbind(1)
+
+
+def _padded_torch(q, k, v, key_padding_mask, bias, scale, dropout_p):
+    if _needs_exact_backward(q, k, v, key_padding_mask, bias):
+        return _padded_reference(q, k, v, key_padding_mask, bias, scale, dropout_p, None)
+    mask, no_keys = _sdpa_mask(key_padding_mask, bias, q.device)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=dropout_p,
+        scale=scale)
+    if no_keys is not None:
+        out = out.masked_fill(no_keys, 0.0)
+    return out.transpose(1, 2).contiguous()  # SDPA's output is laid out [B, S, H, D] already
+
+
+def _sdpa_mask(key_padding_mask, bias, device):
+    """(SDPA's attn_mask, a mask of the query rows that see no key, or None).
+
+    SDPA's backends disagree on rows with every key masked (NaN, or zeros); such rows get a
+    harmless mask (every key visible, no -inf) and their output is zeroed afterwards, so no NaN
+    reaches the forward or the backward. On the CPU the rare case is looked for first (reading a
+    CPU tensor waits for nothing): without it, no extra pass; a padding mask without padding is
+    dropped, as Hugging Face does, so that SDPA runs unmasked. On a GPU, and under torch.compile
+    (which cannot branch on data), both run unconditionally (a device-to-host read would stall the
+    stream)."""
+    read = key_padding_mask if bias is None else bias  # what the CPU's look reads, if anything
+    on_cpu = read is not None and device.type == "cpu" and not capturing_or_compiling(read)
+    if bias is None:
+        if key_padding_mask is None or (on_cpu and key_padding_mask.all()):
+            return None, None
+        no_keys = ~key_padding_mask.any(-1)
+        if on_cpu and not no_keys.any():
+            return key_padding_mask[:, None, None, :], None
+        return (key_padding_mask | no_keys[:, None])[:, None, None, :], no_keys[:, None, None, None]
+    if key_padding_mask is not None:
+        bias = bias.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    no_keys = (bias == float("-inf")).all(-1, keepdim=True)
+    if on_cpu and not no_keys.any():
+        return bias, None
+    return bias.masked_fill(no_keys, 0.0), no_keys
+
+
+# Below this, a row's largest visible bias swamps its scores' logsumexp in fp32 rounding (Hugging
+# Face's finfo.min masks a row everywhere that way: the forward averages the visible values
+# uniformly, as the kernels do). SDPA's backward recomputes P as exp(s - logsumexp) and would get
+# such rows wrong (P = 1 instead of 1 / keys): with gradients needed they run `_padded_reference`.
+SWAMPING_BIAS = -1e3
+
+
+def _needs_exact_backward(q, k, v, key_padding_mask, bias):
+    """Whether this call's gradients must come from the unfused math (see SWAMPING_BIAS). Reads
+    one flag back from the device: only for a bias, with gradients needed; under torch.compile,
+    which cannot branch on data, and in a CUDA graph capture, such calls always take the unfused
+    math."""
+    if bias is None or not torch.is_grad_enabled() or not any(
+            t.requires_grad for t in (q, k, v, bias)):
+        return False
+    if capturing_or_compiling(bias):
+        return True
+    if key_padding_mask is not None:
+        bias = bias.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    largest = bias.amax(-1)
+    return bool(((largest < SWAMPING_BIAS) & (largest > float("-inf"))).any())
+
+
+def _packed_positions(cu_seqlens, tokens, max_seqlen):
+    """(int64 [T]: each token's flat position b·max_seqlen + s in the padded batch, bool
+    [B, max_seqlen]: True at the real tokens, and at every position of an empty sequence, whose
+    query rows are never gathered back: so every query row sees a key), computed on the device
+    without a host read, and remembered while cu_seqlens is unchanged: every layer of a
+    padding-free forward passes the same cu_seqlens."""
+    return remembered(cu_seqlens, _positions_in_padded_batch, tokens, max_seqlen)
+
+
+def _positions_in_padded_batch(cu_seqlens, tokens, max_seqlen):
+    device = cu_seqlens.device
+    starts, lengths = cu_seqlens[:-1].long(), cu_seqlens.diff().long()
+    sequence = torch.repeat_interleave(torch.arange(lengths.shape[0], device=device), lengths,
+                                       output_size=tokens)
+    within = torch.arange(tokens, device=device) - starts[sequence]
+    # a sequence longer than max_seqlen (unchecked while capturing or compiling) stays in its row
+    flat = sequence * max_seqlen + within.clamp_(max=max_seqlen - 1)
+    key_mask = (torch.arange(max_seqlen, device=device) < lengths[:, None]) | (lengths == 0)[:, None]
+    return flat, key_mask

@@ -1,0 +1,96 @@
+"""Block helpers the forward and both backward kernels share: a sequence's bounds, its visible
+keys, tile loads, score tiles with bias and key-mask bytes, and the exp2 of shifted scores."""
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton ships for Linux only; elsewhere every op runs its PyTorch reference
+    from .._no_triton import tl, triton
+
+
+# Scores of one [queries × keys] tile start as the dot product's accumulator: bias / scale, so
+# that s = (q·kᵀ + bias/scale) · scale · log2 e comes out of the dot already in the matmul's
+# register layout (adding a separately loaded bias tile afterwards made the compiler run the whole
+# softmax in the load's layout, and spill). The bias has unit stride over keys (scalar loads with
+# a runtime key stride spill too). fp32's finfo.min / scale or · log2 e would overflow to -inf,
+# turning "masked" (finite: a row masked everywhere averages uniformly, as in PyTorch) into
+# "no key" (zeros), hence the floor `bias_floor` = -2.3e38 · min(|scale|, 1). `q_idx` and `k_idx`
+# are positions within the sequence, broadcast against each other (a column and a row, either way
+# round), so the same helper serves the forward (tiles of q·kᵀ) and the dK/dV backward (tiles of
+# k·qᵀ). Callers clamp the indices of full blocks into the sequence, so only a tail block
+# (BOUNDED) needs a load mask.
+@triton.jit
+def _scores_init(Bias, q_idx, k_idx, in_bounds, stride_bm, inv_scale, bias_floor,
+                 HAS_BIAS: tl.constexpr, BOUNDED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    if not HAS_BIAS:
+        return tl.zeros([ROWS, COLS], dtype=tl.float32)
+    if BOUNDED:
+        bias = tl.load(Bias + q_idx * stride_bm + k_idx, mask=in_bounds, other=0.0)
+    else:
+        bias = tl.load(Bias + q_idx * stride_bm + k_idx)
+    bias = bias.to(tl.float32)
+    return tl.where(bias == float("-inf"), bias, tl.maximum(bias, bias_floor)) * inv_scale
+
+
+# Where sequence `b` starts (in tokens of the packed layout; 0 in the padded one) and its length,
+# at most max_seqlen: cu_seqlens' values go unchecked where a CUDA graph captures or torch.compile
+# traces, and a longer sequence would have its rows of the statistics written past their end.
+@triton.jit
+def _sequence(CuSeqlens, b, max_seqlen, PACKED: tl.constexpr):
+    if PACKED:
+        start = tl.load(CuSeqlens + b)
+        return start, tl.minimum(tl.load(CuSeqlens + b + 1) - start, max_seqlen)
+    return 0, max_seqlen
+
+
+# The keys a sequence's queries may see: (n_keys, byte_mask). Keys at or past n_keys are masked.
+# With a key padding mask the launcher gives each sequence its mask's length when the mask is
+# right-padded (True exactly on a prefix, `_key_lengths`), else -1: then every key block of the
+# sequence reads the mask's bytes (byte_mask).
+@triton.jit
+def _visible_keys(KeyLengths, b, seqlen, HAS_KEY_MASK: tl.constexpr):
+    if HAS_KEY_MASK:
+        length = tl.load(KeyLengths + b)
+        return tl.where(length >= 0, tl.minimum(length, seqlen), seqlen), length < 0
+    return seqlen, False
+
+
+# A [rows × HEAD_DIM] tile of a [tokens, D] matrix (unit stride on D); the row mask only where
+# rows may run past the sequence (BOUNDED), the dim mask only where BLOCK_D pads HEAD_DIM.
+@triton.jit
+def _load_rows(ptr, rows, dims, row_ok, stride, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               BOUNDED: tl.constexpr):
+    ptrs = ptr + rows[:, None] * stride + dims[None, :]
+    if BOUNDED:
+        if HEAD_DIM == BLOCK_D:
+            return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        return tl.load(ptrs, mask=row_ok[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    if HEAD_DIM == BLOCK_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=(dims < HEAD_DIM)[None, :], other=0.0)
+
+
+# A [queries × keys] tile of scores with -inf at keys that the key padding mask's bytes hide, when
+# this sequence reads them (byte_mask). The forward masks the dot's starting tile (its
+# accumulator): masking the dot's result instead held the loaded bytes in registers across the
+# dot, past 128 on sm_90a.
+@triton.jit
+def _byte_masked(scores, KeyMask, cols, key_ok, stride_mk, byte_mask, TAIL: tl.constexpr):
+    if byte_mask:
+        if TAIL:
+            real_key = tl.load(KeyMask + cols * stride_mk, mask=key_ok, other=0)
+        else:
+            real_key = tl.load(KeyMask + cols * stride_mk)
+        scores = tl.where(real_key[None, :] != 0, scores, float("-inf"))
+    return scores
+
+
+# exp2(s - max s) of a tile, from raw scores r = q·kᵀ (+ bias/scale; s = r · c, c = scale · log2 e,
+# positive) and the row max m as the stats keep it. Without a bias m is kept as m·c and this is
+# one FFMA per score, exp2(r·c - m·c). With one it is kept raw and this is exp2((r - m)·c): a bias
+# can make scores huge (HF masks with finfo.min), and at |m·c| > 2³⁰ the rounding of m·c alone
+# would reach exp2 as ±100 or more (inf or 0); r - m is exact near the max.
+@triton.jit
+def _exp2_shifted(qk, m, scale_log2, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        return tl.math.exp2((qk - m) * scale_log2)
+    return tl.math.exp2(tl.fma(qk, scale_log2, -m))
