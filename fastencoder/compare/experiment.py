@@ -210,7 +210,8 @@ def run_model(kind, config, preset, data, steps, seed, device, unpad, phases):
     pair_label = pretraining_data.OBJECTIVES[objective]
     name = NAMES[kind]
     torch.manual_seed(seed)
-    model = classes["PreTraining"](config, unpad=unpad).to(device)
+    # the masked-LM head scores the masked positions only (15 %); scoring all took a quarter of BERT's step
+    model = classes["PreTraining"](config, unpad=unpad, sparse_prediction=True).to(device)
     batches = pretraining_data.pretraining_batches(data["pairs"][objective], data["vocabulary"], objective,
                                                    preset.batch_size, steps, seed)
     pretraining = training.pretrain(model, batches, steps, preset.learning_rate, preset.warmup_share, device,
