@@ -58,6 +58,8 @@ def main(argv=None):
     compare_parser.add_argument("--qa", type=Path, help="SQuAD-format JSON")
     compare_parser.add_argument("--steps", type=int, help="pretraining steps (fine-tuning scales with them)")
     compare_parser.add_argument("--seed", type=int, default=0)
+    compare_parser.add_argument("--seeds", type=int, default=1,
+                                help="runs of each model (seeds --seed, --seed + 1, ...): mean and spread")
     compare_parser.add_argument("--out", type=Path, default=Path("compare"))
     args, rest = parser.parse_known_args(argv)
     if args.command == "report":
@@ -75,7 +77,8 @@ def main(argv=None):
         from fastencoder import compare
 
         compare.run(preset=args.preset, corpus_paths=args.corpus, classification_file=args.classification,
-                    qa_file=args.qa, tokenizer_dir=args.tokenizer, steps=args.steps, seed=args.seed, out=args.out)
+                    qa_file=args.qa, tokenizer_dir=args.tokenizer, steps=args.steps, seed=args.seed,
+                    seeds=args.seeds, out=args.out)
     else:
         demo(args)
     return 0

@@ -1,54 +1,94 @@
 """`fastencoder compare` end to end at smoke size: a couple of pretraining steps, then every output."""
 import json
+import statistics
 
 import pytest
 
 from fastencoder import cli
+from fastencoder.compare import seeds
 
 PRETRAINING_FIELDS = {"objective", "steps", "loss", "mlm_accuracy", "pair_accuracy", "tokens_per_s",
-                      "peak_memory_bytes"}
+                      "peak_memory_bytes", "mlm_unigram_baseline", "pair_baseline"}
+METRICS = ("pretraining.mlm_accuracy", "pretraining.pair_accuracy", "classification.accuracy", "qa.exact_match",
+           "qa.f1", "pretraining.tokens_per_s")
 
 
 def assert_fraction(value):
     assert isinstance(value, float) and 0.0 <= value <= 1.0, value
 
 
-def check_schema(result, preset, steps):
-    """compare.json as the issue defines it, every field present and typed."""
-    assert set(result) == {"environment", "preset", "models"}
-    assert result["preset"] == preset
+def metric(entry, name):
+    for key in name.split("."):
+        entry = entry[key]
+    return entry
+
+
+def check_run(model, kind, objective, steps):
+    """One run's entry (or their mean), every field present and typed."""
+    assert set(model) >= {"config", "parameters", "pretraining", "classification", "qa"}
+    assert model["config"]["model_type"] == kind
+    assert set(model["parameters"]) == {"total", "embeddings", "encoder"}
+    assert all(isinstance(count, int) and count > 0 for count in model["parameters"].values())
+    pretraining = model["pretraining"]
+    assert set(pretraining) == PRETRAINING_FIELDS
+    assert pretraining["objective"] == objective and pretraining["steps"] == steps
+    assert len(pretraining["loss"]) == steps and all(isinstance(x, float) and x > 0 for x in pretraining["loss"])
+    assert_fraction(pretraining["mlm_accuracy"])
+    assert_fraction(pretraining["pair_accuracy"])
+    assert isinstance(pretraining["tokens_per_s"], float) and pretraining["tokens_per_s"] > 0
+    assert pretraining["peak_memory_bytes"] is None or isinstance(pretraining["peak_memory_bytes"], int)
+    assert_fraction(pretraining["mlm_unigram_baseline"])
+    assert_fraction(pretraining["pair_baseline"])
+    assert set(model["classification"]) == {"accuracy", "majority_baseline"}
+    assert set(model["qa"]) == {"exact_match", "f1", "trivial_baselines"}
+    for value in (*model["classification"].values(), model["qa"]["exact_match"], model["qa"]["f1"],
+                  *model["qa"]["trivial_baselines"].values()):
+        assert_fraction(value)
+
+
+def check_schema(result, preset, steps, seeds=1):
+    """compare.json as the issue defines it: each model's entry has one run's fields, the mean over
+    the seeds, with the runs themselves and the spread of each metric."""
+    assert set(result) == {"environment", "preset", "seeds", "models"}
+    assert result["preset"] == preset and len(result["seeds"]) == seeds
     assert {"device", "dtype", "torch", "transformers"} <= set(result["environment"])
     assert set(result["models"]) == {"bert", "albert"}
     for kind, objective in (("bert", "mlm+nsp"), ("albert", "mlm+sop")):
         model = result["models"][kind]
-        assert set(model) == {"config", "parameters", "pretraining", "classification", "qa"}
-        assert model["config"]["model_type"] == kind
-        assert set(model["parameters"]) == {"total", "embeddings", "encoder"}
-        assert all(isinstance(count, int) and count > 0 for count in model["parameters"].values())
-        pretraining = model["pretraining"]
-        assert set(pretraining) == PRETRAINING_FIELDS
-        assert pretraining["objective"] == objective and pretraining["steps"] == steps
-        assert len(pretraining["loss"]) == steps and all(isinstance(x, float) and x > 0 for x in pretraining["loss"])
-        assert_fraction(pretraining["mlm_accuracy"])
-        assert_fraction(pretraining["pair_accuracy"])
-        assert isinstance(pretraining["tokens_per_s"], float) and pretraining["tokens_per_s"] > 0
-        assert pretraining["peak_memory_bytes"] is None or isinstance(pretraining["peak_memory_bytes"], int)
-        assert set(model["classification"]) == {"accuracy", "majority_baseline"}
-        assert set(model["qa"]) == {"exact_match", "f1"}
-        for value in (*model["classification"].values(), *model["qa"].values()):
-            assert_fraction(value)
+        assert set(model) == {"config", "parameters", "pretraining", "classification", "qa", "runs", "spread"}
+        check_run(model, kind, objective, steps)
+        assert len(model["runs"]) == seeds
+        for run in model["runs"]:
+            assert set(run) == {"config", "parameters", "pretraining", "classification", "qa"}
+            check_run(run, kind, objective, steps)
+        assert set(model["spread"]) == set(METRICS)
+        for name in METRICS:
+            values = [metric(run, name) for run in model["runs"]]
+            assert metric(model, name) == pytest.approx(statistics.fmean(values))
+            assert model["spread"][name] == (pytest.approx(statistics.stdev(values)) if seeds > 1 else None)
+        assert model["pretraining"]["loss"] == pytest.approx(
+            [statistics.fmean(step) for step in zip(*(run["pretraining"]["loss"] for run in model["runs"]))])
     bert, albert = result["models"]["bert"], result["models"]["albert"]
     assert albert["parameters"]["total"] < bert["parameters"]["total"]
     assert albert["parameters"]["embeddings"] < bert["parameters"]["embeddings"]
 
 
-def test_compare_smoke_on_the_default_corpus(tmp_path, capsys):
-    assert cli.main(["compare", "--preset", "tiny", "--steps", "2", "--out", str(tmp_path)]) == 0
+def test_compare_smoke_on_the_default_corpus_with_two_seeds(tmp_path, capsys):
+    assert cli.main(["compare", "--preset", "tiny", "--steps", "2", "--seeds", "2", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "compare.json").read_text())
-    check_schema(result, "tiny", steps=2)
+    check_schema(result, "tiny", steps=2, seeds=2)
+    bert = result["models"]["bert"]
+    assert bert["runs"][0]["pretraining"]["loss"] != bert["runs"][1]["pretraining"]["loss"], "seeds differ"
+    assert set(bert["qa"]["trivial_baselines"]) == {"rarest_word", "first_word"}
     table = (tmp_path / "compare.md").read_text()
-    assert "| parameters: total |" in table and "majority baseline" in table
-    assert "| parameters: total |" in capsys.readouterr().out  # the table, on the terminal too
+    assert "| parameters: total |" in table and "majority baseline" in table and "unigram baseline" in table
+    assert " ± " in table
+    labels = tuple(f"- {label}: " for label in seeds.METRICS.values())
+    verdicts = [line for line in table.splitlines() if line.startswith(labels)]
+    assert len(verdicts) == len(METRICS), table
+    assert all(line.endswith(("a difference", "no difference shown", "no difference")) for line in verdicts)
+    terminal = capsys.readouterr().out
+    assert "| parameters: total |" in terminal and verdicts[0] in terminal  # the table, on the terminal too
     pytest.importorskip("matplotlib")
     for plot in ("pretraining_loss.png", "metrics.png"):
         assert (tmp_path / plot).read_bytes().startswith(b"\x89PNG")
@@ -73,7 +113,10 @@ def test_compare_on_user_files(tmp_path):
     assert cli.main(["compare", "--corpus", str(tmp_path / "corpus.txt"), "--classification",
                      str(tmp_path / "labels.jsonl"), "--qa", str(tmp_path / "qa.json"), "--steps", "1",
                      "--out", str(out)]) == 0
-    check_schema(json.loads((out / "compare.json").read_text()), "tiny", steps=1)
+    result = json.loads((out / "compare.json").read_text())
+    check_schema(result, "tiny", steps=1)
+    assert result["models"]["albert"]["qa"]["trivial_baselines"] == {}  # none for a user's questions
+    assert "one seed, no spread" in (out / "compare.md").read_text()
     assert (out / "tokenizer" / "tokenizer.json").is_file()
     # the saved tokenizer can be reused
     assert cli.main(["compare", "--corpus", str(tmp_path / "corpus.txt"), "--tokenizer", str(out / "tokenizer"),
@@ -81,5 +124,7 @@ def test_compare_on_user_files(tmp_path):
                      "--steps", "1", "--out", str(tmp_path / "again")]) == 0
     assert not (tmp_path / "again" / "tokenizer").exists()
     # a corpus of four sentences repeated cannot yield the odd-word task: a clear error, not a crash
+    with pytest.raises(ValueError, match="seeds must be at least 1"):
+        cli.main(["compare", "--corpus", str(tmp_path / "corpus.txt"), "--seeds", "0", "--out", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="too small"):
         cli.main(["compare", "--corpus", str(tmp_path / "corpus.txt"), "--steps", "1", "--out", str(tmp_path / "x")])

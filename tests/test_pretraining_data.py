@@ -84,6 +84,26 @@ def test_masks_are_drawn_anew_each_epoch():
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, again))
 
 
+def test_batches_group_pairs_of_similar_length():
+    """An epoch takes every pair at most once, full batches only, and grouping by length leaves
+    little padding where random batches of these lengths (uniform in 3 to 61) pad a third of the
+    positions."""
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 30, (1000, 2), generator=generator).tolist()
+    pairs = [Pair(a=[7] * a, b=[8] * b, label=index % 2) for index, (a, b) in enumerate(lengths)]
+    batch_size = 8
+    epoch = list(pretraining_data.pretraining_batches(pairs, VOCABULARY, "mlm+sop", batch_size,
+                                                      steps=1000 // batch_size))
+    assert all(len(batch["input_ids"]) == batch_size for batch in epoch)
+    real = sum(int(batch["attention_mask"].sum()) for batch in epoch)
+    padded = sum(batch["attention_mask"].numel() for batch in epoch)
+    assert real == sum(a + b + 3 for a, b in lengths), "one epoch: every pair once"
+    assert 1 - real / padded < 0.05, f"padding {1 - real / padded:.0%}"
+    # the order within an epoch is not the order of length
+    longest = [int(batch["attention_mask"].sum(1).max()) for batch in epoch]
+    assert longest != sorted(longest)
+
+
 def numbered_documents(count=400, seed=0):
     """Documents of 2 to 6 sentences of 1 to 5 tokens; token ids number the corpus' tokens in reading
     order, so that each id says where it comes from."""

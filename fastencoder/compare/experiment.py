@@ -1,4 +1,5 @@
 """The comparison: presets, the two models' configs, and the run from corpus to report."""
+import collections
 import copy
 import platform
 import time
@@ -8,6 +9,7 @@ from pathlib import Path
 import torch
 
 from . import corpus, pretraining_data, tasks, training
+from .seeds import summary
 
 HELD_OUT_DOCUMENTS = 0.1
 PRETRAINING_EVAL_PAIRS = 256
@@ -134,7 +136,7 @@ class Phases:
 
     def done(self, name):
         now = time.perf_counter()
-        self.seconds[name] = round(now - self.start, 1)
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self.start, 1)  # summed over seeds
         self.start = now
 
 
@@ -151,7 +153,10 @@ def prepare_data(preset, corpus_paths, tokenizer_dir, classification_file, qa_fi
     vocabulary = pretraining_data.Vocabulary.of(tokenizer)
     train_ids = pretraining_data.tokenize_documents(tokenizer, train_documents)
     held_out_ids = pretraining_data.tokenize_documents(tokenizer, held_out_documents)
-    data = dict(tokenizer=tokenizer, vocabulary=vocabulary, pairs={}, eval_pairs={},
+    # the unigram baseline of masked-LM accuracy: the training documents' commonest token, everywhere
+    tokens = collections.Counter(token for document in train_ids for sentence in document for token in sentence)
+    commonest = tokens.most_common(1)[0][0]
+    data = dict(tokenizer=tokenizer, vocabulary=vocabulary, pairs={}, eval_pairs={}, seed=seed, commonest=commonest,
                 corpus=dict(source=", ".join(map(str, corpus_paths)) if corpus_paths else
                             "Python standard library docstrings (PSF License)",
                             documents=len(documents), held_out_documents=len(held_out_documents),
@@ -210,18 +215,23 @@ def run_model(kind, config, preset, data, steps, seed, device, unpad, phases):
     pair_label = pretraining_data.OBJECTIVES[objective]
     name = NAMES[kind]
     torch.manual_seed(seed)
-    model = classes["PreTraining"](config, unpad=unpad).to(device)
+    # the masked-LM head scores the masked positions only (15 %); scoring all took a quarter of BERT's step
+    model = classes["PreTraining"](config, unpad=unpad, sparse_prediction=True).to(device)
     batches = pretraining_data.pretraining_batches(data["pairs"][objective], data["vocabulary"], objective,
                                                    preset.batch_size, steps, seed)
     pretraining = training.pretrain(model, batches, steps, preset.learning_rate, preset.warmup_share, device,
                                     f"{name} pretraining ({objective.upper()})")
-    # the held-out pairs once each, masked once, the same masks for every run with this seed
-    generator = torch.Generator().manual_seed(seed + 1)
+    # the held-out pairs once each, masked once, the same masks for every seed of the run
+    generator = torch.Generator().manual_seed(data["seed"] + 1)
     eval_pairs = data["eval_pairs"][objective]
     eval_batches = [pretraining_data.pretraining_batch(eval_pairs[i:i + preset.batch_size], data["vocabulary"],
                                                        objective, generator)
                     for i in range(0, len(eval_pairs), preset.batch_size)]
     mlm_accuracy, pair_accuracy = training.evaluate_pretraining(model, eval_batches, pair_label, device)
+    masked = torch.cat([batch["labels"][batch["labels"] != -100] for batch in eval_batches])
+    mlm_unigram_baseline = (masked == data["commonest"]).double().mean().item()
+    pair_baseline = tasks.majority_baseline([pair.label for pair in data["pairs"][objective]],
+                                            [pair.label for pair in eval_pairs])
     phases.done(f"{kind} pretraining")
 
     fine_tune_steps = max(1, round(preset.fine_tune_steps * steps / preset.steps))
@@ -250,16 +260,18 @@ def run_model(kind, config, preset, data, steps, seed, device, unpad, phases):
         parameters=parameter_counts(model),
         pretraining=dict(objective=objective, steps=steps, loss=pretraining["loss"], mlm_accuracy=mlm_accuracy,
                          pair_accuracy=pair_accuracy, tokens_per_s=pretraining["tokens_per_s"],
-                         peak_memory_bytes=pretraining["peak_memory_bytes"]),
+                         peak_memory_bytes=pretraining["peak_memory_bytes"],
+                         mlm_unigram_baseline=mlm_unigram_baseline, pair_baseline=pair_baseline),
         classification=dict(accuracy=accuracy, majority_baseline=classification["majority_baseline"]),
-        qa=dict(exact_match=exact_match, f1=f1),
+        qa=dict(exact_match=exact_match, f1=f1, trivial_baselines=qa["baselines"]),
     )
 
 
 def run(preset="tiny", corpus_paths=(), classification_file=None, qa_file=None, tokenizer_dir=None, steps=None,
-        seed=0, out=Path("compare")):
+        seed=0, seeds=1, out=Path("compare")):
     """Run the comparison and write compare.json, compare.md and the plots into `out`; returns the
-    compare.json dict."""
+    compare.json dict. Each model runs `seeds` times (seeds seed, seed + 1, ...: initialisation and
+    data order; the data itself comes from `seed`), its entry the mean and spread of the runs."""
     from . import report
 
     if preset not in PRESETS:
@@ -268,6 +280,8 @@ def run(preset="tiny", corpus_paths=(), classification_file=None, qa_file=None, 
     steps = settings.steps if steps is None else steps
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -280,9 +294,12 @@ def run(preset="tiny", corpus_paths=(), classification_file=None, qa_file=None, 
     data = prepare_data(settings, list(corpus_paths), tokenizer_dir, classification_file, qa_file, seed, out)
     phases.done("data")
     configs = model_configs(settings, data["vocabulary"])
-    result = dict(environment=environment(device, torch.float32, unpad), preset=preset, models={})
+    result = dict(environment=environment(device, torch.float32, unpad), preset=preset,
+                  seeds=list(range(seed, seed + seeds)), models={})
     for kind in ("bert", "albert"):
-        result["models"][kind] = run_model(kind, configs[kind], settings, data, steps, seed, device, unpad, phases)
+        runs = [run_model(kind, configs[kind], settings, data, steps, run_seed, device, unpad, phases)
+                for run_seed in result["seeds"]]
+        result["models"][kind] = summary(runs)
     report.write(result, data, settings, phases.seconds, out)
     return result
 

@@ -17,6 +17,7 @@ from .layers import (
     FusedEmbeddingsMixin,
     FusedEncoderLayer,
     QKVProjection,
+    SparsePredictionMixin,
     compute_dtype,
     run_layers,
 )
@@ -175,12 +176,14 @@ class AlbertModel(EncoderOptionsMixin, modeling_albert.AlbertPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-class AlbertForPreTraining(EncoderHeadsMixin, transformers.AlbertForPreTraining):
+class AlbertForPreTraining(SparsePredictionMixin, EncoderHeadsMixin, transformers.AlbertForPreTraining):
     encoder_class = AlbertModel
+    prediction_head = "predictions"
 
 
-class AlbertForMaskedLM(EncoderHeadsMixin, transformers.AlbertForMaskedLM):
+class AlbertForMaskedLM(SparsePredictionMixin, EncoderHeadsMixin, transformers.AlbertForMaskedLM):
     encoder_class = AlbertModel
+    prediction_head = "predictions"
 
 
 class AlbertForSequenceClassification(EncoderHeadsMixin, transformers.AlbertForSequenceClassification):

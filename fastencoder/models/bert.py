@@ -3,7 +3,8 @@
 `BertModel` subclasses Hugging Face's `BertPreTrainedModel` with the same module names, parameters
 and buffers as `transformers.BertModel`, so state dicts match key for key and `from_pretrained` /
 `save_pretrained` go through Hugging Face's machinery. The task models subclass Hugging Face's and
-only swap their `bert` for this one: heads, losses and outputs are Hugging Face's own.
+only swap their `bert` for this one: heads, losses and outputs are Hugging Face's own (the masked-LM
+heads' opt-in `sparse_prediction` aside, see SparsePredictionMixin).
 """
 import transformers
 from torch import nn
@@ -17,6 +18,7 @@ from .layers import (
     FusedEmbeddingsMixin,
     FusedEncoderLayer,
     QKVProjection,
+    SparsePredictionMixin,
     compute_dtype,
     run_layers,
 )
@@ -186,12 +188,14 @@ class BertModel(EncoderOptionsMixin, modeling_bert.BertPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-class BertForPreTraining(EncoderHeadsMixin, transformers.BertForPreTraining):
+class BertForPreTraining(SparsePredictionMixin, EncoderHeadsMixin, transformers.BertForPreTraining):
     encoder_class = BertModel
+    prediction_head = "cls.predictions"
 
 
-class BertForMaskedLM(EncoderHeadsMixin, transformers.BertForMaskedLM):
+class BertForMaskedLM(SparsePredictionMixin, EncoderHeadsMixin, transformers.BertForMaskedLM):
     encoder_class = BertModel
+    prediction_head = "cls.predictions"
 
 
 class BertForSequenceClassification(EncoderHeadsMixin, transformers.BertForSequenceClassification):

@@ -6,6 +6,7 @@ A layer runs the Q/K/V projections as one GEMM, the fused attention on strided v
 GEMM with its activation fused, the second GEMM and LayerNorm(+residual) again, each through the
 Hugging Face submodule that holds its weights (fastencoder/models/submodules.py).
 """
+import inspect
 import math
 
 import torch
@@ -20,6 +21,8 @@ from fastencoder.kernels.attention import attention, attention_torch
 from .inputs import AttentionMask, attention_mask_for, as_config, check_inputs, document_mask, packed_document_starts
 from .packing import DEFAULT_UNPAD, checked_unpad, plan_unpadding
 from .submodules import add_norm, autocast_input, dropout, has_hooks, is_plain, mixes_rows, project_qkv, refuse_hooks
+
+IGNORE_INDEX = -100  # the label of a position without a loss, as in Hugging Face
 
 
 def compute_dtype(weight):
@@ -294,3 +297,40 @@ class EncoderHeadsMixin:
             with_pooler = getattr(hf_encoder, "pooler", None) is not None
             setattr(self, self.base_model_prefix, self.encoder_class(self.config, add_pooling_layer=with_pooler))
         super().post_init()
+
+
+class SparsePredictionMixin:
+    """The `sparse_prediction` option of a masked-LM head (off by default: Hugging Face's outputs).
+
+    With `sparse_prediction=True` and `labels` given, the prediction head scores only the positions
+    whose label is not -100 (as FlashAttention's BERT and ModernBERT's `sparse_prediction` do): its
+    logits (`prediction_logits` / `logits`) are [number of labelled positions, vocab_size], one row
+    per labelled position in the order of `labels.flatten()`; the loss is Hugging Face's (the mean
+    cross-entropy over the labelled positions, which are the only ones it reads). Without labels the
+    logits are dense, as in Hugging Face. The head is per position, so scoring the labelled rows only
+    is exact: Hugging Face's forward runs unchanged, with the head's input rows and the labels
+    narrowed to the labelled positions."""
+
+    prediction_head = None  # set by subclasses: the head module's path (hidden states → vocabulary logits)
+
+    def __init__(self, config, *args, sparse_prediction=False, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        if not isinstance(sparse_prediction, bool):
+            raise ValueError(f"sparse_prediction must be True or False, got {sparse_prediction!r}")
+        self.sparse_prediction = sparse_prediction
+
+    def forward(self, *args, **kwargs):
+        if not self.sparse_prediction:
+            return super().forward(*args, **kwargs)
+        call = inspect.signature(super().forward).bind(*args, **kwargs)  # labels may come positionally
+        labels = call.arguments.get("labels")
+        if labels is None:
+            return super().forward(*args, **kwargs)
+        labelled = labels != IGNORE_INDEX
+        call.arguments["labels"] = labels[labelled]
+        head = self.get_submodule(self.prediction_head)
+        narrowing = head.register_forward_pre_hook(lambda _, inputs: (inputs[0][labelled], *inputs[1:]))
+        try:
+            return super().forward(*call.args, **call.kwargs)
+        finally:
+            narrowing.remove()
