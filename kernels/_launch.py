@@ -11,6 +11,11 @@ import threading
 
 import torch
 
+try:
+    import triton
+except ImportError:  # triton ships for Linux only; elsewhere every op runs its PyTorch reference
+    from ._no_triton import triton
+
 _guard = threading.local()
 
 
@@ -63,3 +68,18 @@ def cdiv(a, b):
 
 def next_power_of_2(n):
     return 1 << max(0, (n - 1).bit_length())
+
+
+def batch_generic(*names):
+    """`triton.jit` with the arguments `names`, which vary from batch to batch (token counts,
+    sequence lengths, a seed), never specialised on. Triton would otherwise compile a variant for
+    each value that is 1 or a multiple of 16, so which code a launch ran would depend on the batch;
+    this way every launch of a config runs the one variant the static report compiles."""
+    return triton.jit(do_not_specialize=list(names))
+
+
+def unspecialised(kernel):
+    """The argument names a kernel's launches never specialise on (`batch_generic`), compiled or
+    interpreted (the interpreter keeps its jit options apart)."""
+    options = kernel.kwargs if hasattr(kernel, "kwargs") else vars(kernel)
+    return frozenset(options.get("do_not_specialize") or ())

@@ -11,15 +11,14 @@ back in that input's dtype.
 """
 import torch
 try:
-    import triton
     import triton.language as tl
 except ImportError:  # triton ships for Linux only; elsewhere every op runs its PyTorch reference
-    from ._no_triton import tl, triton
+    from ._no_triton import tl
 
 from . import backend
 from ._checks import FLOAT_DTYPES, check_float, check_like, check_shape, rows_view
 from ._dispatch import direct_when_eager
-from ._launch import cdiv, launches_on_input_device, next_power_of_2
+from ._launch import batch_generic, cdiv, launches_on_input_device, next_power_of_2
 
 MAX_HIDDEN = 4096  # a row lives in registers; wider rows spill in the backward
 
@@ -27,7 +26,7 @@ MAX_HIDDEN = 4096  # a row lives in registers; wider rows spill in the backward
 # Forward, BLOCK_M rows per program, each row whole in registers:
 #   z = x + r,  mean = Σz / N,  rstd = 1 / sqrt(Σ(z - mean)² / N + eps)
 #   y = (z - mean) · rstd · w + b          (mean and rstd are kept for the backward)
-@triton.jit
+@batch_generic("M")  # the rows: tokens
 def _layer_norm_fwd_kernel(
     X, R, W, B, Y, Mean, Rstd,
     M, N, stride_x, stride_r, stride_y, eps,
@@ -57,7 +56,7 @@ def _layer_norm_fwd_kernel(
 #   dw = Σ_rows dy · ẑ,   db = Σ_rows dy
 # Each program walks a strided set of rows and writes its partial dw, db (fp32) to its own slot of
 # a [programs, N] buffer, summed afterwards: no atomics, deterministic.
-@triton.jit
+@batch_generic("M")
 def _layer_norm_bwd_kernel(
     X, R, W, DY, DZ, Mean, Rstd, DW_partial, DB_partial,
     M, N, stride_x, stride_r, stride_dy, stride_dz,
@@ -258,7 +257,10 @@ def _check_inputs(x, weight, bias, eps, residual):
 
 
 def compile_cases():
-    """Every compiled variant, for the static kernel report (kernels/report.py)."""
+    """Every compiled variant, for the static kernel report (kernels/report.py). The rows of
+    contiguous hidden states are N apart: N and the row strides are multiples of 16 where N is
+    (every BERT-family width), and launches specialise on that; M, the tokens, is never
+    specialised on."""
     for n in (100, 384, 768, 1024, MAX_HIDDEN):
         block_m, block_n, fwd_warps = _fwd_launch_params(n)
         bwd_block_n, bwd_warps = _bwd_launch_params(n)
@@ -277,6 +279,7 @@ def compile_cases():
                         stride_x="i32", stride_r="i32", stride_y="i32", eps="fp32",
                     ),
                     constexprs=dict(HAS_RESIDUAL=has_residual, BLOCK_M=block_m, BLOCK_N=block_n),
+                    divisible_by_16=("N", "stride_x", "stride_r", "stride_y") if n % 16 == 0 else (),
                     num_warps=fwd_warps, num_stages=1, matmul=False,
                 )
                 yield dict(
@@ -288,5 +291,6 @@ def compile_cases():
                         stride_dz="i32",
                     ),
                     constexprs=dict(HAS_RESIDUAL=has_residual, BLOCK_N=bwd_block_n),
+                    divisible_by_16=("N", "stride_x", "stride_r", "stride_dy", "stride_dz") if n % 16 == 0 else (),
                     num_warps=bwd_warps, num_stages=1, matmul=False,
                 )

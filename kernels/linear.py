@@ -19,7 +19,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
 from . import backend
 from ._checks import FLOAT_DTYPES, check_float, check_like, check_shape, rows_view
 from ._dispatch import direct_when_eager
-from ._launch import cdiv, launches_on_input_device, next_power_of_2
+from ._launch import batch_generic, cdiv, launches_on_input_device, next_power_of_2
 
 ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
@@ -57,7 +57,7 @@ def _activation(h, ACT: tl.constexpr, WITH_GRAD: tl.constexpr):
 #   epilogue (forward):   C ← act(C + bias) + residual;  act'(C + bias) → ActGrad (STORE_ACT_GRAD)
 #   prologue (backward):  A ← A · ActGrad (SCALE_A), written once to DA (STORE_A);
 #                         Σ_k A → RowSum (ROWSUM_A: the bias gradient, reduced in the dW product)
-@triton.jit
+@batch_generic("M", "M_BUCKET", "K_BUCKET")  # M: the tokens (K too in the dW product, see compile_cases)
 def _linear_kernel(
     A, B, C, Bias, Residual, ActGrad, DA, RowSum,
     M, N, K, M_BUCKET, K_BUCKET,
@@ -476,12 +476,16 @@ def compile_cases():
                 p = f"*{dtype}"
                 signature = dict(A=p, B=p, C=p, Bias=p, Residual=p, ActGrad=p, DA=p, RowSum="*fp32")
                 signature.update({name: "i32" for name in _INT_ARGS if name not in constexprs})
-                yield dict(
-                    name=f"linear {variant} {tile} w{config.num_warps}s{config.num_stages} {dtype}",
-                    fn=_linear_kernel, signature=signature, constexprs=constexprs,
-                    # BERT-family N, K and row strides are multiples of 16; M is any number
-                    divisible_by_16=[n for n in signature if n.startswith("stride") or n in ("N", "K")],
-                    num_warps=config.num_warps, num_stages=config.num_stages,
-                    matmul=dtype != "fp32",  # fp32 without TF32 runs on FMA units, not wgmma
-                    min_ctas={"sm_90a": 2} if config is TWO_CTAS_128X128 else {},
-                )
+                # BERT-family feature sizes (N, K) and row strides are multiples of 16; M, the tokens,
+                # is never specialised on. In the dW product K is the tokens: a multiple of 16 or not
+                for tokens_k in (False, True) if variant.startswith("dw") else (False,):
+                    yield dict(
+                        name=f"linear {variant} {tile} w{config.num_warps}s{config.num_stages} {dtype}"
+                             + (" K%16!=0" if tokens_k else ""),
+                        fn=_linear_kernel, signature=signature, constexprs=constexprs,
+                        divisible_by_16=[n for n in signature if n.startswith("stride") or n == "N"
+                                         or n == "K" and not tokens_k],
+                        num_warps=config.num_warps, num_stages=config.num_stages,
+                        matmul=dtype != "fp32",  # fp32 without TF32 runs on FMA units, not wgmma
+                        min_ctas={"sm_90a": 2} if config is TWO_CTAS_128X128 else {},
+                    )

@@ -13,15 +13,14 @@ import math
 
 import torch
 try:
-    import triton
     import triton.language as tl
 except ImportError:  # triton ships for Linux only; elsewhere every op runs its PyTorch reference
-    from ._no_triton import tl, triton
+    from ._no_triton import tl
 
 from . import backend
 from ._checks import capturing_or_compiling, check_float, remembered
 from ._dispatch import direct_when_eager
-from ._launch import cdiv, launches_on_input_device
+from ._launch import batch_generic, cdiv, launches_on_input_device
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 # A tile of 16 rows x 256 features (4096 elements, 32 per thread with 4 warps): wide, coalesced
@@ -32,7 +31,7 @@ NUM_WARPS = 4
 
 
 # rows[t] = hidden[indices[t]], one block of BLOCK_ROWS tokens per program, all columns.
-@triton.jit
+@batch_generic("num_tokens")
 def _unpad_kernel(
     Hidden, Indices, Rows, num_tokens, width, stride_hidden, stride_rows,
     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
@@ -51,7 +50,7 @@ def _unpad_kernel(
 # out[p] = rows[t] where indices[t] == p, else zeros; one block of BLOCK_ROWS output positions per
 # program. t is the lower bound of p in the strictly increasing indices (first t with
 # indices[t] >= p), found in `search_steps` = bit length of T halvings of [0, T).
-@triton.jit
+@batch_generic("num_tokens", "num_positions", "search_steps")
 def _pad_kernel(
     Rows, Indices, Out, num_tokens, num_positions, width, stride_rows, stride_out, search_steps,
     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,

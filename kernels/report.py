@@ -239,7 +239,10 @@ def main(argv=None):
     table = format_table(rows)
     print(table)
     failed = [row for row in rows if row[2]]
-    summary = f"{len(rows)} kernel variants, each compiled for {' and '.join(ARCHS)}: " + (
+    import triton
+
+    summary = (f"{len(rows)} kernel variants, each compiled for {' and '.join(ARCHS)} by Triton "
+               f"{triton.__version__}: ") + (
         f"{len(failed)} with problems" if failed else "all compile, 0 spills, HGMMA and CTAs per SM where expected"
     )
     print(summary)

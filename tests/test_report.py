@@ -1,14 +1,17 @@
 """The static kernel report: every kernel variant compiles for sm_80 and sm_90a, with no spills and
 (for matmul-class kernels) wgmma on sm_90a; the main-loop instruction count and the CTAs per SM it
 lists. Runs without a GPU."""
+import inspect
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from fastencoder.kernels import report
+from fastencoder.kernels import _launch as launch
+from fastencoder.kernels import layer_norm, linear, pad, report, unpad
 
 
 @pytest.mark.parametrize("kernel", report.KERNEL_MODULES)
@@ -115,7 +118,8 @@ def test_of_loops_in_sequence_the_largest_counts():
 # cp.async (LDGSTS), and stores nothing to global memory (the epilogue's STG follow the loop).
 _REAL_KERNEL = """
 import json, sys
-from fastencoder.kernels import report
+from fastencoder.kernels import _launch as launch
+from fastencoder.kernels import layer_norm, linear, pad, report, unpad
 case = next(c for c in report.all_cases("linear fwd+gelu ") if c["name"].endswith("fp16"))
 print(json.dumps({arch: dict(sass=report.cuobjdump("--dump-sass", report.compile_for(case, arch).asm["cubin"]),
                              result=report.compile_case(case, arch)) for arch in report.ARCHS}))
@@ -154,3 +158,75 @@ def test_main_loop_of_a_compiled_gemm_is_its_k_loop():
 ])
 def test_ctas_per_sm(arch, registers, warps, shared, ctas):
     assert report.ctas_per_sm(arch, registers, warps, shared) == ctas
+
+
+
+def _specialisation(kernel, integers):
+    """(the arguments a launch compiles as the constant 1, those it compiles as multiples of 16),
+    as Triton's runtime specialises integer arguments: {name: value} of the launch's integers."""
+    unspecialised = launch.unspecialised(kernel)
+    specialised = {name: value for name, value in integers.items() if name not in unspecialised}
+    return ({name for name, value in specialised.items() if value == 1},
+            {name for name, value in specialised.items() if value != 1 and value % 16 == 0})
+
+
+def _runtime_arguments(kernel):
+    """The kernel's arguments that are not constexpr (tensors included)."""
+    parameters = inspect.signature(kernel.fn).parameters
+    return [name for name in kernel.arg_names if "constexpr" not in str(parameters[name].annotation)]
+
+
+def test_the_report_compiles_what_the_ops_launch(device, triton_backend, launch_arguments):
+    """Triton specialises a launch on each integer argument equal to 1 (compiled as that constant)
+    or divisible by 16 (an alignment fact the compiler uses) unless the kernel says not to. At
+    lengths, head counts and token counts that are multiples of 16 (as BERT's S = 128 or 512 with 16
+    heads, B x S tokens) and that are not, every op's every launch (attention padded, masked, with a
+    mask of stride 2 over keys, packed, biased, with dropout; linear with GELU, residual and both
+    backward products; LayerNorm with a residual; pad and unpad), forward and backward, runs a
+    specialisation that one of the report's cases of that kernel compiles exactly."""
+    from fastencoder.kernels.attention import attention
+
+    torch.manual_seed(0)
+    run = lambda out: out.float().sum().backward()
+    qkv = torch.randn(2, 32, 3, 16, 16, device=device, requires_grad=True)
+    q, k, v = qkv.unbind(2)
+    mask = torch.ones(2, 32, dtype=torch.bool, device=device)
+    mask[1, 20:] = False
+    packed = torch.randn(45, 3, 16, 16, device=device, requires_grad=True).unbind(1)
+    run(attention(q, k, v))
+    run(attention(q, k, v, key_padding_mask=mask, dropout_p=0.1))
+    run(attention(q, k, v, key_padding_mask=mask.repeat_interleave(2, dim=1)[:, ::2]))
+    run(attention(q, k, v, bias=torch.randn(2, 1, 1, 32, device=device)))
+    run(attention(*packed, cu_seqlens=torch.tensor([0, 32, 45], dtype=torch.int32, device=device),
+                  max_seqlen=32, dropout_p=0.1))
+    weight = torch.randn(128, 128, device=device, requires_grad=True)
+    bias = torch.randn(128, device=device, requires_grad=True)
+    for tokens in (64, 37):
+        x = torch.randn(tokens, 128, device=device, requires_grad=True)
+        run(linear(x, weight, bias, activation="gelu", residual=torch.randn(tokens, 128, device=device)))
+        norm_weight, norm_bias = torch.ones(384, device=device), torch.zeros(384, device=device)
+        hidden = torch.randn(tokens, 384, device=device, requires_grad=True)
+        run(layer_norm(hidden, norm_weight, norm_bias, 1e-12, residual=torch.randn_like(hidden)))
+    hidden = torch.randn(2, 24, 64, device=device, requires_grad=True)
+    indices = torch.tensor([0, 1, 2, 24, 25], device=device)
+    run(pad(unpad(hidden, indices), indices, 2, 24))
+
+    cases = report.all_cases()
+    launched = set()
+    for name, arguments in launch_arguments:
+        kernel_cases = [case for case in cases if case["fn"].fn.__name__ == name]
+        assert kernel_cases, f"{name} is launched but has no case in the report"
+        kernel = kernel_cases[0]["fn"]
+        integers = {argument: arguments[argument] for argument in _runtime_arguments(kernel)
+                    if type(arguments[argument]) is int}
+        runtime = _runtime_arguments(kernel)
+        compiled = {(frozenset(argument for argument in case["constexprs"] if argument in runtime),
+                     frozenset(case.get("divisible_by_16", ()))) for case in kernel_cases}
+        ones, divisible = _specialisation(kernel, integers)
+        assert (frozenset(ones), frozenset(divisible)) in compiled, (
+            f"{name} launched with {integers}: constant 1 {sorted(ones)}, divisible by 16 {sorted(divisible)}; "
+            f"the report compiles {sorted(map(lambda c: (sorted(c[0]), sorted(c[1])), compiled))}")
+        launched.add(name)
+    assert {"_attention_fwd_kernel", "_attention_bwd_delta_kernel", "_attention_bwd_dkdv_kernel",
+            "_attention_bwd_dq_kernel", "_linear_kernel", "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel",
+            "_unpad_kernel", "_pad_kernel"} <= launched

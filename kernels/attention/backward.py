@@ -6,12 +6,15 @@ try:
 except ImportError:  # triton ships for Linux only; elsewhere every op runs its PyTorch reference
     from .._no_triton import tl, triton
 
+from .._launch import batch_generic
 from .dropout import _dropout_keep, _keep_threshold
-from .tiles import _byte_masked, _exp2_shifted, _load_rows, _scores_init, _sequence, _visible_keys
+from .tiles import (
+    _byte_masked, _exp2_shifted, _load_rows, _scores_init, _sequence, _visible_keys,
+)
 
 
 # Backward preprocess: delta_i = Σ_d dO_id · O_id  (= Σ_j P_ij · dP_ij, dropout included), per row.
-@triton.jit
+@batch_generic("num_heads", "max_seqlen")
 def _attention_bwd_delta_kernel(
     Out, DO, Delta, CuSeqlens,
     stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
@@ -84,7 +87,7 @@ def _dkdv_block(dk, dv, k, v, Q, DO, Stats, Delta, Bias, seed, batch_head, key_s
 # query blocks run unmasked, then one masked tail block. Keys that no query sees (past the
 # sequence's visible keys, or masked by the mask's bytes) store zero gradients; a block of them
 # only (padding, with a right-padded mask) skips the loop.
-@triton.jit(do_not_specialize=["seed"])
+@batch_generic("seed", "num_heads", "max_seqlen", "stride_mb")
 def _attention_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, Stats, Delta, KeyMask, KeyLengths, Bias, CuSeqlens, seed,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
@@ -232,7 +235,7 @@ def _dq_keys(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batc
 # masked tail block):
 #   P = exp2(s - m·c) · (1/l),  dP = (dO·Vᵀ)∘Z·k,  dS = P∘(dP - D),
 #   dQ = scale · Σ_j dS·K = scale · k · Σ_j (P∘((dO·Vᵀ)∘Z - D/k))·K
-@triton.jit(do_not_specialize=["seed"])
+@batch_generic("seed", "num_heads", "max_seqlen", "stride_mb")
 def _attention_bwd_dq_kernel(
     Q, K, V, DO, DQ, Stats, Delta, KeyMask, KeyLengths, Bias, CuSeqlens, seed,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,

@@ -4,7 +4,7 @@ import inspect
 
 import torch
 
-from .._launch import next_power_of_2
+from .._launch import next_power_of_2, unspecialised
 from .backward import _attention_bwd_delta_kernel, _attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel
 from .configs import _DELTA_BLOCK_M, SUPPORTED_HEAD_DIMS, _bwd_configs, _fwd_config
 from .dropout import _DROPOUT_MASK_BLOCK, _dropout_mask_kernel
@@ -94,10 +94,10 @@ def _runtime_specialisation(flags):
 
 # The q/k/v/out/grad strides are multiples of 16 elements (head dims are) and so are the bias's
 # (`_aligned_bias`): Triton specialises launches on that, and it is what lets tiles load as wide
-# vectors. A key mask's row stride and max_seqlen are left unknown, as for any sequence length.
-def _divisible_by_16(signature, flags=None):
-    unknown = ("stride_mb", "stride_mk") if flags is None or flags["HAS_KEY_MASK"] else ()
-    return [name for name in signature if name.startswith("stride") and name not in unknown]
+# vectors. What varies from batch to batch (the key mask's row stride, heads, max_seqlen) is never
+# specialised on (`batch_generic`), whatever its value.
+def _divisible_by_16(kernel, signature):
+    return [name for name in signature if name.startswith("stride") and name not in unspecialised(kernel)]
 
 
 def compile_cases():
@@ -117,7 +117,7 @@ def compile_cases():
                         name=f"{_KERNEL_NAMES[kernel]} {block_m}x{block_n} w{num_warps} s{num_stages} "
                              f"D={head_dim} {type_name}{precision}{_flags_name(flags)}",
                         fn=kernel, signature=signature, constexprs=constexprs,
-                        divisible_by_16=_divisible_by_16(signature, flags), num_warps=num_warps,
+                        divisible_by_16=_divisible_by_16(kernel, signature), num_warps=num_warps,
                         num_stages=num_stages, matmul=_uses_wgmma(kernel, config, dtype, allow_tf32),
                     )
                 if allow_tf32:
@@ -128,8 +128,8 @@ def compile_cases():
                 yield dict(
                     name=f"attention_bwd_delta D={head_dim} {type_name} +packed",
                     fn=_attention_bwd_delta_kernel, signature=signature, constexprs=constexprs,
-                    divisible_by_16=_divisible_by_16(signature), num_warps=4, num_stages=1,
-                    matmul=False,
+                    divisible_by_16=_divisible_by_16(_attention_bwd_delta_kernel, signature), num_warps=4,
+                    num_stages=1, matmul=False,
                 )
     constexprs = dict(BLOCK=_DROPOUT_MASK_BLOCK)
     yield dict(

@@ -6,10 +6,11 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 
 # Launch configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages), keyed by (precision, head-dim
 # bucket, has bias). Every one is listed in compile_cases() and checked there to compile without
-# register spills for sm_80 and sm_90a, for every head dim it serves. What the registers must hold
-# grows with the head dim (the [rows, D] fp32 accumulators), with fp32 operands, with a bias tile
-# (loaded, then moved into the dot's layout) and with dropout's Philox rounds; the biggest tiles
-# that stay spill-free with all of them are below. Precision "16" is fp16/bf16 (tensor cores),
+# register spills for sm_80 and sm_90a, for every head dim it serves, under each Triton release
+# that a supported torch pins (3.6, 3.8, 3.9: register allocation differs between them). What the
+# registers must hold grows with the head dim (the [rows, D] fp32 accumulators), with fp32
+# operands, with a bias tile (loaded, then moved into the dot's layout) and with dropout's Philox
+# rounds; the biggest tiles that stay spill-free with all of them are below. Precision "16" is fp16/bf16 (tensor cores),
 # "tf32" is fp32 on tensor cores, "ieee" is fp32 on the FMA units (no wgmma, so small tiles).
 _FWD_CONFIGS = {
     ("16", 64, False): (128, 64, 8, 2),
@@ -38,22 +39,26 @@ _BWD_CONFIGS = {  # (dK/dV kernel config, dQ kernel config)
     # dK/dV with a bias: 32-query blocks spill on sm_80 with dropout's draws
     ("16", 64, True): ((16, 64, 4, 1), (128, 32, 8, 2)),
     ("16", 128, False): ((16, 64, 4, 2), (64, 32, 4, 2)),
-    ("16", 128, True): ((16, 64, 4, 2), (64, 32, 4, 1)),
+    # dK/dV with a bias at D >= 80: 4 warps spill 16-24 B on sm_90a under Triton 3.8 (255 registers
+    # on sm_80); 8 warps, one CTA per SM, keep as many warps resident as two CTAs of 4
+    ("16", 128, True): ((16, 64, 8, 2), (64, 32, 4, 1)),
     ("tf32", 64, False): ((16, 64, 4, 1), (64, 16, 4, 1)),
     ("tf32", 64, True): ((16, 64, 4, 1), (64, 16, 4, 1)),
     # TF32 dK/dV with D >= 80: 64-key tiles (wgmma's minimum) spill, fp32 K, V, dK and dV tiles
     # being 4x as many registers as fp16 K, V; 32-key tiles run on mma.sync instead of wgmma
-    ("tf32", 128, False): ((16, 32, 4, 1), (64, 16, 4, 1)),
-    ("tf32", 128, True): ((16, 32, 4, 1), (64, 16, 4, 1)),
+    # dQ: 64x16 spills 128 B (216-224 B with a bias) on sm_90a under Triton 3.8; 32x32 holds the
+    # same tile
+    ("tf32", 128, False): ((16, 32, 4, 1), (32, 32, 4, 1)),
+    ("tf32", 128, True): ((16, 32, 4, 1), (32, 32, 4, 1)),
     # dK/dV with dropout: 32-key tiles spill (D = 64 on sm_90a; with a bias, D = 32 on sm_80)
-    ("ieee", 64, False): ((16, 16, 4, 1), (16, 16, 4, 1)),
-    ("ieee", 64, True): ((16, 16, 4, 1), (16, 16, 4, 1)),
+    # dK/dV with 4 warps: 8 B spill at D = 16 on sm_80, 16 B with a bias at D = 32 on sm_90a (Triton 3.8)
+    ("ieee", 64, False): ((16, 16, 8, 1), (16, 16, 4, 1)),
+    ("ieee", 64, True): ((16, 16, 8, 1), (16, 16, 4, 1)),
     ("ieee", 128, False): ((16, 16, 4, 1), (16, 16, 4, 1)),
     # dQ: with 4 warps, a bias and dropout's 64-bit seed argument spill at D = 80, 96 on sm_90a
     ("ieee", 128, True): ((16, 16, 4, 1), (16, 16, 8, 1)),
 }
 _DELTA_BLOCK_M = 64
-
 
 
 def _config_key(head_dim, dtype, allow_tf32, has_bias):

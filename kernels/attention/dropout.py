@@ -9,7 +9,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
     from .._no_triton import tl, triton
 
 from .._checks import capturing
-from .._launch import on_device_of
+from .._launch import batch_generic, on_device_of
 
 MAX_DROPOUT_SEQLEN = 46340  # i·S + j < 2³¹ for the dropout counters
 
@@ -63,7 +63,7 @@ def _keep_threshold(dropout_p):
 
 
 # The dropout keep mask as a tensor [B, H, S, S], drawn exactly as the attention kernels draw it.
-@triton.jit(do_not_specialize=["seed"])
+@batch_generic("seed", "max_seqlen")
 def _dropout_mask_kernel(Keep, seed, max_seqlen, dropout_p, BLOCK: tl.constexpr):
     batch_head = tl.program_id(1)
     row = tl.program_id(0) + tl.zeros([1], dtype=tl.int32)

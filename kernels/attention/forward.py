@@ -5,8 +5,11 @@ try:
 except ImportError:  # triton ships for Linux only; elsewhere every op runs its PyTorch reference
     from .._no_triton import tl, triton
 
+from .._launch import batch_generic
 from .dropout import _dropout_keep, _keep_threshold
-from .tiles import _byte_masked, _exp2_shifted, _load_rows, _scores_init, _sequence, _visible_keys
+from .tiles import (
+    _byte_masked, _exp2_shifted, _load_rows, _scores_init, _sequence, _visible_keys,
+)
 
 
 # One key block of the forward's online softmax on raw scores (masked keys get r = -inf; m_i is
@@ -104,7 +107,7 @@ def _fwd_keys(acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bia
 # e.g. a row masked everywhere by a finfo.min bias, and P with it.) Rows with no visible key
 # (l = 0) store out = 0, m = 0 and 1/l = 0, so that their P is 0 in the backward. Rows past the
 # sequence's end are computed on zero queries (finite: the loop has no row mask) and never stored.
-@triton.jit(do_not_specialize=["seed"])  # one compiled variant whatever the seed's value
+@batch_generic("seed", "num_heads", "max_seqlen", "stride_mb")
 def _attention_fwd_kernel(
     Q, K, V, Out, Stats, KeyMask, KeyLengths, Bias, CuSeqlens, seed,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,

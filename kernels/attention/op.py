@@ -39,6 +39,8 @@ def _mask_bias_args(q, key_padding_mask, bias, batch, heads, max_seqlen):
         lengths = _unused(q.device, torch.int32)
     else:
         mask = key_padding_mask.view(torch.uint8)  # same bytes; Triton loads it as u8
+        if mask.stride(1) != 1:  # the variant compiled takes unit stride over keys (cases.py)
+            mask = mask.contiguous()
         mask_strides = mask.stride()
         lengths = _key_lengths(key_padding_mask)
     if bias is None:
