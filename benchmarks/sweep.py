@@ -37,6 +37,10 @@ MODEL_CONFIGS = {
     "albert-base": dict(kind="albert", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                         intermediate_size=3072, embedding_size=128, hidden_act="gelu_new"),
     "minilm-l6": dict(kind="bert", hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+    # BERT-base's encoder under a 250k-token vocabulary, position ids derived from the pad tokens
+    "xlm-roberta-base": dict(kind="xlm-roberta", vocab_size=250002, hidden_size=768, num_hidden_layers=12,
+                             num_attention_heads=12, intermediate_size=3072, max_position_embeddings=514,
+                             type_vocab_size=1, pad_token_id=1),
 }
 FULL = dict(
     models=list(MODEL_CONFIGS), dtypes=[torch.float16, torch.bfloat16],
@@ -55,9 +59,10 @@ QUICK = dict(
 )
 # CI keeps the sweep's code working on a CPU at toy sizes; its timings are never reported
 SMOKE = dict(
-    models=["bert-base", "albert-base"], dtypes=[torch.float32], shapes=[(2, 16)],
+    models=["bert-base", "albert-base", "xlm-roberta-base"], dtypes=[torch.float32], shapes=[(2, 16)],
     attention=dict(batch=2, heads=2, cases=[(16, 64)]), layer_norm=(64, 768), linear=[(64, 96, 128)],
-    model_overrides=dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128),
+    model_overrides=dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                         vocab_size=1000),
     fine_tune=(2, 16), compile_shapes=[], unpad_threshold=dict(shapes=[(2, 16)], padding=[0.25]),
     fp32_rule_shapes=[(2, 16)],
 )
@@ -323,7 +328,8 @@ def model_config(name, overrides=None, **extra):
     kind = spec.pop("kind")
     if kind == "albert" and "embedding_size" in spec:
         spec["embedding_size"] = min(spec["embedding_size"], spec["hidden_size"])
-    config_class = transformers.AlbertConfig if kind == "albert" else transformers.BertConfig
+    config_class = dict(bert=transformers.BertConfig, albert=transformers.AlbertConfig,
+                        **{"xlm-roberta": transformers.XLMRobertaConfig})[kind]
     return kind, config_class(**spec, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
@@ -334,8 +340,9 @@ def build_models(name, dtype, overrides, compile_baseline):
     import fastencoder.models as ours
 
     kind, config = model_config(name, overrides)
-    hf_class = transformers.AlbertModel if kind == "albert" else transformers.BertModel
-    our_class = ours.AlbertModel if kind == "albert" else ours.BertModel
+    hf_class, our_class = dict(bert=(transformers.BertModel, ours.BertModel),
+                               albert=(transformers.AlbertModel, ours.AlbertModel),
+                               **{"xlm-roberta": (transformers.XLMRobertaModel, ours.XLMRobertaModel)})[kind]
     device = _device()
     torch.manual_seed(0)
     models = {}
@@ -356,12 +363,21 @@ def build_models(name, dtype, overrides, compile_baseline):
     return config, models
 
 
+# families whose position ids count the tokens that are not pad_token_id
+POSITIONS_FROM_PAD_TOKENS = frozenset({"roberta", "xlm-roberta", "camembert"})
+
+
 def model_inputs(config, lengths, seqlen, seed):
-    """Random token ids (by seed) for sequences of the given lengths, padded to seqlen."""
+    """Random token ids (by seed) for sequences of the given lengths, padded to seqlen; for the
+    RoBERTa family pad tokens exactly where the mask is 0, as its tokenizers give them."""
     device = _device()
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, config.vocab_size, (len(lengths), seqlen), generator=generator).to(device)
-    return dict(input_ids=input_ids, attention_mask=padding_mask(lengths, seqlen, device).long())
+    attention_mask = padding_mask(lengths, seqlen, device)
+    if config.model_type in POSITIONS_FROM_PAD_TOKENS:
+        pad = config.pad_token_id
+        input_ids = input_ids.masked_fill(input_ids == pad, pad + 1).masked_fill(~attention_mask, pad)
+    return dict(input_ids=input_ids, attention_mask=attention_mask.long())
 
 
 def model_cases(settings, dtype, ceilings):
@@ -637,7 +653,6 @@ def cpu_roberta_cases(settings):
         padding = f"{fraction:.0%} padding" if fraction else "no padding"
         case = f"xlm-roberta minilm-l6 size float32 fwd B{batch}xS{seqlen} {padding}"
         inputs = model_inputs(config, lengths, seqlen, seed=0)
-        inputs["input_ids"].masked_fill_(inputs["attention_mask"] == 0, pad)
         yield from time_side_by_side(models, case, inputs, settings, tokens=sum(lengths))
 
 

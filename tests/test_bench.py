@@ -20,6 +20,10 @@ def test_smoke_sweep_runs_every_case(tmp_path):
     assert any(case.startswith("linear") for case in cases)
     assert any(case.startswith("bert-base") and "fwd" in case for case in cases)
     assert any(case.startswith("albert-base") for case in cases)
+    # the RoBERTa family's encoder, padded and ragged (pad tokens where the mask is 0)
+    assert {case for case in cases if case.startswith("xlm-roberta-base")} == {
+        "xlm-roberta-base float32 fwd B2xS16 no padding", "xlm-roberta-base float32 fwd B2xS16 ragged"}
+    assert not [row for row in rows if row["case"].startswith("xlm-roberta-base") and "error" in row]
     assert any("fine-tune step" in case for case in cases)
     # fine-tuning as most users run it: fp32 weights under autocast bf16, fastencoder against Hugging Face
     autocast_case = "bert-base float32 autocast bfloat16 fine-tune step B2xS16"

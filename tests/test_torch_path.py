@@ -163,6 +163,46 @@ def test_packed_positions_follow_changes_to_cu_seqlens(no_kernels):
     assert key_mask.sum(1).tolist() == [4, 4]
 
 
+@pytest.mark.parametrize("lengths", [
+    [128] + [60] * 11 + [59] * 4,  # one long row, the rest of about one length: two buckets
+    [5, 0, 9, 1, 0, 33, 2, 64, 17, 64],  # empty sequences among several buckets
+    [7, 7, 7],  # one bucket without padding: no mask, no gather
+])
+def test_packed_attention_in_length_buckets_matches_float64(no_kernels, lengths):
+    """On the CPU the packed layout without a bias runs in length buckets: output and gradients
+    against the float64 reference, whatever the lengths' order and the empty sequences."""
+    qkv = torch.randn(sum(lengths), 3, 2, 32, requires_grad=True)
+    cu_seqlens = _cu_seqlens(lengths)
+    out = _attention_against_float64(qkv, torch.float32, cu_seqlens=cu_seqlens, max_seqlen=max(1, *lengths))
+    assert out.shape == (sum(lengths), 2, 32)
+    buckets = attention_module._length_buckets(cu_seqlens, sum(lengths))
+    assert sorted(length for length in lengths if length) == sorted(
+        length for (sequences, longest), mask in zip(buckets.shapes, buckets.key_masks)
+        for length in ([longest] * sequences if mask is None else mask.sum(-1).flatten().tolist()))
+    assert len(buckets.shapes) <= attention_module.MAX_LENGTH_BUCKETS
+
+
+def test_length_buckets_cut_where_the_attention_saves_most(no_kernels):
+    """Sorted by length, cut while a cut saves more than BUCKET_SPLIT_MIN_PAIRS query-key pairs, at
+    most MAX_LENGTH_BUCKETS; equal lengths share a bucket without a mask; no tokens, no bucket;
+    and the remembered plan follows changes to cu_seqlens."""
+    cu_seqlens = _cu_seqlens([60] * 7 + [128] + [60] * 8)
+    buckets = attention_module.remembered(cu_seqlens, attention_module._length_buckets, 128 + 15 * 60)
+    assert buckets.shapes == [(1, 128), (15, 60)] and buckets.key_masks == [None, None]
+    assert buckets.gather[:128].tolist() == list(range(420, 548))  # the long sequence first
+    assert attention_module.remembered(cu_seqlens, attention_module._length_buckets, 128 + 15 * 60) is buckets
+    small = attention_module._length_buckets(_cu_seqlens([20, 19, 18]), 57)  # a cut would save < 16384
+    assert small.shapes == [(3, 20)] and small.key_masks[0][:, 0, 0].sum(-1).tolist() == [20, 19, 18]
+    many = attention_module._length_buckets(_cu_seqlens(list(range(1, 513))), 512 * 513 // 2)
+    assert len(many.shapes) == attention_module.MAX_LENGTH_BUCKETS
+    assert attention_module._length_buckets(_cu_seqlens([0, 0]), 0).shapes == []
+    empty = torch.randn(0, 2, 8)
+    assert attention(empty, empty, empty, cu_seqlens=_cu_seqlens([0, 0]), max_seqlen=1).shape == (0, 2, 8)
+    cu_seqlens[1:] += 1  # in place: the first sequence one token longer, a cut there saves too little
+    changed = attention_module.remembered(cu_seqlens, attention_module._length_buckets, 128 + 15 * 60 + 1)
+    assert changed.shapes == [(1, 128), (15, 61)] and changed.key_masks[1][:, 0, 0].sum(-1).tolist() == [61] + [60] * 14
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_dropout_keeps_one_minus_p_and_scales_the_kept(no_kernels, packed):
     """q = k = 0: every probability is 1/S; v = identity: out[i] = keep[i, :] / (S·(1-p)), so each

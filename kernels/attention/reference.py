@@ -1,5 +1,6 @@
 """The float64/fp32 reference of `attention` and its fast PyTorch path (SDPA), same semantics."""
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -64,18 +65,22 @@ def attention_torch(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dr
     `F.scaled_dot_product_attention` backend torch picks for the device (flash, memory-efficient,
     cuDNN, or its fused CPU kernel), on strided [B, H, S, D] views of the inputs, no copies.
 
-    Rows with no visible key give zeros, as in the kernels. The packed layout is scattered into a
-    zero-padded [B, max_seqlen] batch by index ops, attended with the padding masked and gathered
-    back: no host read, no loop over sequences. (One SDPA call per sequence on views instead was
-    measured on a 2-core CPU, MiniLM-L6 B16-32 x S128 at 40-50 % padding: 10 % faster with one
-    thread, 15 % slower with two on a busy machine, and it reads cu_seqlens back.) Dropout
-    (dropout_p > 0) is SDPA's own, drawn from torch's generator: the kernels' distribution, not
-    their mask. Gradients reach q, k, v, and a bias that requires grad.
+    Rows with no visible key give zeros, as in the kernels. On the CPU (where reading cu_seqlens
+    waits for nothing) the packed layout runs without a bias in a few length buckets
+    (`_length_buckets`): each bucket's sequences gathered to its longest length, attended with the
+    padding masked and gathered back, so that the attention's work follows the real lengths, not
+    the batch's longest. Elsewhere, with a bias, and under torch.compile or a CUDA graph capture
+    (which cannot read the lengths), it is scattered into a zero-padded [B, max_seqlen] batch by
+    index ops, attended with the padding masked and gathered back: no host read, no loop over
+    sequences. Dropout (dropout_p > 0) is SDPA's own, drawn from torch's generator: the kernels'
+    distribution, not their mask. Gradients reach q, k, v, and a bias that requires grad.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if cu_seqlens is None:
         return _padded_torch(q, k, v, key_padding_mask, bias, scale, dropout_p)
+    if bias is None and cu_seqlens.device.type == "cpu" and not capturing_or_compiling(cu_seqlens):
+        return _bucketed(q, k, v, remembered(cu_seqlens, _length_buckets, q.shape[0]), scale, dropout_p)
     batch = cu_seqlens.shape[0] - 1
     flat, key_mask = _packed_positions(cu_seqlens, q.shape[0], max_seqlen)
     q, k, v = _scattered(q, k, v, flat, batch * max_seqlen)
@@ -87,6 +92,77 @@ def attention_torch(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dr
     else:
         out = _padded_torch(q, k, v, key_mask, bias, scale, dropout_p)
     return out.reshape(batch * max_seqlen, *out.shape[2:]).index_select(0, flat)
+
+
+class LengthBuckets(NamedTuple):
+    """Where the packed rows go for `_bucketed`: the buckets' padded rows back to back."""
+    gather: torch.Tensor  # int64 [rows]: the packed row each padded row reads (None: the rows as they are)
+    scatter: torch.Tensor  # int64 [T]: each packed row's padded row (None: the rows as they are)
+    shapes: list  # [(sequences, length)] per bucket
+    key_masks: list  # per bucket: bool [sequences, 1, 1, length] of the real keys, or None (no padding)
+
+
+def _bucketed(q, k, v, buckets, scale, dropout_p):
+    if not buckets.shapes:  # no tokens: q's empty rows, still connected for autograd
+        return q.clone()
+    if buckets.gather is not None:
+        q, k, v = (t.index_select(0, buckets.gather) for t in (q, k, v))
+    outs, start = [], 0
+    for (sequences, length), key_mask in zip(buckets.shapes, buckets.key_masks):
+        rows = slice(start, start + sequences * length)
+        start = rows.stop
+        heads = [t[rows].view(sequences, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v)]
+        out = torch.nn.functional.scaled_dot_product_attention(*heads, attn_mask=key_mask, dropout_p=dropout_p,
+                                                               scale=scale)
+        outs.append(out.transpose(1, 2).reshape(sequences * length, *q.shape[1:]))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out if buckets.scatter is None else out.index_select(0, buckets.scatter)
+
+
+# A bucket more must save the attention this many query-key pairs (per head) cost: it costs a
+# call, a mask and a share of the gathers. At most MAX_LENGTH_BUCKETS: every SDPA call meets its
+# threads at a barrier, which is slow on a loaded machine.
+BUCKET_SPLIT_MIN_PAIRS = 128 * 128
+MAX_LENGTH_BUCKETS = 4
+
+
+def _length_buckets(cu_seqlens, tokens):
+    """The sequences of cu_seqlens (a CPU tensor; empty sequences left out) sorted by length and
+    cut into at most MAX_LENGTH_BUCKETS runs, each padded to its longest: cut greedily where a cut
+    saves the most query-key pairs, while that is more than BUCKET_SPLIT_MIN_PAIRS."""
+    bounds = cu_seqlens.tolist()
+    sequences = sorted(((end - start, start) for start, end in zip(bounds[:-1], bounds[1:]) if end > start),
+                       key=lambda sequence: -sequence[0])  # stable: equal lengths keep their order
+    if not sequences:
+        return LengthBuckets(None, None, [], [])
+    lengths = [length for length, _ in sequences]
+    cuts = [0, len(sequences)]  # bucket i: sequences[cuts[i]:cuts[i + 1]]
+    while len(cuts) <= MAX_LENGTH_BUCKETS:
+        # cutting the run [first, last) at m saves (last - m) · (lengths[first]² - lengths[m]²) pairs
+        saved, at = max(((last - m) * (lengths[first] ** 2 - lengths[m] ** 2), m)
+                        for first, last in zip(cuts[:-1], cuts[1:]) for m in range(first + 1, last)) \
+            if len(cuts) - 1 < len(sequences) else (0, None)
+        if saved <= BUCKET_SPLIT_MIN_PAIRS:
+            break
+        cuts = sorted(cuts + [at])
+    shapes, key_masks, gathers, real_rows = [], [], [], []
+    for first, last in zip(cuts[:-1], cuts[1:]):
+        longest = lengths[first]
+        bucket_lengths = torch.tensor(lengths[first:last])[:, None]
+        within = torch.arange(longest)
+        real = within < bucket_lengths
+        shapes.append((last - first, longest))
+        key_masks.append(None if lengths[last - 1] == longest else real[:, None, None, :])
+        real_rows.append(real.flatten())
+        # a padding row reads its sequence's last row: finite values, masked as a key, never gathered back
+        starts = torch.tensor([start for _, start in sequences[first:last]])[:, None]
+        gathers.append((starts + torch.minimum(within, bucket_lengths - 1)).flatten())
+    gather, real_rows = torch.cat(gathers), torch.cat(real_rows)
+    if gather.shape[0] == tokens and torch.equal(gather, torch.arange(tokens)):
+        return LengthBuckets(None, None, shapes, key_masks)
+    scatter = torch.empty(tokens, dtype=torch.long)
+    scatter[gather[real_rows]] = torch.arange(gather.shape[0])[real_rows]
+    return LengthBuckets(gather, scatter, shapes, key_masks)
 
 
 def _scattered(q, k, v, flat, positions):
