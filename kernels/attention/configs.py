@@ -6,8 +6,10 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 
 # Launch configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages), keyed by (precision, head-dim
 # bucket, has bias). Every one is listed in compile_cases() and checked there to compile without
-# register spills for sm_80 and sm_90a, for every head dim it serves, under each Triton release
-# that a supported torch pins (3.6, 3.8, 3.9: register allocation differs between them). What the
+# register spills for sm_80 and sm_90a, for every head dim it serves, under the Triton releases
+# that supported torches pin (3.6, 3.8, 3.9: register allocation differs between them; under 3.6,
+# fp32 "ieee" dK/dV and dQ with dropout keep 8-16 B of stack at some head dims whatever the
+# tile, see the README). What the
 # registers must hold grows with the head dim (the [rows, D] fp32 accumulators), with fp32
 # operands, with a bias tile (loaded, then moved into the dot's layout) and with dropout's Philox
 # rounds; the biggest tiles that stay spill-free with all of them are below. Precision "16" is fp16/bf16 (tensor cores),
@@ -20,7 +22,8 @@ _FWD_CONFIGS = {
     ("tf32", 64, False): (64, 32, 4, 2),
     ("tf32", 64, True): (64, 32, 4, 2),
     ("tf32", 128, False): (64, 32, 4, 2),
-    ("tf32", 128, True): (64, 32, 4, 2),
+    # with a bias and dropout: 64x32 spills 8 B on sm_80 under Triton 3.6
+    ("tf32", 128, True): (32, 32, 4, 2),
     ("ieee", 64, False): (32, 32, 4, 1),
     ("ieee", 64, True): (32, 32, 4, 1),
     ("ieee", 128, False): (16, 16, 4, 1),
@@ -35,7 +38,8 @@ _FWD_DROPOUT_CONFIGS = {
     ("16", 128, True): (64, 32, 4, 2),
 }
 _BWD_CONFIGS = {  # (dK/dV kernel config, dQ kernel config)
-    ("16", 64, False): ((32, 64, 4, 2), (128, 32, 8, 2)),
+    # dK/dV: 32-query blocks spill 8 B on sm_80 with dropout under Triton 3.6 (packed layout)
+    ("16", 64, False): ((16, 64, 4, 2), (128, 32, 8, 2)),
     # dK/dV with a bias: 32-query blocks spill on sm_80 with dropout's draws
     ("16", 64, True): ((16, 64, 4, 1), (128, 32, 8, 2)),
     ("16", 128, False): ((16, 64, 4, 2), (64, 32, 4, 2)),
@@ -49,13 +53,15 @@ _BWD_CONFIGS = {  # (dK/dV kernel config, dQ kernel config)
     # dQ: 64x16 spills 128 B (216-224 B with a bias) on sm_90a under Triton 3.8; 32x32 holds the
     # same tile
     ("tf32", 128, False): ((16, 32, 4, 1), (32, 32, 4, 1)),
-    ("tf32", 128, True): ((16, 32, 4, 1), (32, 32, 4, 1)),
+    # dK/dV with a bias: 16x32 spills 16 B on sm_90a under Triton 3.6
+    ("tf32", 128, True): ((16, 16, 4, 1), (32, 32, 4, 1)),
     # dK/dV with dropout: 32-key tiles spill (D = 64 on sm_90a; with a bias, D = 32 on sm_80)
     # dK/dV with 4 warps: 8 B spill at D = 16 on sm_80, 16 B with a bias at D = 32 on sm_90a (Triton 3.8)
     ("ieee", 64, False): ((16, 16, 8, 1), (16, 16, 4, 1)),
     ("ieee", 64, True): ((16, 16, 8, 1), (16, 16, 4, 1)),
-    ("ieee", 128, False): ((16, 16, 4, 1), (16, 16, 4, 1)),
-    # dQ: with 4 warps, a bias and dropout's 64-bit seed argument spill at D = 80, 96 on sm_90a
+    # dQ: with 4 warps, dropout's draws spill at D = 80, 96 (on sm_90a with a bias; on sm_80 without
+    # one, under Triton 3.6)
+    ("ieee", 128, False): ((16, 16, 4, 1), (16, 16, 8, 1)),
     ("ieee", 128, True): ((16, 16, 4, 1), (16, 16, 8, 1)),
 }
 _DELTA_BLOCK_M = 64
