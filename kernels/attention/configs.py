@@ -8,12 +8,12 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 # bucket, has bias). Every one is listed in compile_cases() and checked there to compile without
 # register spills for sm_80 and sm_90a, for every head dim it serves, under the Triton releases
 # that supported torches pin (3.6, 3.8, 3.9: register allocation differs between them; under 3.6,
-# fp32 "ieee" dK/dV and dQ with dropout keep 8-16 B of stack at some head dims whatever the
-# tile, see the README). What the
-# registers must hold grows with the head dim (the [rows, D] fp32 accumulators), with fp32
-# operands, with a bias tile (loaded, then moved into the dot's layout) and with dropout's Philox
-# rounds; the biggest tiles that stay spill-free with all of them are below. Precision "16" is fp16/bf16 (tensor cores),
-# "tf32" is fp32 on tensor cores, "ieee" is fp32 on the FMA units (no wgmma, so small tiles).
+# a few fp32 "ieee" dK/dV and dQ variants with a bias and dropout keep 8 B of stack at some head
+# dims whatever the tile, see the README). What the registers must hold grows with the head dim
+# (the [rows, D] fp32 accumulators), with fp32 operands, with a bias tile (loaded, then moved into
+# the dot's layout) and with dropout's Philox rounds; the biggest tiles that stay spill-free with
+# all of them are below. Precision "16" is fp16/bf16 (tensor cores), "tf32" is fp32 on tensor
+# cores, "ieee" is fp32 on the FMA units (no wgmma, so small tiles).
 _FWD_CONFIGS = {
     ("16", 64, False): (128, 64, 8, 2),
     ("16", 64, True): (128, 64, 8, 2),
@@ -48,15 +48,14 @@ _BWD_CONFIGS = {  # (dK/dV kernel config, dQ kernel config)
     ("16", 128, True): ((16, 64, 8, 2), (64, 32, 4, 1)),
     ("tf32", 64, False): ((16, 64, 4, 1), (64, 16, 4, 1)),
     ("tf32", 64, True): ((16, 64, 4, 1), (64, 16, 4, 1)),
-    # TF32 dK/dV with D >= 80: 64-key tiles (wgmma's minimum) spill, fp32 K, V, dK and dV tiles
-    # being 4x as many registers as fp16 K, V; 32-key tiles run on mma.sync instead of wgmma
-    # dQ: 64x16 spills 128 B (216-224 B with a bias) on sm_90a under Triton 3.8; 32x32 holds the
-    # same tile
+    # TF32 at D >= 80. dK/dV: 64-key tiles (wgmma's minimum) spill, fp32 K, V, dK and dV tiles
+    # being 4x as many registers as fp16 K, V: 32-key tiles run on mma.sync instead of wgmma, and
+    # with a bias 16-key ones (16x32 spills 16 B on sm_90a under Triton 3.6). dQ: 64x16 spills
+    # 128 B (216-224 B with a bias) on sm_90a under Triton 3.8; 32x32 holds the same tile.
     ("tf32", 128, False): ((16, 32, 4, 1), (32, 32, 4, 1)),
-    # dK/dV with a bias: 16x32 spills 16 B on sm_90a under Triton 3.6
     ("tf32", 128, True): ((16, 16, 4, 1), (32, 32, 4, 1)),
-    # dK/dV with dropout: 32-key tiles spill (D = 64 on sm_90a; with a bias, D = 32 on sm_80)
-    # dK/dV with 4 warps: 8 B spill at D = 16 on sm_80, 16 B with a bias at D = 32 on sm_90a (Triton 3.8)
+    # dK/dV: 32-key tiles spill with dropout (D = 64 on sm_90a; with a bias, D = 32 on sm_80), and
+    # 4 warps spill under Triton 3.8 (8 B at D = 16 on sm_80, 16 B with a bias at D = 32 on sm_90a)
     ("ieee", 64, False): ((16, 16, 8, 1), (16, 16, 4, 1)),
     ("ieee", 64, True): ((16, 16, 8, 1), (16, 16, 4, 1)),
     # dQ: with 4 warps, dropout's draws spill at D = 80, 96 (on sm_90a with a bias; on sm_80 without
