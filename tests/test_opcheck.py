@@ -77,41 +77,53 @@ def _attention_inputs(dtype, device, layout, batch=2, seqlen=19, heads=2, head_d
                  for _ in range(3))
 
 
+def _detached(arguments):
+    """The backward op's arguments without autograd history (it registers none; the relative
+    bias's table requires grad in the forward's calls, and so does their output)."""
+    return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in arguments)
+
+
 @pytest.mark.parametrize("dtype", DTYPES + [BF16_WITH_DOT])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("optional", ["bare", "mask+bias+dropout"])
+@pytest.mark.parametrize("optional", ["bare", "mask+bias+dropout", "mask+relative+dropout"])
 def test_attention_padded(device, triton_backend, dtype, layout, optional):
     q, k, v = _attention_inputs(dtype, device, layout)
-    mask = bias = seed = None
+    mask = bias = relative = seed = None
     dropout_p = 0.0
     if optional != "bare":
         mask = torch.arange(19, device=device)[None, :] < torch.tensor([[19], [6]], device=device)
-        bias = torch.randn(2, 1, 19, 19, device=device).to(dtype)
         seed, dropout_p = attention._draw_dropout_seed(), 0.2
-    arguments = (mask, bias, None, seed, 19, 0.3, dropout_p, False)
+    if optional == "mask+bias+dropout":
+        bias = torch.randn(2, 1, 19, 19, device=device).to(dtype)
+    elif optional == "mask+relative+dropout":
+        relative = _grad(torch.randn(2, 37, device=device), True)
+    arguments = (mask, bias, relative, None, seed, 19, 0.3, dropout_p, False)
     torch.library.opcheck(attention._attention_fwd, tuple(_grad(t.detach().clone(), True) for t in (q, k, v)) + arguments)
     out, stats = attention._attention_fwd(q, k, v, *arguments)
     do = _attention_inputs(dtype, device, layout)[0]
-    torch.library.opcheck(attention._attention_bwd, (do, q, k, v, out, stats) + arguments)
+    torch.library.opcheck(attention._attention_bwd, _detached((do, q, k, v, out, stats) + arguments))
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [BF16_WITH_DOT])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("optional", ["bare", "bias+dropout"])
+@pytest.mark.parametrize("optional", ["bare", "bias+dropout", "relative+dropout"])
 def test_attention_packed(device, triton_backend, dtype, layout, optional):
     lengths = [7, 0, 12]
     cu_seqlens = torch.tensor([0, 7, 7, 19], dtype=torch.int32, device=device)
     q, k, v = (t[0] for t in _attention_inputs(dtype, device, layout, batch=1))  # [T = 19, H, D]
-    bias = seed = None
+    bias = relative = seed = None
     dropout_p = 0.0
     if optional != "bare":
-        bias = torch.randn(1, 2, max(lengths), max(lengths), device=device).to(dtype)
         seed, dropout_p = attention._draw_dropout_seed(), 0.2
-    arguments = (None, bias, cu_seqlens, seed, max(lengths), 0.3, dropout_p, False)
+    if optional == "bias+dropout":
+        bias = torch.randn(1, 2, max(lengths), max(lengths), device=device).to(dtype)
+    elif optional == "relative+dropout":
+        relative = _grad(torch.randn(2, 2 * max(lengths) - 1, device=device), True)
+    arguments = (None, bias, relative, cu_seqlens, seed, max(lengths), 0.3, dropout_p, False)
     torch.library.opcheck(attention._attention_fwd, tuple(_grad(t.detach().clone(), True) for t in (q, k, v)) + arguments)
     out, stats = attention._attention_fwd(q, k, v, *arguments)
     do = _attention_inputs(dtype, device, layout, batch=1)[0][0]
-    torch.library.opcheck(attention._attention_bwd, (do, q, k, v, out, stats) + arguments)
+    torch.library.opcheck(attention._attention_bwd, _detached((do, q, k, v, out, stats) + arguments))
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [BF16])

@@ -181,9 +181,10 @@ def test_the_report_compiles_what_the_ops_launch(device, triton_backend, launch_
     or divisible by 16 (an alignment fact the compiler uses) unless the kernel says not to. At
     lengths, head counts and token counts that are multiples of 16 (as BERT's S = 128 or 512 with 16
     heads, B x S tokens) and that are not, every op's every launch (attention padded, masked, with a
-    mask of stride 2 over keys, packed, biased, with dropout; linear with GELU, residual and both
-    backward products; LayerNorm with a residual; pad and unpad), forward and backward, runs a
-    specialisation that one of the report's cases of that kernel compiles exactly."""
+    mask of stride 2 over keys, packed, biased, with a relative bias, with dropout; linear with
+    GELU, residual and both backward products; LayerNorm with a residual; pad and unpad), forward
+    and backward, runs a specialisation that one of the report's cases of that kernel compiles
+    exactly."""
     from fastencoder.kernels.attention import attention
 
     torch.manual_seed(0)
@@ -197,6 +198,8 @@ def test_the_report_compiles_what_the_ops_launch(device, triton_backend, launch_
     run(attention(q, k, v, key_padding_mask=mask, dropout_p=0.1))
     run(attention(q, k, v, key_padding_mask=mask.repeat_interleave(2, dim=1)[:, ::2]))
     run(attention(q, k, v, bias=torch.randn(2, 1, 1, 32, device=device)))
+    run(attention(q, k, v, key_padding_mask=mask,
+                  relative_bias=torch.randn(16, 63, device=device, requires_grad=True)))
     run(attention(*packed, cu_seqlens=torch.tensor([0, 32, 45], dtype=torch.int32, device=device),
                   max_seqlen=32, dropout_p=0.1))
     weight = torch.randn(128, 128, device=device, requires_grad=True)

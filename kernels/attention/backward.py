@@ -44,11 +44,12 @@ def _attention_bwd_delta_kernel(
 # TAIL: the block may run past the sequence: its rows load as zeros with m = 1/l = delta = 0, so
 # their P is exactly 0 (a bias is not read there) and nothing reaches the sums.
 @triton.jit
-def _dkdv_block(dk, dv, k, v, Q, DO, Stats, Delta, Bias, seed, batch_head, key_start, bias_cols, dims,
-                query_start, seqlen, max_seqlen, stride_qs, stride_dos, stride_bm, scale_log2,
+def _dkdv_block(dk, dv, k, v, Q, DO, Stats, Delta, Bias, DBias, seed, batch_head, key_start, bias_cols,
+                visible, dims, query_start, seqlen, max_seqlen, stride_qs, stride_dos, stride_bm, scale_log2,
                 inv_scale, bias_floor, groups_per_row, threshold, keep_fraction,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, TAIL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                RELATIVE_BIAS: tl.constexpr,
                 HAS_DROPOUT: tl.constexpr, precision: tl.constexpr):
     rows = query_start + tl.arange(0, BLOCK_M)
     row_ok = rows < seqlen
@@ -63,7 +64,7 @@ def _dkdv_block(dk, dv, k, v, Q, DO, Stats, Delta, Bias, seed, batch_head, key_s
         inv_sum = tl.load(Stats + max_seqlen + rows)
         delta = tl.load(Delta + rows)
     init = _scores_init(Bias, rows[None, :], bias_cols[:, None], row_ok[None, :], stride_bm,
-                        inv_scale, bias_floor, HAS_BIAS, TAIL, BLOCK_N, BLOCK_M)
+                        inv_scale, bias_floor, HAS_BIAS, RELATIVE_BIAS, TAIL, BLOCK_N, BLOCK_M)
     qk_t = tl.dot(k, tl.trans(q), init, input_precision=precision)
     p_t = _exp2_shifted(qk_t, row_max[None, :], scale_log2, HAS_BIAS) * inv_sum[None, :]
     dp_t = tl.dot(v, tl.trans(do), input_precision=precision)
@@ -75,6 +76,11 @@ def _dkdv_block(dk, dv, k, v, Q, DO, Stats, Delta, Bias, seed, batch_head, key_s
     else:
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=precision)
         ds_t = p_t * (dp_t - delta[None, :])
+    if RELATIVE_BIAS:  # the table's gradient: dS summed per distance k - q (keys visible only)
+        counted = visible[:, None] & row_ok[None, :]
+        cols = key_start + tl.arange(0, BLOCK_N)
+        tl.atomic_add(DBias + (stride_bm // 2 + cols[:, None] - rows[None, :]),
+                      tl.where(counted, ds_t, 0.0), mask=counted, sem="relaxed")
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=precision)
     return dk, dv
 
@@ -89,14 +95,14 @@ def _dkdv_block(dk, dv, k, v, Q, DO, Stats, Delta, Bias, seed, batch_head, key_s
 # only (padding, with a right-padded mask) skips the loop.
 @batch_generic("seed", "num_heads", "max_seqlen", "stride_mb")
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, Stats, Delta, KeyMask, KeyLengths, Bias, CuSeqlens, seed,
+    Q, K, V, DO, DK, DV, Stats, Delta, KeyMask, KeyLengths, Bias, DBias, CuSeqlens, seed,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
     stride_mb, stride_mk, stride_bb, stride_bh, stride_bm,
     num_heads, max_seqlen, scale, scale_log2, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PACKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PACKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, RELATIVE_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, ALLOW_TF32: tl.constexpr,
 ):
     precision: tl.constexpr = "tf32" if ALLOW_TF32 else "ieee"
@@ -121,6 +127,7 @@ def _attention_bwd_dkdv_kernel(
     Delta += batch_head.to(tl.int64) * max_seqlen
     KeyMask += b64 * stride_mb
     Bias += b64 * stride_bb + h64 * stride_bh
+    DBias += h64 * stride_bm  # the gradient's table, T's layout without the copies: [H, stride_bm]
 
     cols = key_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
@@ -149,16 +156,18 @@ def _attention_bwd_dkdv_kernel(
         masked_from = queries - queries % BLOCK_M
     for query_start in range(0, masked_from, BLOCK_M):
         dk, dv = _dkdv_block(
-            dk, dv, k, v, Q, DO, Stats, Delta, Bias, seed, batch_head, key_start, bias_cols, dims,
+            dk, dv, k, v, Q, DO, Stats, Delta, Bias, DBias, seed, batch_head, key_start, bias_cols,
+            visible, dims,
             query_start, seqlen, max_seqlen, stride_qs, stride_dos, stride_bm, scale_log2,
             inv_scale, bias_floor, groups_per_row, threshold, keep_fraction, HEAD_DIM, BLOCK_D,
-            BLOCK_M, BLOCK_N, False, HAS_BIAS, HAS_DROPOUT, precision)
+            BLOCK_M, BLOCK_N, False, HAS_BIAS, RELATIVE_BIAS, HAS_DROPOUT, precision)
     for query_start in range(masked_from, queries, BLOCK_M):
         dk, dv = _dkdv_block(
-            dk, dv, k, v, Q, DO, Stats, Delta, Bias, seed, batch_head, key_start, bias_cols, dims,
+            dk, dv, k, v, Q, DO, Stats, Delta, Bias, DBias, seed, batch_head, key_start, bias_cols,
+            visible, dims,
             query_start, seqlen, max_seqlen, stride_qs, stride_dos, stride_bm, scale_log2,
             inv_scale, bias_floor, groups_per_row, threshold, keep_fraction, HEAD_DIM, BLOCK_D,
-            BLOCK_M, BLOCK_N, True, HAS_BIAS, HAS_DROPOUT, precision)
+            BLOCK_M, BLOCK_N, True, HAS_BIAS, RELATIVE_BIAS, HAS_DROPOUT, precision)
     dk_scale = scale
     dv_scale = 1.0
     if HAS_DROPOUT:
@@ -181,13 +190,14 @@ def _dq_block(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, bat
               stride_bm, scale_log2, inv_scale, bias_floor, groups_per_row, threshold,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, TAIL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-              HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, precision: tl.constexpr):
+              HAS_BIAS: tl.constexpr, RELATIVE_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               precision: tl.constexpr):
     cols = key_start + tl.arange(0, BLOCK_N)
     key_ok = cols < n_keys
     k = _load_rows(K, cols, dims, key_ok, stride_ks, HEAD_DIM, BLOCK_D, TAIL)
     v = _load_rows(V, cols, dims, key_ok, stride_vs, HEAD_DIM, BLOCK_D, TAIL)
     init = _scores_init(Bias, bias_rows[:, None], cols[None, :], key_ok[None, :], stride_bm,
-                        inv_scale, bias_floor, HAS_BIAS, TAIL, BLOCK_M, BLOCK_N)
+                        inv_scale, bias_floor, HAS_BIAS, RELATIVE_BIAS, TAIL, BLOCK_M, BLOCK_N)
     qk = tl.dot(q, tl.trans(k), init, input_precision=precision)
     if TAIL:
         qk = tl.where(key_ok[None, :], qk, float("-inf"))
@@ -209,6 +219,7 @@ def _dq_keys(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batc
              scale_log2, inv_scale, bias_floor, groups_per_row, threshold,
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+              RELATIVE_BIAS: tl.constexpr,
              HAS_DROPOUT: tl.constexpr, precision: tl.constexpr):
     # full key blocks unmasked, then the tail; with a bias tile or accumulators wider than 64 every
     # block is bounds-checked (sm_80 spills with a second copy of the block code)
@@ -221,13 +232,13 @@ def _dq_keys(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batc
                        rows, bias_rows, dims, key_start, n_keys, byte_mask, stride_ks, stride_vs,
                        stride_mk, stride_bm, scale_log2, inv_scale, bias_floor, groups_per_row,
                        threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_KEY_MASK, HAS_BIAS,
-                       HAS_DROPOUT, precision)
+                       RELATIVE_BIAS, HAS_DROPOUT, precision)
     for key_start in range(masked_from, n_keys, BLOCK_N):
         dq = _dq_block(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batch_head,
                        rows, bias_rows, dims, key_start, n_keys, byte_mask, stride_ks, stride_vs,
                        stride_mk, stride_bm, scale_log2, inv_scale, bias_floor, groups_per_row,
                        threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_KEY_MASK, HAS_BIAS,
-                       HAS_DROPOUT, precision)
+                       RELATIVE_BIAS, HAS_DROPOUT, precision)
     return dq
 
 
@@ -244,7 +255,7 @@ def _attention_bwd_dq_kernel(
     stride_mb, stride_mk, stride_bb, stride_bh, stride_bm,
     num_heads, max_seqlen, scale, scale_log2, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PACKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PACKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, RELATIVE_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, ALLOW_TF32: tl.constexpr,
 ):
     precision: tl.constexpr = "tf32" if ALLOW_TF32 else "ieee"
@@ -291,12 +302,12 @@ def _attention_bwd_dq_kernel(
         dq = _dq_keys(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batch_head,
                       rows, bias_rows, dims, n_keys, byte_mask, stride_ks, stride_vs, stride_mk,
                       stride_bm, scale_log2, inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM,
-                      BLOCK_D, BLOCK_M, BLOCK_N, HAS_KEY_MASK, HAS_BIAS, HAS_DROPOUT, precision)
+                      BLOCK_D, BLOCK_M, BLOCK_N, HAS_KEY_MASK, HAS_BIAS, RELATIVE_BIAS, HAS_DROPOUT, precision)
     else:
         dq = _dq_keys(dq, q, do, row_max, inv_sum, delta, K, V, KeyMask, Bias, seed, batch_head,
                       rows, bias_rows, dims, n_keys, byte_mask, stride_ks, stride_vs, stride_mk,
                       stride_bm, scale_log2, inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM,
-                      BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_BIAS, HAS_DROPOUT, precision)
+                      BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_BIAS, RELATIVE_BIAS, HAS_DROPOUT, precision)
     dq_mask = row_ok[:, None] & (dims < HEAD_DIM)[None, :]
     tl.store(DQ + rows[:, None] * stride_dqs + dims[None, :], (dq * dq_scale).to(DQ.dtype.element_ty),
              mask=dq_mask)

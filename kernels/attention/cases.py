@@ -12,16 +12,19 @@ from .forward import _attention_fwd_kernel
 
 
 _TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_POINTER_TYPES = dict(Stats="*fp32", Delta="*fp32", KeyMask="*u8", KeyLengths="*i32", CuSeqlens="*i32", Keep="*i8")
+_POINTER_TYPES = dict(Stats="*fp32", Delta="*fp32", KeyMask="*u8", KeyLengths="*i32", CuSeqlens="*i32", Keep="*i8",
+                      DBias="*fp32")
 _SCALAR_TYPES = dict(scale="fp32", scale_log2="fp32", dropout_p="fp32", seed="i64")
 
 
 def _signature(kernel, element_type, constexprs):
-    """Argument types of `kernel` as launched: tensors of the input dtype unless listed above."""
+    """Argument types of `kernel` as launched: tensors of the input dtype unless listed above (a
+    relative bias's table is fp32)."""
     names = inspect.signature(kernel.fn).parameters
+    pointer_types = dict(_POINTER_TYPES, **({"Bias": "*fp32"} if constexprs.get("RELATIVE_BIAS") else {}))
     return {
-        name: _POINTER_TYPES.get(name, f"*{element_type}" if name[0].isupper() else
-                                 _SCALAR_TYPES.get(name, "i32"))
+        name: pointer_types.get(name, f"*{element_type}" if name[0].isupper() else
+                                _SCALAR_TYPES.get(name, "i32"))
         for name in names if name not in constexprs
     }
 
@@ -51,37 +54,47 @@ def _launches(head_dim, dtype, allow_tf32):
     """[(kernel, config, flags)] for every config launched at this head dim and precision.
 
     At the BERT-family precisions and head dims: each layout (padded without a mask, with a key
-    padding mask, packed) with and without dropout, and with a bias its heaviest variant. Elsewhere
-    one variant per config, with the key mask, dropout and (if it serves a bias) the bias: every
-    flag only adds to the same tiles (a mask or bias load, Philox rounds), and the padded layout
+    padding mask, packed) with and without dropout, with a bias its heaviest variant, and with a
+    relative bias (MPNet's) that and the packed one without dropout (inference's). Elsewhere one
+    variant per config, with the key mask, dropout and (if it serves a bias) the bias, and the same
+    with a relative bias: every flag only adds to the same tiles (a mask or bias load, Philox rounds), and the padded layout
     with a key mask is heavier than the packed one, which differs only in two scalar loads of
     cu_seqlens before the tiles."""
     every = dtype != torch.float32 and head_dim in _EVERY_VARIANT_HEAD_DIMS
 
-    def flags(layout, has_bias, has_dropout):
+    def flags(layout, has_bias, has_dropout, relative=False):
         return dict(PACKED=layout == "packed", HAS_KEY_MASK=layout == "mask", HAS_BIAS=has_bias,
-                    HAS_DROPOUT=has_dropout)
+                    RELATIVE_BIAS=relative, HAS_DROPOUT=has_dropout)
 
     launches = {}  # keyed by (kernel, config) alone where one variant stands for the config
     for has_bias in (False, True):  # a config serving both keeps the heavier flags, with the bias
         dkdv, dq = _bwd_configs(head_dim, dtype, allow_tf32, has_bias)
+        relative_dkdv, relative_dq = _bwd_configs(head_dim, dtype, allow_tf32, has_bias, relative=True)
         for has_dropout in (False, True):
             fwd = _fwd_config(head_dim, dtype, allow_tf32, has_bias, has_dropout)
-            for kernel, config in ((_attention_fwd_kernel, fwd), (_attention_bwd_dkdv_kernel, dkdv),
-                                   (_attention_bwd_dq_kernel, dq)):
+            for kernel, config, relative_config in (
+                    (_attention_fwd_kernel, fwd, fwd), (_attention_bwd_dkdv_kernel, dkdv, relative_dkdv),
+                    (_attention_bwd_dq_kernel, dq, relative_dq)):
                 if every and not has_bias:
                     for layout in ("padded", "mask", "packed"):
                         variant = flags(layout, False, has_dropout)
                         launches[kernel, config, tuple(variant.values())] = variant
                 elif every:
                     launches[kernel, config, "bias"] = flags("mask", True, True)
+                    # a relative bias: training's heaviest, and inference's padding-free default
+                    launches[kernel, relative_config, "relative", has_dropout] = flags(
+                        "mask" if has_dropout else "packed", True, has_dropout, relative=True)
                 elif has_dropout or (kernel, config) not in launches:
                     launches[kernel, config] = flags("mask", has_bias, has_dropout)
+                    if has_bias:
+                        launches[kernel, relative_config, "relative"] = flags("mask", True, has_dropout,
+                                                                             relative=True)
     return [(key[0], key[1], variant) for key, variant in launches.items()]
 
 
 def _flags_name(flags):
-    names = dict(PACKED=" +packed", HAS_KEY_MASK=" +mask", HAS_BIAS=" +bias", HAS_DROPOUT=" +dropout")
+    names = dict(PACKED=" +packed", HAS_KEY_MASK=" +mask", HAS_BIAS=" +bias", RELATIVE_BIAS=" relative",
+                 HAS_DROPOUT=" +dropout")
     return "".join(names[flag] for flag, on in flags.items() if on)
 
 

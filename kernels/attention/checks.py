@@ -17,7 +17,8 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_inputs(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen):
+def _check_inputs(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen,
+                  relative_bias=None):
     check_float("q", q)
     check_like("k", k, q, "q")
     check_like("v", v, q, "q")
@@ -60,6 +61,16 @@ def _check_inputs(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens,
         if bias.dim() > 4 or any(n not in (1, t) for n, t in zip(bias.shape[::-1], target[::-1])):
             raise ValueError(f"bias of shape {tuple(bias.shape)} does not broadcast to [B, H, S, S] "
                              f"= {target}")
+    if relative_bias is not None:
+        check_float("relative_bias", relative_bias)
+        if relative_bias.device != q.device:
+            raise ValueError(f"relative_bias is on {relative_bias.device} but q is on {q.device}")
+        if bias is not None:
+            raise ValueError("pass bias or relative_bias, not both")
+        if tuple(relative_bias.shape) != (heads, 2 * seqlen - 1):
+            raise ValueError(f"relative_bias must have shape [H, 2·S - 1] = {(heads, 2 * seqlen - 1)} (S = "
+                             f"{'max_seqlen' if packed else 'the padded length'}), got "
+                             f"{tuple(relative_bias.shape)}")
 
 
 def _well_formed(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen):

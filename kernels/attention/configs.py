@@ -8,9 +8,9 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 # bucket, has bias). Every one is listed in compile_cases() and checked there to compile without
 # register spills for sm_80 and sm_90a, for every head dim it serves, under the Triton releases
 # that supported torches pin (3.6, 3.8, 3.9: register allocation differs between them; under 3.6,
-# a few fp32 "ieee" dK/dV and dQ variants with a bias and dropout keep 8 B of stack at some head
-# dims whatever the tile, see the README). What the registers must hold grows with the head dim
-# (the [rows, D] fp32 accumulators), with fp32 operands, with a bias tile (loaded, then moved into
+# a few fp32 "ieee" dK/dV and dQ variants with a bias (or a relative bias's dQ) and dropout keep
+# 8 B of stack at some head dims whatever the tile, see the README). What the registers must hold
+# grows with the head dim (the [rows, D] fp32 accumulators), with fp32 operands, with a bias tile (loaded, then moved into
 # the dot's layout) and with dropout's Philox rounds; the biggest tiles that stay spill-free with
 # all of them are below. Precision "16" is fp16/bf16 (tensor cores), "tf32" is fp32 on tensor
 # cores, "ieee" is fp32 on the FMA units (no wgmma, so small tiles).
@@ -63,6 +63,16 @@ _BWD_CONFIGS = {  # (dK/dV kernel config, dQ kernel config)
     ("ieee", 128, False): ((16, 16, 4, 1), (16, 16, 8, 1)),
     ("ieee", 128, True): ((16, 16, 4, 1), (16, 16, 8, 1)),
 }
+# A relative bias (MPNet's) runs the bias's configs, but where its fp32 table's loads and its
+# gradient's atomic adds in dK/dV need other ones: keyed by (precision, head dim) or (precision,
+# head-dim bucket). fp32 dK/dV with 16x16 tiles: 8 warps spill 16 B at D = 32 on sm_90a under
+# Triton 3.8 (32x16 holds there), 4 warps 8 B at D = 32, 64 under 3.9 and 8-16 B at D >= 80
+# under 3.6 (8 warps hold).
+_RELATIVE_BWD_CONFIGS = {
+    ("ieee", 32): ((32, 16, 8, 1), (16, 16, 4, 1)),
+    ("ieee", 128): ((16, 16, 8, 1), (16, 16, 8, 1)),
+    ("tf32", 128): ((16, 16, 8, 1), (32, 32, 4, 1)),
+}
 _DELTA_BLOCK_M = 64
 
 
@@ -76,5 +86,10 @@ def _fwd_config(head_dim, dtype, allow_tf32, has_bias, has_dropout):
     return _FWD_DROPOUT_CONFIGS.get(key, _FWD_CONFIGS[key]) if has_dropout else _FWD_CONFIGS[key]
 
 
-def _bwd_configs(head_dim, dtype, allow_tf32, has_bias):
-    return _BWD_CONFIGS[_config_key(head_dim, dtype, allow_tf32, has_bias)]
+def _bwd_configs(head_dim, dtype, allow_tf32, has_bias, relative=False):
+    key = _config_key(head_dim, dtype, allow_tf32, has_bias)
+    if relative:
+        precision, bucket, _ = key
+        return _RELATIVE_BWD_CONFIGS.get((precision, head_dim), _RELATIVE_BWD_CONFIGS.get(
+            (precision, bucket), _BWD_CONFIGS[key]))
+    return _BWD_CONFIGS[key]

@@ -22,12 +22,13 @@ def _fwd_block(acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bi
                inv_scale, bias_floor, groups_per_row, threshold,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, TAIL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-               HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, precision: tl.constexpr):
+               HAS_BIAS: tl.constexpr, RELATIVE_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               precision: tl.constexpr):
     cols = key_start + tl.arange(0, BLOCK_N)
     key_ok = cols < n_keys
     k = _load_rows(K, cols, dims, key_ok, stride_ks, HEAD_DIM, BLOCK_D, TAIL)
     init = _scores_init(Bias, bias_rows[:, None], cols[None, :], key_ok[None, :], stride_bm,
-                        inv_scale, bias_floor, HAS_BIAS, TAIL, BLOCK_M, BLOCK_N)
+                        inv_scale, bias_floor, HAS_BIAS, RELATIVE_BIAS, TAIL, BLOCK_M, BLOCK_N)
     if HAS_KEY_MASK:
         init = _byte_masked(init, KeyMask, cols, key_ok, stride_mk, byte_mask, TAIL)
     qk = tl.dot(q, tl.trans(k), init, input_precision=precision)
@@ -61,6 +62,7 @@ def _fwd_keys(acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bia
               bias_floor, groups_per_row, threshold,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+              RELATIVE_BIAS: tl.constexpr,
               HAS_DROPOUT: tl.constexpr, precision: tl.constexpr):
     # With a bias tile to load, or accumulators wider than 64, registers are short (sm_80 spills
     # with a second copy of the block code): one loop, every block bounds-checked.
@@ -70,7 +72,7 @@ def _fwd_keys(acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bia
                 acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims,
                 key_start, n_keys, byte_mask, stride_ks, stride_vs, stride_mk, stride_bm,
                 scale_log2, inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM, BLOCK_D,
-                BLOCK_M, BLOCK_N, True, HAS_KEY_MASK, HAS_BIAS, HAS_DROPOUT, precision)
+                BLOCK_M, BLOCK_N, True, HAS_KEY_MASK, HAS_BIAS, RELATIVE_BIAS, HAS_DROPOUT, precision)
         return acc, l_i, m_i
     full_end = n_keys - n_keys % BLOCK_N
     # two loops, one of which runs: the keys bounded by a length only, or the mask's bytes read
@@ -80,20 +82,20 @@ def _fwd_keys(acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bia
             acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims,
             key_start, n_keys, False, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2,
             inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
-            False, False, HAS_BIAS, HAS_DROPOUT, precision)
+            False, False, HAS_BIAS, RELATIVE_BIAS, HAS_DROPOUT, precision)
     if HAS_KEY_MASK:
         for key_start in range(bytes_from, full_end, BLOCK_N):
             acc, l_i, m_i = _fwd_block(
                 acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims,
                 key_start, n_keys, True, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2,
                 inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM, BLOCK_D, BLOCK_M,
-                BLOCK_N, False, True, HAS_BIAS, HAS_DROPOUT, precision)
+                BLOCK_N, False, True, HAS_BIAS, RELATIVE_BIAS, HAS_DROPOUT, precision)
     if full_end < n_keys:
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims,
             full_end, n_keys, byte_mask, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2,
             inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
-            True, HAS_KEY_MASK, HAS_BIAS, HAS_DROPOUT, precision)
+            True, HAS_KEY_MASK, HAS_BIAS, RELATIVE_BIAS, HAS_DROPOUT, precision)
     return acc, l_i, m_i
 
 
@@ -115,7 +117,7 @@ def _attention_fwd_kernel(
     stride_mb, stride_mk, stride_bb, stride_bh, stride_bm,
     num_heads, max_seqlen, scale_log2, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PACKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PACKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, RELATIVE_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, ALLOW_TF32: tl.constexpr,
 ):
     precision: tl.constexpr = "tf32" if ALLOW_TF32 else "ieee"
@@ -151,7 +153,7 @@ def _attention_fwd_kernel(
     acc, l_i, m_i = _fwd_keys(
         acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims, n_keys,
         byte_mask, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2, inv_scale, bias_floor,
-        groups_per_row, threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_KEY_MASK, HAS_BIAS,
+        groups_per_row, threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_KEY_MASK, HAS_BIAS, RELATIVE_BIAS,
         HAS_DROPOUT, precision)
     has_keys = l_i > 0.0
     # l >= 1 where a row has keys (its max term is 1): the approximate reciprocal is exact to 2 ulp

@@ -32,8 +32,9 @@ def _unused(device, dtype):
     return torch.empty(0, dtype=dtype, device=device)
 
 
-def _mask_bias_args(q, key_padding_mask, bias, batch, heads, max_seqlen):
-    """(key mask bytes, key lengths, bias, their strides) as the kernels take them."""
+def _mask_bias_args(q, key_padding_mask, bias, relative_bias, batch, heads, max_seqlen):
+    """(key mask bytes, key lengths, bias, their strides) as the kernels take them; a relative
+    bias goes in the bias's place (`_relative_bias_rows`)."""
     if key_padding_mask is None:
         mask, mask_strides = _unused(q.device, torch.uint8), (0, 0)
         lengths = _unused(q.device, torch.int32)
@@ -43,11 +44,31 @@ def _mask_bias_args(q, key_padding_mask, bias, batch, heads, max_seqlen):
             mask = mask.contiguous()
         mask_strides = mask.stride()
         lengths = _key_lengths(key_padding_mask)
-    if bias is None:
+    if relative_bias is not None:
+        bias = _relative_bias_rows(relative_bias, max_seqlen)
+        bias_strides = (0, *bias.stride()[:2])
+    elif bias is None:
         bias, bias_strides = _unused(q.device, q.dtype), (0, 0, 0)
     else:
         bias, bias_strides = _aligned_bias(bias, batch, heads, max_seqlen)
     return mask, lengths, bias, (*mask_strides, *bias_strides)
+
+
+def _relative_bias_center(max_seqlen):
+    """Where distance 0 sits in the kernels' tables of a relative bias: a multiple of 16, so that
+    query rows start 16-element aligned (`_relative_bias_ptrs`); distances run to ±(max_seqlen - 1)."""
+    return cdiv(max_seqlen, 16) * 16
+
+
+def _relative_bias_rows(relative_bias, max_seqlen):
+    """A relative bias [H, 2·max_seqlen - 1] as the kernels read it (`_relative_bias_ptrs`): per
+    head, the fp32 table T (T[center + d] = the bias at distance d, 0 beyond ±(max_seqlen - 1)) in
+    16 copies of 2·center elements, copy r shifted left by r: [H, 16, 2·center], 128·H·center
+    bytes, never S x S."""
+    center = _relative_bias_center(max_seqlen)
+    table = relative_bias.new_zeros((relative_bias.shape[0], 2 * center + 16), dtype=torch.float32)
+    table[:, center - max_seqlen + 1:center + max_seqlen] = relative_bias
+    return table.unfold(1, 2 * center, 1)[:, :16].contiguous()
 
 
 def _key_lengths(key_padding_mask):
@@ -103,8 +124,8 @@ def _aligned_bias(bias, batch, heads, max_seqlen):
 @launches_on_input_device
 def _attention_fwd_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
-    bias: torch.Tensor | None, cu_seqlens: torch.Tensor | None, seed: torch.Tensor | None,
-    max_seqlen: int, scale: float, dropout_p: float, allow_tf32: bool,
+    bias: torch.Tensor | None, relative_bias: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+    seed: torch.Tensor | None, max_seqlen: int, scale: float, dropout_p: float, allow_tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     packed = cu_seqlens is not None
     batch, heads, _ = _layout(q, cu_seqlens, max_seqlen)
@@ -113,8 +134,8 @@ def _attention_fwd_impl(
     # packed: rows past a sequence's end have no query and are never written; zeros keep them defined
     stats = (torch.zeros if packed else torch.empty)((batch, heads, 2, max_seqlen), dtype=torch.float32,
                                                      device=q.device)
-    mask, lengths, bias, mask_bias_strides = _mask_bias_args(q, key_padding_mask, bias, batch, heads,
-                                                             max_seqlen)
+    mask, lengths, bias, mask_bias_strides = _mask_bias_args(q, key_padding_mask, bias, relative_bias, batch,
+                                                             heads, max_seqlen)
     block_m, block_n, num_warps, num_stages = _fwd_config(
         head_dim, q.dtype, allow_tf32, bias.numel() > 0, seed is not None)
     q, scale = _positive_scale(q, scale)
@@ -126,8 +147,8 @@ def _attention_fwd_impl(
         heads, max_seqlen, _scale_log2(scale), dropout_p,
         HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), BLOCK_M=block_m,
         BLOCK_N=block_n, PACKED=packed, HAS_KEY_MASK=key_padding_mask is not None,
-        HAS_BIAS=bias.numel() > 0, HAS_DROPOUT=seed is not None, ALLOW_TF32=allow_tf32,
-        num_warps=num_warps, num_stages=num_stages,
+        HAS_BIAS=bias.numel() > 0, RELATIVE_BIAS=relative_bias is not None, HAS_DROPOUT=seed is not None,
+        ALLOW_TF32=allow_tf32, num_warps=num_warps, num_stages=num_stages,
     )
     return out, stats
 
@@ -136,7 +157,8 @@ _attention_fwd = torch.library.custom_op("fastencoder::attention_fwd", _attentio
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, bias, cu_seqlens, seed, max_seqlen, scale, dropout_p, allow_tf32):
+def _(q, k, v, key_padding_mask, bias, relative_bias, cu_seqlens, seed, max_seqlen, scale, dropout_p,
+      allow_tf32):
     batch, heads, _ = _layout(q, cu_seqlens, max_seqlen)
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
         (batch, heads, 2, max_seqlen), dtype=torch.float32
@@ -147,9 +169,9 @@ def _(q, k, v, key_padding_mask, bias, cu_seqlens, seed, max_seqlen, scale, drop
 def _attention_bwd_impl(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     stats: torch.Tensor, key_padding_mask: torch.Tensor | None, bias: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None, seed: torch.Tensor | None, max_seqlen: int, scale: float,
-    dropout_p: float, allow_tf32: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    relative_bias: torch.Tensor | None, cu_seqlens: torch.Tensor | None, seed: torch.Tensor | None,
+    max_seqlen: int, scale: float, dropout_p: float, allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     packed = cu_seqlens is not None
     batch, heads, _ = _layout(q, cu_seqlens, max_seqlen)
     head_dim = q.shape[-1]
@@ -158,13 +180,17 @@ def _attention_bwd_impl(
         do = do.contiguous()
     cu_seqlens = cu_seqlens if packed else _unused(q.device, torch.int32)
     seed_arg = _seed_argument(seed, q)
-    mask, lengths, bias, mask_bias_strides = _mask_bias_args(q, key_padding_mask, bias, batch, heads,
-                                                             max_seqlen)
+    mask, lengths, bias, mask_bias_strides = _mask_bias_args(q, key_padding_mask, bias, relative_bias, batch,
+                                                             heads, max_seqlen)
+    relative = relative_bias is not None
+    # the relative bias's gradient, per head and distance: T's layout (`_relative_bias_rows`)
+    center = _relative_bias_center(max_seqlen)
+    dbias = torch.zeros((heads, 2 * center) if relative else (0,), dtype=torch.float32, device=q.device)
     negative_scale = scale < 0
     q, scale = _positive_scale(q, scale)
     flags = dict(
         HEAD_DIM=head_dim, BLOCK_D=block_d, PACKED=packed,
-        HAS_KEY_MASK=key_padding_mask is not None, HAS_BIAS=bias.numel() > 0,
+        HAS_KEY_MASK=key_padding_mask is not None, HAS_BIAS=bias.numel() > 0, RELATIVE_BIAS=relative,
         HAS_DROPOUT=seed is not None, ALLOW_TF32=allow_tf32,
     )
     qkv_do_strides = (*_bsh_strides(q, packed), *_bsh_strides(k, packed),
@@ -180,9 +206,9 @@ def _attention_bwd_impl(
     dk = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dv = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     (dkdv_m, dkdv_n, dkdv_warps, dkdv_stages), (dq_m, dq_n, dq_warps, dq_stages) = _bwd_configs(
-        head_dim, q.dtype, allow_tf32, bias.numel() > 0)
+        head_dim, q.dtype, allow_tf32, bias.numel() > 0, relative)
     _attention_bwd_dkdv_kernel[(cdiv(max_seqlen, dkdv_n), batch * heads)](
-        q, k, v, do, dk, dv, stats, delta, mask, lengths, bias, cu_seqlens, seed_arg,
+        q, k, v, do, dk, dv, stats, delta, mask, lengths, bias, dbias, cu_seqlens, seed_arg,
         *qkv_do_strides, *_bsh_strides(dk, packed), *_bsh_strides(dv, packed), *mask_bias_strides,
         heads, max_seqlen, scale, _scale_log2(scale), dropout_p,
         BLOCK_M=dkdv_m, BLOCK_N=dkdv_n, **flags, num_warps=dkdv_warps, num_stages=dkdv_stages,
@@ -195,31 +221,41 @@ def _attention_bwd_impl(
     )
     if negative_scale:  # the kernels' dQ is the gradient of -q
         dq.neg_()
-    return dq, dk, dv
+    if not relative:
+        return dq, dk, dv, dbias
+    drelative = dbias[:, center - max_seqlen + 1:center + max_seqlen]
+    if seed is not None:  # the kernels' dS leaves dropout's 1 / (1 - p) out
+        drelative = drelative / (1.0 - dropout_p)
+    return dq, dk, dv, drelative.to(relative_bias.dtype)
 
 
 _attention_bwd = torch.library.custom_op("fastencoder::attention_bwd", _attention_bwd_impl, mutates_args=())
 
 
 @_attention_bwd.register_fake
-def _(do, q, k, v, out, stats, key_padding_mask, bias, cu_seqlens, seed, max_seqlen, scale,
-      dropout_p, allow_tf32):
-    return tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
+def _(do, q, k, v, out, stats, key_padding_mask, bias, relative_bias, cu_seqlens, seed, max_seqlen,
+      scale, dropout_p, allow_tf32):
+    grads = tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
+    drelative = q.new_empty((0,), dtype=torch.float32) if relative_bias is None else torch.empty_like(
+        relative_bias, memory_format=torch.contiguous_format)
+    return (*grads, drelative)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, bias, cu_seqlens, seed, max_seqlen, scale, dropout_p, allow_tf32 = inputs
+    (q, k, v, key_padding_mask, bias, relative_bias, cu_seqlens, seed, max_seqlen, scale, dropout_p,
+     allow_tf32) = inputs
     out, stats = output
-    ctx.save_for_backward(q, k, v, out, stats, key_padding_mask, bias, cu_seqlens, seed)
+    ctx.save_for_backward(q, k, v, out, stats, key_padding_mask, bias, relative_bias, cu_seqlens, seed)
     ctx.arguments = (max_seqlen, scale, dropout_p, allow_tf32)
 
 
 def _backward(ctx, dout, _dstats):
-    q, k, v, out, stats, key_padding_mask, bias, cu_seqlens, seed = ctx.saved_tensors
-    dq, dk, dv = _call_attention_bwd(
-        dout, q, k, v, out, stats, key_padding_mask, bias, cu_seqlens, seed, *ctx.arguments
+    q, k, v, out, stats, key_padding_mask, bias, relative_bias, cu_seqlens, seed = ctx.saved_tensors
+    dq, dk, dv, drelative = _call_attention_bwd(
+        dout, q, k, v, out, stats, key_padding_mask, bias, relative_bias, cu_seqlens, seed, *ctx.arguments
     )
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    drelative = None if relative_bias is None else drelative
+    return dq, dk, dv, None, None, drelative, None, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -227,7 +263,7 @@ _call_attention_fwd = direct_when_eager(_attention_fwd, _attention_fwd_impl, _ba
 _call_attention_bwd = direct_when_eager(_attention_bwd, _attention_bwd_impl)
 
 
-def attention(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dropout_p=0.0,
+def attention(q, k, v, *, key_padding_mask=None, bias=None, relative_bias=None, scale=None, dropout_p=0.0,
               cu_seqlens=None, max_seqlen=None):
     """Multi-head attention softmax(q·kᵀ·scale + mask)·v, non-causal, with optional dropout.
 
@@ -241,6 +277,11 @@ def attention(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dropout_
     key_padding_mask: bool [B, S], True = real token (padded layout only).
     bias: additive, q's dtype, broadcastable to [B, H, S, S] (S = max_seqlen when packed; -inf and
         finfo.min allowed). Its gradient is not computed: a bias that requires grad is refused.
+    relative_bias: a bias by relative position (MPNet's, T5's), float [H, 2·S - 1] (S = max_seqlen
+        when packed): query i and key j (positions within the sequence) get
+        relative_bias[h, j - i + S - 1] added to their scaled score. The kernels read it from a
+        table of H · 16 · 2·S values (never an S x S bias) and compute its gradient (summed per
+        distance with atomic adds: its last bits vary from run to run). Not with `bias`.
     scale: default 1/sqrt(D). dropout_p: in [0, 1), dropout on the probabilities (kept ones
         scaled by 1/(1-p)); the seed comes from torch's default CPU generator.
     float16, bfloat16 and float32 all run in the kernels (float32 with fp32 dot products, or TF32
@@ -250,16 +291,17 @@ def attention(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dropout_
     backend switch (kernels/backend.py) does not give to the kernels.
     Returns a contiguous tensor of q's shape; rows whose keys are all masked are zeros.
     """
-    if not _well_formed(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen):
-        _check_inputs(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen)
+    if relative_bias is not None or not _well_formed(q, k, v, key_padding_mask, bias, scale, dropout_p,
+                                                      cu_seqlens, max_seqlen):
+        _check_inputs(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen, relative_bias)
     elif cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, max_seqlen, q)
     head_dim = q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     dropout_p = float(dropout_p)
     if not backend.use_triton(q.device, q.dtype) or head_dim not in SUPPORTED_HEAD_DIMS:
-        return attention_torch(q, k, v, key_padding_mask=key_padding_mask, bias=bias, scale=scale,
-                               dropout_p=dropout_p, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return attention_torch(q, k, v, key_padding_mask=key_padding_mask, bias=bias, relative_bias=relative_bias,
+                               scale=scale, dropout_p=dropout_p, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         if tensor.stride(-1) != 1:
             raise ValueError(f"{name} must have unit stride on its last (head) dim, got strides "
@@ -277,14 +319,15 @@ def attention(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dropout_
     if heads > MAX_BATCH_HEADS:
         raise ValueError(f"the Triton attention takes at most {MAX_BATCH_HEADS} heads, got {heads}")
     if batch * heads > MAX_BATCH_HEADS:
-        return _in_batch_chunks(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen)
+        return _in_batch_chunks(q, k, v, key_padding_mask, bias, relative_bias, scale, dropout_p, cu_seqlens,
+                                max_seqlen)
     seed = _draw_dropout_seed() if dropout_p > 0 else None
     allow_tf32 = q.dtype == torch.float32 and backend.allows_tf32()
-    return _call_attention_fwd(q, k, v, key_padding_mask, bias, cu_seqlens, seed, max_seqlen, scale,
-                          dropout_p, allow_tf32)[0]
+    return _call_attention_fwd(q, k, v, key_padding_mask, bias, relative_bias, cu_seqlens, seed, max_seqlen,
+                               scale, dropout_p, allow_tf32)[0]
 
 
-def _in_batch_chunks(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen):
+def _in_batch_chunks(q, k, v, key_padding_mask, bias, relative_bias, scale, dropout_p, cu_seqlens, max_seqlen):
     """`attention` over chunks of at most MAX_BATCH_HEADS // heads sequences, concatenated."""
     batch, heads, _ = _layout(q, cu_seqlens, max_seqlen)
     per_bias_batch = bias is not None and bias.dim() == 4 and bias.shape[0] > 1
@@ -298,7 +341,8 @@ def _in_batch_chunks(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqle
     for first in range(0, batch, per_chunk):
         last = min(first + per_chunk, batch)
         sequences = slice(first, last)
-        options = dict(scale=scale, dropout_p=dropout_p, bias=bias[sequences] if per_bias_batch else bias)
+        options = dict(scale=scale, dropout_p=dropout_p, bias=bias[sequences] if per_bias_batch else bias,
+                       relative_bias=relative_bias)
         if cu_seqlens is None:
             rows = sequences
             options["key_padding_mask"] = None if key_padding_mask is None else key_padding_mask[sequences]

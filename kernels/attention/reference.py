@@ -8,6 +8,14 @@ from .._checks import capturing_or_compiling, remembered
 from .checks import _layout
 
 
+def relative_bias_matrix(relative_bias, length):
+    """[1, H, length, length]: relative_bias[h, j - i + S - 1] at query i, key j, for a
+    relative_bias [H, 2·S - 1] and length <= S (an autograd-tracked gather)."""
+    center = (relative_bias.shape[1] - 1) // 2
+    positions = torch.arange(length, device=relative_bias.device)
+    return relative_bias[:, center + positions[None, :] - positions[:, None]][None]
+
+
 def _padded_reference(q, k, v, key_padding_mask, bias, scale, dropout_p, dropout_mask):
     compute = torch.promote_types(q.dtype, torch.float32)
     qh, kh, vh = (t.to(compute).transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
@@ -26,8 +34,8 @@ def _padded_reference(q, k, v, key_padding_mask, bias, scale, dropout_p, dropout
     return (probs @ vh).transpose(1, 2).to(q.dtype).contiguous()
 
 
-def attention_reference(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dropout_p=0.0,
-                        cu_seqlens=None, max_seqlen=None, dropout_mask=None):
+def attention_reference(q, k, v, *, key_padding_mask=None, bias=None, relative_bias=None, scale=None,
+                        dropout_p=0.0, cu_seqlens=None, max_seqlen=None, dropout_mask=None):
     """PyTorch reference of `attention`, computed in fp32 (or in q's dtype when that is wider:
     float64 inputs give a float64 reference), result in q's dtype.
 
@@ -37,6 +45,8 @@ def attention_reference(q, k, v, *, key_padding_mask=None, bias=None, scale=None
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if relative_bias is not None:
+        bias = relative_bias_matrix(relative_bias, q.shape[1] if cu_seqlens is None else max_seqlen)
     if cu_seqlens is None:
         if q.shape[1] == 0:
             return torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -59,8 +69,8 @@ def attention_reference(q, k, v, *, key_padding_mask=None, bias=None, scale=None
     return torch.cat(outs)
 
 
-def attention_torch(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dropout_p=0.0,
-                    cu_seqlens=None, max_seqlen=None):
+def attention_torch(q, k, v, *, key_padding_mask=None, bias=None, relative_bias=None, scale=None,
+                    dropout_p=0.0, cu_seqlens=None, max_seqlen=None):
     """The fast PyTorch path of `attention` (same arguments, same semantics): whichever
     `F.scaled_dot_product_attention` backend torch picks for the device (flash, memory-efficient,
     cuDNN, or its fused CPU kernel), on strided [B, H, S, D] views of the inputs, no copies.
@@ -73,14 +83,23 @@ def attention_torch(q, k, v, *, key_padding_mask=None, bias=None, scale=None, dr
     (which cannot read the lengths), it is scattered into a zero-padded [B, max_seqlen] batch by
     index ops, attended with the padding masked and gathered back: no host read, no loop over
     sequences. Dropout (dropout_p > 0) is SDPA's own, drawn from torch's generator: the kernels'
-    distribution, not their mask. Gradients reach q, k, v, and a bias that requires grad.
+    distribution, not their mask. Gradients reach q, k, v, and a bias or relative bias that
+    requires grad. A relative bias becomes the bias of each length it meets (`relative_bias_matrix`),
+    in the buckets too; one of another dtype than q's runs the unfused fp32 math (SDPA takes a
+    bias of q's dtype only: rounding it would add an error Hugging Face's does not have).
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if cu_seqlens is None:
+        if relative_bias is not None:
+            bias = relative_bias_matrix(relative_bias, q.shape[1])
         return _padded_torch(q, k, v, key_padding_mask, bias, scale, dropout_p)
-    if bias is None and cu_seqlens.device.type == "cpu" and not capturing_or_compiling(cu_seqlens):
-        return _bucketed(q, k, v, remembered(cu_seqlens, _length_buckets, q.shape[0]), scale, dropout_p)
+    if (bias is None and cu_seqlens.device.type == "cpu" and not capturing_or_compiling(cu_seqlens)
+            and (relative_bias is None or relative_bias.dtype == q.dtype)):
+        return _bucketed(q, k, v, remembered(cu_seqlens, _length_buckets, q.shape[0]), scale, dropout_p,
+                         relative_bias)
+    if relative_bias is not None:
+        bias = relative_bias_matrix(relative_bias, max_seqlen)
     batch = cu_seqlens.shape[0] - 1
     flat, key_mask = _packed_positions(cu_seqlens, q.shape[0], max_seqlen)
     q, k, v = _scattered(q, k, v, flat, batch * max_seqlen)
@@ -102,7 +121,7 @@ class LengthBuckets(NamedTuple):
     key_masks: list  # per bucket: bool [sequences, 1, 1, length] of the real keys, or None (no padding)
 
 
-def _bucketed(q, k, v, buckets, scale, dropout_p):
+def _bucketed(q, k, v, buckets, scale, dropout_p, relative_bias=None):
     if not buckets.shapes:  # no tokens: q's empty rows, still connected for autograd
         return q.clone()
     if buckets.gather is not None:
@@ -112,7 +131,12 @@ def _bucketed(q, k, v, buckets, scale, dropout_p):
         rows = slice(start, start + sequences * length)
         start = rows.stop
         heads = [t[rows].view(sequences, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v)]
-        out = torch.nn.functional.scaled_dot_product_attention(*heads, attn_mask=key_mask, dropout_p=dropout_p,
+        mask = key_mask
+        if relative_bias is not None:  # every row sees a key: no -inf row
+            mask = relative_bias_matrix(relative_bias, length)
+            if key_mask is not None:
+                mask = mask.masked_fill(~key_mask, float("-inf"))
+        out = torch.nn.functional.scaled_dot_product_attention(*heads, attn_mask=mask, dropout_p=dropout_p,
                                                                scale=scale)
         outs.append(out.transpose(1, 2).reshape(sequences * length, *q.shape[1:]))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -181,7 +205,7 @@ def _scattered(q, k, v, flat, positions):
 
 
 def _padded_torch(q, k, v, key_padding_mask, bias, scale, dropout_p):
-    if _needs_exact_backward(q, k, v, key_padding_mask, bias):
+    if bias is not None and bias.dtype != q.dtype or _needs_exact_backward(q, k, v, key_padding_mask, bias):
         return _padded_reference(q, k, v, key_padding_mask, bias, scale, dropout_p, None)
     mask, no_keys = _sdpa_mask(key_padding_mask, bias, q.device)
     out = torch.nn.functional.scaled_dot_product_attention(

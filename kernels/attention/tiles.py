@@ -20,15 +20,32 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
 # (BOUNDED) needs a load mask.
 @triton.jit
 def _scores_init(Bias, q_idx, k_idx, in_bounds, stride_bm, inv_scale, bias_floor,
-                 HAS_BIAS: tl.constexpr, BOUNDED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, RELATIVE_BIAS: tl.constexpr, BOUNDED: tl.constexpr,
+                 ROWS: tl.constexpr, COLS: tl.constexpr):
     if not HAS_BIAS:
         return tl.zeros([ROWS, COLS], dtype=tl.float32)
-    if BOUNDED:
-        bias = tl.load(Bias + q_idx * stride_bm + k_idx, mask=in_bounds, other=0.0)
+    if RELATIVE_BIAS:
+        bias_ptrs = _relative_bias_ptrs(Bias, q_idx, k_idx, stride_bm)
     else:
-        bias = tl.load(Bias + q_idx * stride_bm + k_idx)
+        bias_ptrs = Bias + q_idx * stride_bm + k_idx
+    if BOUNDED:
+        bias = tl.load(bias_ptrs, mask=in_bounds, other=0.0)
+    else:
+        bias = tl.load(bias_ptrs)
     bias = bias.to(tl.float32)
     return tl.where(bias == float("-inf"), bias, tl.maximum(bias, bias_floor)) * inv_scale
+
+
+# A relative bias (one value per head and distance k - q) as the launcher lays it out
+# (`_relative_bias_rows`): the head's table T, T[center + k - q] = bias(k - q) with center =
+# stride_bm / 2 a multiple of 16, in 16 copies of stride_bm elements, copy r shifted left by r.
+# Query q's keys start at T[center - q] = copy (center - q) % 16 at 16 · ((center - q) // 16): a
+# 16-element aligned row start, so the row loads as wide vectors (T indexed by k - q directly has
+# no known alignment: element-wise loads, a 64-bit address each).
+@triton.jit
+def _relative_bias_ptrs(Bias, q_idx, k_idx, stride_bm):
+    shift = stride_bm // 2 - q_idx
+    return Bias + (shift % 16) * stride_bm + (shift // 16) * 16 + k_idx
 
 
 # Where sequence `b` starts (in tokens of the packed layout; 0 in the padded one) and its length,

@@ -1,0 +1,115 @@
+"""The relative position bias (MPNet's) in the attention kernels and the PyTorch path: outputs and
+the gradients of q, k, v and the bias table against the float64 reference, padded and packed, with
+key padding masks and dropout. Tolerances: test_attention.py's (the table's gradient is a sum of
+dS over at most B·S entries, each within the dS tolerance)."""
+import pytest
+import torch
+
+from fastencoder.kernels.attention import attention, attention_reference
+from fastencoder.kernels.attention.dropout import _draw_dropout_seed, _dropout_keep_mask
+from fastencoder.kernels.attention.reference import relative_bias_matrix
+from test_attention import BWD, FWD, TOLERANCES, _check_close, _cu_seqlens, _lengths_mask
+
+
+def _table(heads, max_seqlen, scale, device):
+    return (torch.randn(heads, 2 * max_seqlen - 1, device=device) * scale).requires_grad_()
+
+
+def _check(qkv, table, out, grad_out, dtype, **kwargs):
+    reference_qkv = qkv.detach().double().requires_grad_()
+    reference_table = table.detach().double().requires_grad_()
+    expected = attention_reference(*reference_qkv.unbind(-3), relative_bias=reference_table, **kwargs)
+    expected.backward(grad_out.double())
+    tolerance = TOLERANCES[dtype]
+    _check_close("out", out, expected, tolerance["out"])
+    for index, name in enumerate(("dq", "dk", "dv")):
+        _check_close(name, qkv.grad.select(-3, index), reference_qkv.grad.select(-3, index), tolerance["grad"])
+    _check_close("d relative_bias", table.grad, reference_table.grad, tolerance["grad"])
+
+
+@pytest.mark.parametrize("dtype, seqlen, head_dim, lengths, left_padding, table_scale", [
+    pytest.param(torch.float32, 40, 32, [40, 17], True, 1.0, id="fp32-S40-left-padding"),
+    pytest.param(torch.float32, 19, 16, None, False, 4.0, id="fp32-S19-no-mask-big-bias"),
+    pytest.param(torch.float16, 33, 64, [33, 9], False, 1.0, id="fp16-S33-right-padding"),
+])
+def test_padded_matches_float64(device, triton_backend, kernel_launches, poisoned_allocations, dtype, seqlen,
+                                head_dim, lengths, left_padding, table_scale):
+    torch.manual_seed(seqlen)
+    batch, heads = 2, 2
+    qkv = torch.randn(batch, seqlen, 3, heads, head_dim, device=device).to(dtype).requires_grad_()
+    table = _table(heads, seqlen, table_scale, device)
+    kwargs = {} if lengths is None else dict(key_padding_mask=_lengths_mask(lengths, seqlen, left_padding, device))
+    out = attention(*qkv.unbind(2), relative_bias=table, **kwargs)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    assert kernel_launches.count(FWD) == 1 and all(name in kernel_launches for name in BWD)
+    _check(qkv, table, out, grad_out, dtype, **kwargs)
+
+
+def test_packed_matches_float64(device, triton_backend, kernel_launches, poisoned_allocations):
+    torch.manual_seed(1)
+    lengths, heads, head_dim, max_seqlen = [37, 5, 20], 2, 32, 40  # max_seqlen above the longest
+    qkv = torch.randn(sum(lengths), 3, heads, head_dim, device=device, requires_grad=True)
+    table = _table(heads, max_seqlen, 1.0, device)
+    kwargs = dict(cu_seqlens=_cu_seqlens(lengths, device), max_seqlen=max_seqlen)
+    out = attention(*qkv.unbind(1), relative_bias=table, **kwargs)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    assert kernel_launches.count(FWD) == 1 and all(name in kernel_launches for name in BWD)
+    _check(qkv, table, out, grad_out, torch.float32, **kwargs)
+
+
+def test_dropout_gradients_match_reference_with_same_mask(device, triton_backend, poisoned_allocations):
+    p, lengths, heads, head_dim = 0.25, [33, 12], 2, 32
+    seqlen = max(lengths)
+    torch.manual_seed(5)
+    qkv = torch.randn(len(lengths), seqlen, 3, heads, head_dim, device=device, requires_grad=True)
+    table = _table(heads, seqlen, 1.0, device)
+    mask = _lengths_mask(lengths, seqlen, False, device)
+    torch.manual_seed(99)
+    out = attention(*qkv.unbind(2), relative_bias=table, key_padding_mask=mask, dropout_p=p)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    torch.manual_seed(99)
+    keep = _dropout_keep_mask(_draw_dropout_seed(), len(lengths), heads, seqlen, p, device)
+    _check(qkv, table, out, grad_out, torch.float32, key_padding_mask=mask, dropout_p=p, dropout_mask=keep)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_torch_path_matches_float64(device, torch_backend, layout):
+    torch.manual_seed(2)
+    lengths, heads, head_dim = [30, 7, 18, 30], 3, 16
+    seqlen = max(lengths)
+    table = _table(heads, seqlen, 1.0, device)
+    if layout == "padded":
+        qkv = torch.randn(len(lengths), seqlen, 3, heads, head_dim, device=device, requires_grad=True)
+        kwargs = dict(key_padding_mask=_lengths_mask(lengths, seqlen, False, device))
+    else:
+        qkv = torch.randn(sum(lengths), 3, heads, head_dim, device=device, requires_grad=True)
+        kwargs = dict(cu_seqlens=_cu_seqlens(lengths, device), max_seqlen=seqlen)
+    out = attention(*qkv.unbind(-3), relative_bias=table, **kwargs)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    _check(qkv, table, out, grad_out, torch.float32, **kwargs)
+
+
+def test_matrix_indexes_by_key_minus_query():
+    table = torch.arange(7.0)[None]  # S = 4: distances -3..3 at 0..6
+    matrix = relative_bias_matrix(table, 3)[0, 0]
+    assert matrix.tolist() == [[3.0, 4.0, 5.0], [2.0, 3.0, 4.0], [1.0, 2.0, 3.0]]
+
+
+@pytest.mark.parametrize("case", ["shape", "with bias", "dtype"])
+def test_bad_relative_bias_is_refused(device, triton_backend, kernel_launches, case):
+    q = torch.randn(2, 8, 2, 16, device=device)
+    table = torch.randn(2, 15, device=device)
+    kwargs = dict(relative_bias=table)
+    if case == "shape":
+        kwargs["relative_bias"] = table[:, :14]
+    elif case == "with bias":
+        kwargs["bias"] = torch.zeros(8, 8, device=device)
+    else:
+        kwargs["relative_bias"] = table.long()
+    with pytest.raises((ValueError, TypeError), match="relative_bias"):
+        attention(q, q, q, **kwargs)
+    assert not kernel_launches
