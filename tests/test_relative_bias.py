@@ -27,18 +27,20 @@ def _check(qkv, table, out, grad_out, dtype, **kwargs):
     _check_close("d relative_bias", table.grad, reference_table.grad, tolerance["grad"])
 
 
-@pytest.mark.parametrize("dtype, seqlen, head_dim, lengths, left_padding, table_scale", [
-    pytest.param(torch.float32, 40, 32, [40, 17], True, 1.0, id="fp32-S40-left-padding"),
-    pytest.param(torch.float32, 19, 16, None, False, 4.0, id="fp32-S19-no-mask-big-bias"),
-    pytest.param(torch.float16, 33, 64, [33, 9], False, 1.0, id="fp16-S33-right-padding"),
+@pytest.mark.parametrize("dtype, seqlen, head_dim, lengths, left_padding, table_scale, scale", [
+    pytest.param(torch.float32, 40, 32, [40, 17], True, 1.0, None, id="fp32-S40-left-padding"),
+    pytest.param(torch.float32, 19, 16, None, False, 4.0, -0.3, id="fp32-S19-no-mask-big-bias-negative-scale"),
+    pytest.param(torch.float16, 33, 64, [33, 9], False, 1.0, None, id="fp16-S33-right-padding"),
 ])
 def test_padded_matches_float64(device, triton_backend, kernel_launches, poisoned_allocations, dtype, seqlen,
-                                head_dim, lengths, left_padding, table_scale):
+                                head_dim, lengths, left_padding, table_scale, scale):
     torch.manual_seed(seqlen)
     batch, heads = 2, 2
     qkv = torch.randn(batch, seqlen, 3, heads, head_dim, device=device).to(dtype).requires_grad_()
     table = _table(heads, seqlen, table_scale, device)
-    kwargs = {} if lengths is None else dict(key_padding_mask=_lengths_mask(lengths, seqlen, left_padding, device))
+    kwargs = dict(scale=scale)
+    if lengths is not None:
+        kwargs["key_padding_mask"] = _lengths_mask(lengths, seqlen, left_padding, device)
     out = attention(*qkv.unbind(2), relative_bias=table, **kwargs)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)

@@ -32,7 +32,7 @@ def _unused(device, dtype):
     return torch.empty(0, dtype=dtype, device=device)
 
 
-def _mask_bias_args(q, key_padding_mask, bias, relative_bias, batch, heads, max_seqlen):
+def _mask_bias_args(q, key_padding_mask, bias, relative_bias, batch, heads, max_seqlen, scale):
     """(key mask bytes, key lengths, bias, their strides) as the kernels take them; a relative
     bias goes in the bias's place (`_relative_bias_rows`)."""
     if key_padding_mask is None:
@@ -45,7 +45,7 @@ def _mask_bias_args(q, key_padding_mask, bias, relative_bias, batch, heads, max_
         mask_strides = mask.stride()
         lengths = _key_lengths(key_padding_mask)
     if relative_bias is not None:
-        bias = _relative_bias_rows(relative_bias, max_seqlen)
+        bias = _relative_bias_rows(relative_bias, max_seqlen, scale)
         bias_strides = (0, *bias.stride()[:2])
     elif bias is None:
         bias, bias_strides = _unused(q.device, q.dtype), (0, 0, 0)
@@ -60,14 +60,14 @@ def _relative_bias_center(max_seqlen):
     return cdiv(max_seqlen, 16) * 16
 
 
-def _relative_bias_rows(relative_bias, max_seqlen):
+def _relative_bias_rows(relative_bias, max_seqlen, scale):
     """A relative bias [H, 2·max_seqlen - 1] as the kernels read it (`_relative_bias_ptrs`): per
-    head, the fp32 table T (T[center + d] = the bias at distance d, 0 beyond ±(max_seqlen - 1)) in
-    16 copies of 2·center elements, copy r shifted left by r: [H, 16, 2·center], 128·H·center
-    bytes, never S x S."""
+    head, the fp32 table T (T[center + d] = the bias at distance d, divided by |scale| as the
+    kernels' scores start, 0 beyond ±(max_seqlen - 1)) in 16 copies of 2·center elements, copy r
+    shifted left by r: [H, 16, 2·center], 128·H·center bytes, never S x S."""
     center = _relative_bias_center(max_seqlen)
     table = relative_bias.new_zeros((relative_bias.shape[0], 2 * center + 16), dtype=torch.float32)
-    table[:, center - max_seqlen + 1:center + max_seqlen] = relative_bias
+    table[:, center - max_seqlen + 1:center + max_seqlen] = relative_bias.float() / max(abs(scale), 1e-30)
     return table.unfold(1, 2 * center, 1)[:, :16].contiguous()
 
 
@@ -135,7 +135,7 @@ def _attention_fwd_impl(
     stats = (torch.zeros if packed else torch.empty)((batch, heads, 2, max_seqlen), dtype=torch.float32,
                                                      device=q.device)
     mask, lengths, bias, mask_bias_strides = _mask_bias_args(q, key_padding_mask, bias, relative_bias, batch,
-                                                             heads, max_seqlen)
+                                                             heads, max_seqlen, scale)
     block_m, block_n, num_warps, num_stages = _fwd_config(
         head_dim, q.dtype, allow_tf32, bias.numel() > 0, seed is not None)
     q, scale = _positive_scale(q, scale)
@@ -181,7 +181,7 @@ def _attention_bwd_impl(
     cu_seqlens = cu_seqlens if packed else _unused(q.device, torch.int32)
     seed_arg = _seed_argument(seed, q)
     mask, lengths, bias, mask_bias_strides = _mask_bias_args(q, key_padding_mask, bias, relative_bias, batch,
-                                                             heads, max_seqlen)
+                                                             heads, max_seqlen, scale)
     relative = relative_bias is not None
     # the relative bias's gradient, per head and distance: T's layout (`_relative_bias_rows`)
     center = _relative_bias_center(max_seqlen)
@@ -279,9 +279,10 @@ def attention(q, k, v, *, key_padding_mask=None, bias=None, relative_bias=None, 
         finfo.min allowed). Its gradient is not computed: a bias that requires grad is refused.
     relative_bias: a bias by relative position (MPNet's, T5's), float [H, 2·S - 1] (S = max_seqlen
         when packed): query i and key j (positions within the sequence) get
-        relative_bias[h, j - i + S - 1] added to their scaled score. The kernels read it from a
-        table of H · 16 · 2·S values (never an S x S bias) and compute its gradient (summed per
-        distance with atomic adds: its last bits vary from run to run). Not with `bias`.
+        relative_bias[h, j - i + S - 1] added to their scaled score. Finite values (no -inf
+        masking through it). The kernels read it from a table of H · 16 · 2·S values (never an
+        S x S bias) and compute its gradient (summed per distance with atomic adds: its last bits
+        vary from run to run). Not with `bias`.
     scale: default 1/sqrt(D). dropout_p: in [0, 1), dropout on the probabilities (kept ones
         scaled by 1/(1-p)); the seed comes from torch's default CPU generator.
     float16, bfloat16 and float32 all run in the kernels (float32 with fp32 dot products, or TF32

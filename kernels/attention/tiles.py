@@ -32,6 +32,8 @@ def _scores_init(Bias, q_idx, k_idx, in_bounds, stride_bm, inv_scale, bias_floor
         bias = tl.load(bias_ptrs, mask=in_bounds, other=0.0)
     else:
         bias = tl.load(bias_ptrs)
+    if RELATIVE_BIAS:  # fp32, finite and divided by the scale already (`_relative_bias_rows`)
+        return bias
     bias = bias.to(tl.float32)
     return tl.where(bias == float("-inf"), bias, tl.maximum(bias, bias_floor)) * inv_scale
 
