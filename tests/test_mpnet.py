@@ -194,3 +194,40 @@ def test_sentence_transformer_embeddings(torch_backend, tmp_path):
 def test_too_few_buckets_are_refused():
     with pytest.raises(ValueError, match="relative_attention_num_buckets"):
         models.MPNetModel(mpnet_config(relative_attention_num_buckets=16))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers 5.2x renames it activation_checkpointing_enable
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_keeps_the_tables_gradient(reentrant, torch_backend):
+    """The table reaches each layer as a positional argument, so that reentrant checkpointing (which
+    passes gradients to positional tensors only) still gives it its gradient."""
+    config = mpnet_config()
+    model = randomize(models.MPNetForMaskedLM(config)).train()
+    inputs = mpnet_batch(config, seqlen=40)
+    labels = head_labels("ForMaskedLM", config, inputs)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.zero_grad()
+        model(**inputs, **labels).loss.backward()
+        grads.append({name: param.grad.clone() for name, param in model.named_parameters()})
+    table = "mpnet.encoder.relative_attention_bias.weight"
+    assert grads[0][table].abs().max() > 0
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=lambda m: f"grad of {name}: {m}")
+
+
+def test_fullgraph_compile_matches_transformers(torch_backend, fresh_dynamo):
+    """Bucketing and the table's gather trace into the graph (no host read on the padded path)."""
+    config = mpnet_config()
+    reference, ours = twin_models("ForSequenceClassification", config)
+    inputs = mpnet_batch(config, seqlen=40)
+    labels = torch.randint(0, config.num_labels, (3,))
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    outputs = {}
+    for key, model in (("ours", compiled), ("reference", reference)):
+        outputs[key] = model.train()(**inputs, labels=labels)
+        outputs[key].loss.backward()
+    assert_same_outputs(outputs["ours"], outputs["reference"], what="compiled")
+    assert_same_grads(ours, reference)
