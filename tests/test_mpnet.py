@@ -19,6 +19,8 @@ import fastencoder
 from fastencoder import models
 from fastencoder.models import layers, mpnet
 from test_bert import BACKWARD_KERNELS, FORWARD_KERNELS, FP32_TOL, assert_same_grads, assert_same_outputs, randomize
+from test_cuda_graphs import simulated_captures  # noqa: F401 (a fixture)
+from test_distilbert import check_fp16_autocast_error
 from test_roberta import head_labels, run
 
 PAD = 1  # Hugging Face's MPNetEmbeddings.padding_idx, whatever the config's pad_token_id
@@ -231,3 +233,28 @@ def test_fullgraph_compile_matches_transformers(torch_backend, fresh_dynamo):
         outputs[key].loss.backward()
     assert_same_outputs(outputs["ours"], outputs["reference"], what="compiled")
     assert_same_grads(ours, reference)
+
+
+def test_fp16_autocast_error_at_most_twice_hugging_faces(torch_backend):
+    """test_autocast.py's rule: under fp16 autocast (the fp32 table added to 16-bit scores, as Hugging
+    Face's promotes them), the distance to Hugging Face in fp32 is at most twice Hugging Face's own."""
+    check_fp16_autocast_error(transformers.MPNetModel, models.MPNetModel, mpnet_config(max_position_embeddings=33))
+
+
+def test_simulated_cuda_graph_replay_matches_transformers(torch_backend, simulated_captures):
+    """Graph buckets stop at max_position_embeddings - padding_idx - 1; a replayed left-padded batch
+    gives Hugging Face's outputs at the real tokens (the table is gathered inside the graph).
+    Tolerance 10 x FP32_TOL, test_roberta.py's replay test's: the graph runs the batch padded to its
+    bucket's length, so the reductions over keys are longer."""
+    config = mpnet_config(max_position_embeddings=33)
+    reference, ours = (model.eval() for model in twin_models("Model", config))
+    ours.cuda_graphs = True
+    runner = ours.cuda_graph_runner
+    assert runner.buckets[-1] == 31
+    batch = mpnet_batch(config, seqlen=20)
+    with torch.inference_mode():
+        replayed, expected = ours(**batch), reference(**batch)
+    assert runner.fallback_reason is None and len(simulated_captures) == 1
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(replayed.last_hidden_state[real], expected.last_hidden_state[real],
+                               atol=FP32_TOL * 10, rtol=FP32_TOL)
