@@ -30,6 +30,7 @@ _FASTENCODER_CLASS = {
     transformers.CamembertModel: models.CamembertModel,
     transformers.DistilBertModel: models.DistilBertModel,
     transformers.ElectraModel: models.ElectraModel,
+    transformers.MPNetModel: models.MPNetModel,
 }
 _ORIGINAL = "_fastencoder_original"  # kept in the module's __dict__: not a submodule, not in state_dict
 

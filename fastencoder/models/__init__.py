@@ -1,5 +1,5 @@
-"""BERT, ALBERT, RoBERTa, XLM-RoBERTa, CamemBERT, DistilBERT and ELECTRA models on fastencoder's fused
-ops: drop-ins for Hugging Face transformers' classes of the same names (same configs, state dicts,
+"""BERT, ALBERT, RoBERTa, XLM-RoBERTa, CamemBERT, DistilBERT, ELECTRA and MPNet models on
+fastencoder's fused ops: drop-ins for Hugging Face transformers' classes of the same names (same configs, state dicts,
 heads, losses and outputs)."""
 from .albert import (
     AlbertForMaskedLM,
@@ -35,6 +35,14 @@ from .electra import (
     ElectraForSequenceClassification,
     ElectraForTokenClassification,
     ElectraModel,
+)
+from .mpnet import (
+    MPNetForMaskedLM,
+    MPNetForMultipleChoice,
+    MPNetForQuestionAnswering,
+    MPNetForSequenceClassification,
+    MPNetForTokenClassification,
+    MPNetModel,
 )
 from .roberta import (
     CamembertForMaskedLM,
@@ -91,6 +99,12 @@ __all__ = [
     "ElectraForSequenceClassification",
     "ElectraForTokenClassification",
     "ElectraModel",
+    "MPNetForMaskedLM",
+    "MPNetForMultipleChoice",
+    "MPNetForQuestionAnswering",
+    "MPNetForSequenceClassification",
+    "MPNetForTokenClassification",
+    "MPNetModel",
     "RobertaForMaskedLM",
     "RobertaForMultipleChoice",
     "RobertaForQuestionAnswering",

@@ -17,6 +17,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from fastencoder.cuda_graphs import GraphRunner
 from fastencoder.kernels import backend, padding
 from fastencoder.kernels.attention import attention, attention_torch
+from fastencoder.kernels.attention.reference import relative_bias_matrix
 
 from .inputs import AttentionMask, attention_mask_for, as_config, check_inputs, document_mask, packed_document_starts
 from .packing import DEFAULT_UNPAD, checked_unpad, plan_unpadding
@@ -34,7 +35,8 @@ def compute_dtype(weight):
 
 class FusedEmbeddingsMixin:
     """Forward for Hugging Face's BERT / ALBERT embeddings modules (same parameters and buffers):
-    word + position + token-type embeddings, the sum fused into the LayerNorm, then dropout."""
+    word + position + token-type embeddings (where the family has them), the sum fused into the
+    LayerNorm, then dropout."""
 
     def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
         weight_dtype = self.word_embeddings.weight.dtype
@@ -43,7 +45,9 @@ class FusedEmbeddingsMixin:
         seqlen = words.shape[1]
         if position_ids is None:
             position_ids = self.position_ids[:, :seqlen]
-        if token_type_ids is None:  # type 0 everywhere, as HF's default
+        if getattr(self, "token_type_embeddings", None) is None:  # a family without token types (MPNet)
+            token_types = 0
+        elif token_type_ids is None:  # type 0 everywhere, as HF's default
             table = self.token_type_embeddings
             # a quantised table (a tensor subclass) is looked up through its module, as HF does
             token_types = table.weight[0] if is_plain(table.weight) else table(self.position_ids.new_zeros(1))[0]
@@ -64,7 +68,7 @@ class QKVProjection(nn.Module):
         self.value = nn.Linear(hidden_size, hidden_size)
 
 
-def attention_with_probabilities(q, k, v, mask, dropout_p):
+def attention_with_probabilities(q, k, v, mask, dropout_p, relative_bias=None):
     """Unfused attention computed in PyTorch (fp32 softmax, like the kernel), for output_attentions:
     returns the context [B, S, H, D] and the probabilities [B, H, S, S]. Padding keys get finfo.min,
     as in Hugging Face, so a row with every key masked averages uniformly. The probabilities come
@@ -73,19 +77,21 @@ def attention_with_probabilities(q, k, v, mask, dropout_p):
     aside: a host read, on this slow path only)."""
     device_type = q.device.type
     fp32_probabilities = torch.is_autocast_enabled(device_type) and (
-        device_type in _FP32_SOFTMAX_UNDER_AUTOCAST or mask.bias is not None
+        device_type in _FP32_SOFTMAX_UNDER_AUTOCAST or mask.bias is not None or relative_bias is not None
         or mask.key_padding is not None and not bool(mask.key_padding.all()))
     with torch.autocast(device_type, enabled=False):  # the products too in fp32
-        context, probabilities = _attention_with_probabilities(q, k, v, mask, dropout_p)
+        context, probabilities = _attention_with_probabilities(q, k, v, mask, dropout_p, relative_bias)
     return context, probabilities if fp32_probabilities else probabilities.to(q.dtype)
 
 
 _FP32_SOFTMAX_UNDER_AUTOCAST = frozenset({"cuda"})  # devices whose autocast runs softmax in fp32
 
 
-def _attention_with_probabilities(q, k, v, mask, dropout_p):
+def _attention_with_probabilities(q, k, v, mask, dropout_p, relative_bias):
     compute = torch.promote_types(q.dtype, torch.float32)
     scores = torch.einsum("bqhd,bkhd->bhqk", q.to(compute), k.to(compute)) / math.sqrt(q.shape[-1])
+    if relative_bias is not None:  # before the mask, in Hugging Face's order
+        scores = scores + relative_bias_matrix(relative_bias.to(compute), q.shape[1])
     if mask.bias is not None:
         scores = scores + mask.bias.to(compute)
     if mask.key_padding is not None:
@@ -122,13 +128,15 @@ class FusedEncoderLayer(GradientCheckpointingLayer):
         """LayerNorm(dropout(dense_out(act(dense_in(attended)))) + attended)."""
         raise NotImplementedError
 
-    def forward(self, hidden_states, key_padding_mask=None, attention_bias=None, attentions=None,
-                cu_seqlens=None, max_seqlen=None):
+    def forward(self, hidden_states, relative_bias=None, key_padding_mask=None, attention_bias=None,
+                attentions=None, cu_seqlens=None, max_seqlen=None):
         """Returns the layer's output; with a list as `attentions`, appends the attention
         probabilities to it (computed unfused, padded layout only).
 
         hidden_states: [B, S, H] (padded; masks as key_padding_mask / attention_bias) or [T, H] with
-        cu_seqlens and max_seqlen (padding-free: the attention's packed layout)."""
+        cu_seqlens and max_seqlen (padding-free: the attention's packed layout). relative_bias: the
+        attention op's, [heads, 2·S - 1] (S, or max_seqlen packed), or None (positional, so that
+        reentrant gradient checkpointing passes its gradient on)."""
         for name, (module, expected) in self.uncalled_modules().items():
             if type(module) is not expected:
                 raise NotImplementedError(
@@ -146,19 +154,27 @@ class FusedEncoderLayer(GradientCheckpointingLayer):
         dropout_p = self.attention_dropout if self.training else 0.0
         if attentions is not None:
             mask = AttentionMask(key_padding_mask, attention_bias)
-            context, probabilities = attention_with_probabilities(q, k, v, mask, dropout_p)
+            context, probabilities = attention_with_probabilities(q, k, v, mask, dropout_p, relative_bias)
             attentions.append(probabilities)
         else:
+            if relative_bias is not None and attention_bias is not None:
+                # the op takes one or the other: a 3-D / 4-D mask or packed documents run padded with
+                # the relative bias in the dense bias (whose gradient only the PyTorch path computes)
+                attention_bias = (relative_bias_matrix(relative_bias, q.shape[1]) + attention_bias).to(q.dtype)
+                relative_bias = None
             # off the kernels, straight to the op's PyTorch path (the layer's inputs are well formed)
             fused = attention if backend.use_triton(q.device, q.dtype) else attention_torch
-            context = fused(q, k, v, key_padding_mask=key_padding_mask, bias=attention_bias, dropout_p=dropout_p,
-                            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            context = fused(q, k, v, key_padding_mask=key_padding_mask, bias=attention_bias,
+                            relative_bias=relative_bias, dropout_p=dropout_p, cu_seqlens=cu_seqlens,
+                            max_seqlen=max_seqlen)
         return self.feed_forward(self.attention_output(context.flatten(-2), hidden_states))
 
 
-def run_layers(layers, hidden_states, mask, output_attentions, output_hidden_states, packing=None):
+def run_layers(layers, hidden_states, mask, output_attentions, output_hidden_states, packing=None,
+               relative_bias=None):
     """Run `layers` (a sequence of FusedEncoderLayer calls, shared modules allowed) and collect
     (last hidden state, the hidden states asked for or None, every attention map or None).
+    `relative_bias` (the attention op's, or None) goes to every layer.
 
     output_hidden_states: a bool, or the set of indices of the hidden states to keep (`output_flags`;
     the others are None, as in Hugging Face). With `packing`, hidden_states are
@@ -179,7 +195,7 @@ def run_layers(layers, hidden_states, mask, output_attentions, output_hidden_sta
     all_attentions = [] if output_attentions else None
     for index, layer in enumerate(layers, start=1):
         # hidden_states positional: HF's checkpointing needs tensors that require grad passed so
-        hidden_states = layer(hidden_states, attentions=all_attentions, **layer_kwargs)
+        hidden_states = layer(hidden_states, relative_bias, attentions=all_attentions, **layer_kwargs)
         all_hidden.append(keep(index, hidden_states))
     last = all_hidden[-1] if all_hidden[-1] is not None else as_padded(hidden_states)
     hidden_out = tuple(all_hidden) if output_hidden_states else None
