@@ -1,4 +1,5 @@
 """The backend switch: one place decides between the Triton kernels and the PyTorch reference."""
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -64,22 +65,30 @@ def test_package_imports_without_a_gpu():
     assert result.stdout.strip() in backend.BACKENDS
 
 
-def test_checkout_kernels_directory_imported_as_top_level_package_is_inert(triton_backend):
-    # transformers imports the top-level name `kernels` to probe for the hub package of that name;
-    # from a checkout that finds our kernels/ directory, which must then register nothing (a second
-    # registration of the same torch.library ops corrupts torch's operator registry)
+def test_checkout_kernels_directory_imported_as_top_level_package_hands_over(triton_backend):
+    # transformers (>= 5.25 depends on it) imports the installed package named `kernels`; from a
+    # checkout that name finds our kernels/ directory first, which must then register nothing (a
+    # second registration of the same torch.library ops corrupts torch's operator registry) and
+    # hand the import over to the installed package, or stay empty where there is none
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = (
         f"import sys; sys.path.insert(0, {root!r}); import kernels\n"
-        "from transformers.utils.import_utils import is_kernels_available\n"
+        "import transformers.activations\n"
         "import torch; from fastencoder.kernels import layer_norm\n"
         "x = torch.randn(3, 8)\n"
         "y = layer_norm(x, torch.ones(8), torch.zeros(8), 1e-12)\n"
-        "print(sorted(n for n in vars(kernels) if not n.startswith('_')), is_kernels_available(),\n"
+        "print(kernels.__file__, hasattr(kernels, 'attention'),\n"
         "      torch.allclose(y, torch.nn.functional.layer_norm(x, (8,), eps=1e-12), atol=1e-5))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "[] False True"
+    path, has_ops, layer_norm_works = result.stdout.split()
+    assert has_ops == "False" and layer_norm_works == "True"
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:  # nothing to hand over to: our empty package
+        assert os.path.dirname(path) == os.path.join(root, "kernels"), path
+    else:
+        assert not path.startswith(os.path.join(root, "kernels")), path
 
 
 def test_models_without_transformers_say_which_extra_to_install():
