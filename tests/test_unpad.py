@@ -6,6 +6,7 @@ same math as the padded one on the same rows (the gather and scatter copy values
 attention sees the same keys, now bounded by cu_seqlens instead of masked), so the only differences
 are the reduction orders test_bert.py's tolerance was measured for (a few fp32 ulps).
 """
+import copy
 import warnings
 
 import pytest
@@ -17,6 +18,7 @@ import fastencoder
 from fastencoder import models
 from fastencoder.kernels import padding
 from fastencoder.models import layers, packing
+from fastencoder.models.inputs import HF_PACKS_SEQUENCES_BY_POSITION
 from test_albert import albert_config
 from test_bert import FP32_TOL, assert_same_grads, bert_config, twin_models
 
@@ -314,11 +316,36 @@ def test_packed_documents_do_not_attend_to_each_other(torch_backend, plans):
                     assert_close(output.last_hidden_state[b, start:start + n], alone, atol=FP32_TOL, rtol=FP32_TOL,
                                  what=f"unpad={unpad} output_attentions={output_attentions} document at {b}:{start}")
                     start += n
-        # position ids that do not follow the convention are only positions
-        model.unpad = "auto"
-        plans.clear()
-        model(input_ids, position_ids=torch.randint(0, 10, (2, 10)))
-        assert plans == [None]
+
+
+POSITION_FAMILIES = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig,
+                     "electra": transformers.ElectraConfig, "albert": transformers.AlbertConfig}
+
+
+@pytest.mark.parametrize("family", POSITION_FAMILIES)
+def test_position_ids_that_jump_mean_what_hugging_face_makes_of_them(torch_backend, family):
+    """Without an attention_mask, position ids that jump (a step other than +1) outside the
+    restart-at-0 convention: from transformers 5.25 BERT, the RoBERTa family and ELECTRA read them
+    as packed sequences attending only among themselves (before, and for ALBERT, they are only
+    positions). Every unpad setting gives the installed Hugging Face's outputs."""
+    config = POSITION_FAMILIES[family](vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=37, hidden_dropout_prob=0.0,
+                                       attention_probs_dropout_prob=0.0, embedding_size=16)
+    torch.manual_seed(0)
+    reference = transformers.AutoModel.from_config(config).eval()
+    ours = fastencoder.optimize(copy.deepcopy(reference))
+    input_ids = torch.randint(3, config.vocab_size, (2, 10))
+    position_ids = torch.tensor([[2, 3, 4, 9, 10, 11, 5, 6, 7, 8], list(range(5, 15))])
+    with torch.no_grad():
+        expected = reference(input_ids, position_ids=position_ids).last_hidden_state
+        as_positions = reference(input_ids, position_ids=position_ids,
+                                 attention_mask=torch.ones_like(input_ids)).last_hidden_state
+        packs = HF_PACKS_SEQUENCES_BY_POSITION and family != "albert"
+        assert torch.equal(expected, as_positions) != packs  # the jumps split row 0 exactly when HF packs
+        for unpad in ("auto", True, False):
+            fastencoder.optimize(ours, unpad=unpad)
+            assert_close(ours(input_ids, position_ids=position_ids).last_hidden_state, expected,
+                         atol=FP32_TOL, rtol=FP32_TOL, what=f"{family} unpad={unpad}")
 
 
 def test_optimize_with_unpad_gives_transformers_outputs(backend, kernel_launches):

@@ -11,7 +11,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 from transformers.models.bert import modeling_bert
 
-from .inputs import as_config, check_inputs, check_supported, fused_activation, output_flags
+from .inputs import HF_PACKS_SEQUENCES_BY_POSITION, as_config, check_inputs, check_supported, fused_activation, output_flags
 from .layers import (
     EncoderHeadsMixin,
     EncoderOptionsMixin,
@@ -108,6 +108,8 @@ class BertModel(EncoderOptionsMixin, modeling_bert.BertPreTrainedModel):
     `config`: a `transformers.BertConfig`, or a path to a config.json or a model directory.
     `unpad`: "auto", True or False, padding-free execution (see EncoderOptionsMixin).
     """
+
+    packs_sequences_by_position = HF_PACKS_SEQUENCES_BY_POSITION
 
     _no_split_modules = ["BertEmbeddings", "BertLayer"]
     _can_record_outputs = None  # hidden states and attentions are collected by the encoder itself

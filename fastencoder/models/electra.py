@@ -12,7 +12,7 @@ from transformers.models.electra import modeling_electra
 
 from .bert import BertEncoder
 from .distilbert import PoolerlessHeadsMixin
-from .inputs import as_config, check_inputs, check_supported, output_flags
+from .inputs import HF_PACKS_SEQUENCES_BY_POSITION, as_config, check_inputs, check_supported, output_flags
 from .layers import (
     EncoderOptionsMixin,
     FirstPositionHeadsMixin,
@@ -35,6 +35,8 @@ class ElectraModel(FirstPositionHeadsMixin, EncoderOptionsMixin, modeling_electr
     `unpad`: "auto", True or False, padding-free execution (see EncoderOptionsMixin; left-padded
     batches run padded, see FirstPositionHeadsMixin).
     """
+
+    packs_sequences_by_position = HF_PACKS_SEQUENCES_BY_POSITION
 
     _no_split_modules = ["ElectraEmbeddings", "BertLayer"]
     _can_record_outputs = None  # hidden states and attentions are collected by the encoder itself

@@ -4,6 +4,13 @@ import os
 from typing import NamedTuple
 
 import torch
+import transformers
+from packaging import version
+
+# From transformers 5.25, BERT, the RoBERTa family and ELECTRA hand position_ids to their attention
+# mask: without an attention_mask, a row whose positions jump (any step other than +1) holds packed
+# sequences that attend only among themselves (masking_utils.find_packed_sequence_indices).
+HF_PACKS_SEQUENCES_BY_POSITION = version.parse(transformers.__version__) >= version.parse("5.25.0")
 
 # Hugging Face hidden_act → the activation fused into the linear op
 FUSED_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -182,16 +189,27 @@ def document_mask(document_starts, dtype):
 
 
 
-def packed_document_starts(position_ids, attention_mask, batch, seqlen):
-    """Hugging Face's packed-sequence convention (DataCollatorWithFlattening): no attention_mask and
-    position_ids that restart at 0 inside a row, each row several documents back to back. Returns
-    bool [B, S], True where a document starts, or None when the inputs do not follow it: every row
-    starts at 0, each position is the previous one + 1 or a restart at 0, with at least one restart.
-    (Hugging Face's own eager BERT lets such documents attend to each other; here they never do.)"""
-    if position_ids is None or attention_mask is not None or seqlen < 2 or tracing():
+def packed_document_starts(position_ids, attention_mask, batch, seqlen, at_any_jump=False):
+    """Packed documents, each row several documents back to back, given by position_ids without an
+    attention_mask. Returns bool [B, S], True where a document starts, or None for one document per row.
+
+    at_any_jump: Hugging Face's rule for the families that hand position_ids to their mask
+    (HF_PACKS_SEQUENCES_BY_POSITION): a document starts wherever a position is not the previous one
+    + 1; while tracing (no read back) the starts are returned unchecked, a single document per row
+    then masking nothing. Otherwise the convention of DataCollatorWithFlattening: every row starts
+    at 0, each position is the previous one + 1 or a restart at 0, with at least one restart
+    (Hugging Face's own models before 5.25 let such documents attend to each other; here they never do)."""
+    if position_ids is None or attention_mask is not None or seqlen < 2:
         return None
     positions = position_ids.expand(batch, seqlen)
     previous, current = positions[:, :-1], positions[:, 1:]
+    if at_any_jump:
+        jumps = current != previous + 1
+        if not tracing() and not jumps.any().item():
+            return None
+        return torch.cat([torch.ones_like(jumps[:, :1]), jumps], 1)
+    if tracing():
+        return None
     restarts = current == 0
     follows = ((current == previous + 1) | restarts).all() & (positions[:, 0] == 0).all()
     if not (follows & restarts.any()).item():

@@ -213,6 +213,10 @@ class EncoderOptionsMixin:
     cuda_graphs: False or True: inference calls replay CUDA graphs (fastencoder/cuda_graphs.py);
     `cuda_graph_runner` then tells why a call ran eagerly and how much memory the graphs hold."""
 
+    # whether this family's Hugging Face model reads packed sequences off position_ids
+    # (`packed_document_starts`' at_any_jump); set by BERT, the RoBERTa family and ELECTRA
+    packs_sequences_by_position = False
+
     @property
     def unpad(self):
         return self.__dict__.get("_unpad", DEFAULT_UNPAD)
@@ -256,7 +260,8 @@ class EncoderOptionsMixin:
         with modules that mix rows (`mixes_rows`: dynamic per-tensor quantisation), whose results
         on the real tokens alone would differ from Hugging Face's."""
         mask = attention_mask_for(attention_mask, batch, seqlen, self.config.num_attention_heads, dtype)  # validates
-        documents = packed_document_starts(position_ids, attention_mask, batch, seqlen)
+        documents = packed_document_starts(position_ids, attention_mask, batch, seqlen,
+                                           at_any_jump=self.packs_sequences_by_position)
         packing, maybe_padded = plan_unpadding(self.unpad, attention_mask, documents, batch, seqlen,
                                                output_attentions, device)
         if packing is not None:

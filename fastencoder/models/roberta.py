@@ -16,7 +16,7 @@ from transformers.models.roberta import modeling_roberta
 from transformers.models.xlm_roberta import modeling_xlm_roberta
 
 from .bert import BertEncoder, BertModel, BertPooler
-from .inputs import as_config, check_inputs, check_supported, tracing
+from .inputs import HF_PACKS_SEQUENCES_BY_POSITION, as_config, check_inputs, check_supported, tracing
 from .layers import EncoderHeadsMixin, EncoderOptionsMixin, FirstPositionHeadsMixin, FusedEmbeddingsMixin
 from .packing import DEFAULT_UNPAD
 
@@ -84,6 +84,7 @@ class RobertaEncoderMixin(FirstPositionHeadsMixin, EncoderOptionsMixin):
     """
 
     embeddings_class = None  # set by each family
+    packs_sequences_by_position = HF_PACKS_SEQUENCES_BY_POSITION
     _can_record_outputs = None  # hidden states and attentions are collected by the encoder itself
 
     def __init__(self, config, add_pooling_layer=True, unpad=DEFAULT_UNPAD):
