@@ -16,7 +16,7 @@ try:
 except ImportError:  # triton ships for Linux only; elsewhere every op runs its PyTorch reference
     from ._no_triton import tl, triton
 
-from . import backend
+from . import backend, onednn
 from ._checks import FLOAT_DTYPES, check_float, check_like, check_shape, rows_view
 from ._dispatch import direct_when_eager
 from ._launch import batch_generic, cdiv, launches_on_input_device, next_power_of_2
@@ -377,7 +377,10 @@ _IN_PLACE_ACTIVATIONS = {
 def linear_torch(x, weight, bias=None, activation=None, residual=None):
     """The fast PyTorch path of `linear`: one GEMM with the bias added in it (cuBLAS, oneDNN),
     then the activation and the residual add in place on its output when autograd keeps no
-    reference to it (inference), so no further buffer is allocated."""
+    reference to it (inference), so no further buffer is allocated. On the CPU, large fp32
+    inference GEMMs run in oneDNN with the activation and residual fused (kernels/onednn.py)."""
+    if onednn.takes(x, weight, bias, residual):
+        return onednn.linear(x, weight, bias, activation, residual)
     y = torch.nn.functional.linear(x, weight, bias)
     if y.requires_grad:
         y = TORCH_ACTIVATIONS[activation](y)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fastencoder.kernels import attention, layer_norm, linear, pad, unpad
+from fastencoder.kernels import attention, layer_norm, linear, onednn, pad, unpad
 from fastencoder.kernels.layer_norm import layer_norm_reference, layer_norm_torch
 from fastencoder.kernels.linear import linear_reference, linear_torch
 from fastencoder.kernels.padding import pad_reference, pad_torch, unpad_reference, unpad_torch
@@ -243,6 +243,53 @@ def test_linear_matches_float64(no_kernels, activation, with_grad):
         assert y.grad_fn is not None and all(t.grad is not None for t in (x, weight, bias, residual))
         torch.testing.assert_close(
             x.grad, torch.autograd.grad(linear_reference(x, weight, bias, activation, residual).sum(), x)[0])
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """The calls that linear_torch hands to oneDNN (kernels/onednn.py)."""
+    calls = []
+    run = onednn.linear
+    monkeypatch.setattr(onednn, "linear", lambda *args: calls.append(args) or run(*args))
+    return calls
+
+
+@pytest.mark.skipif(not onednn._AVAILABLE, reason="this torch is built without oneDNN")
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("residual_layout", [None, "contiguous", "strided"])
+def test_large_fp32_inference_linears_run_in_onednn(no_kernels, onednn_calls, activation, residual_layout):
+    """A BERT-sized fp32 projection without autograd runs in one oneDNN call (activation and a
+    contiguous residual as post-ops; a strided residual added in place after it): the float64
+    reference's values, inputs untouched. Tolerance as the fp32 test above (1e-4): at K = 768 the
+    fp32 sums are off by ~1e-6 relative, ~1e-5 absolute at these magnitudes."""
+    x, weight, bias = torch.randn(2, 129, 768), torch.randn(1024, 768) / 768**0.5, torch.randn(1024)
+    residual = {None: None, "contiguous": torch.randn(2, 129, 1024),
+                "strided": torch.randn(2, 1024, 129).transpose(1, 2)}[residual_layout]
+    inputs = [t.clone() for t in (x, weight, bias) + ((residual,) if residual is not None else ())]
+    with torch.no_grad():
+        y = linear(x, weight, bias, activation, residual=residual)
+    assert len(onednn_calls) == 1
+    expected = linear_reference(x.double(), weight.double(), bias.double(), activation,
+                                None if residual is None else residual.double())
+    _check_close("y", y, expected, (1e-4, 1e-4))
+    assert all(torch.equal(t, before) for t, before in zip((x, weight, bias, residual), inputs))
+
+
+@pytest.mark.skipif(not onednn._AVAILABLE, reason="this torch is built without oneDNN")
+def test_onednn_serves_only_large_fp32_inference(no_kernels, onednn_calls):
+    """oneDNN's linear has no autograd and a per-call setup cost: training, small GEMMs, other
+    dtypes and a user's torch.backends.mkldnn.enabled = False stay on F.linear."""
+    x, weight = torch.randn(256, 768), torch.randn(1024, 768) / 768**0.5
+    linear(x, weight.requires_grad_())
+    linear(x[:4], weight.detach())
+    with torch.no_grad():
+        linear(x.bfloat16(), weight.bfloat16())
+        with torch.backends.mkldnn.flags(enabled=False):
+            linear(x, weight)
+    assert onednn_calls == []
+    with torch.no_grad():
+        linear(x, weight)
+    assert len(onednn_calls) == 1
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
