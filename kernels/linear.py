@@ -57,6 +57,10 @@ def _activation(h, ACT: tl.constexpr, WITH_GRAD: tl.constexpr):
 #   epilogue (forward):   C ← act(C + bias) + residual;  act'(C + bias) → ActGrad (STORE_ACT_GRAD)
 #   prologue (backward):  A ← A · ActGrad (SCALE_A), written once to DA (STORE_A);
 #                         Σ_k A → RowSum (ROWSUM_A: the bias gradient, reduced in the dW product)
+#   GeGLU (GLU):          B's columns are W's rows [u | gate] interleaved, column 2j from row j, 2j + 1
+#                         from row N/2 + j: one accumulator tile holds both halves of BLOCK_N / 2
+#                         outputs, the main loop is the plain GEMM's, and the epilogue splits the pairs:
+#                         C[:, j] ← act(u_j) · gate_j;  [gate·act'(u) | act(u)] → ActGrad (STORE_ACT_GRAD)
 @batch_generic("M", "M_BUCKET", "K_BUCKET")  # M: the tokens (K too in the dW product, see compile_cases)
 def _linear_kernel(
     A, B, C, Bias, Residual, ActGrad, DA, RowSum,
@@ -65,7 +69,7 @@ def _linear_kernel(
     stride_dam,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     STORE_ACT_GRAD: tl.constexpr, SCALE_A: tl.constexpr, STORE_A: tl.constexpr,
-    ROWSUM_A: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    ROWSUM_A: tl.constexpr, GLU: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -86,7 +90,11 @@ def _linear_kernel(
     # the K edge needs a mask in the loop, and the extra results are never stored. (The hints below
     # are false on a ragged edge tile: _matmul keeps unit strides off a ragged M or N.)
     rm_load = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
-    rn_load = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    if GLU:  # the W row each accumulator column reads (see above); no contiguity to promise
+        half_n = N // 2
+        rn_load = (rn // 2) % half_n + (rn % 2) * half_n
+    else:
+        rn_load = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
     a_ptrs = A + rm_load[:, None] * stride_am + rk[None, :] * stride_ak
     b_ptrs = B + rk[:, None] * stride_bk + rn_load[None, :] * stride_bn
     if SCALE_A:
@@ -120,16 +128,35 @@ def _linear_kernel(
     if ROWSUM_A:
         if pid_n == 0:
             tl.store(RowSum + rm, row_sum, mask=m_ok)
-    c_mask = m_ok[:, None] & n_ok[None, :]
-    if HAS_BIAS:
-        acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    acc, act_grad = _activation(acc, ACTIVATION, STORE_ACT_GRAD)
-    if STORE_ACT_GRAD:
-        tl.store(ActGrad + rm[:, None] * stride_gm + rn[None, :], act_grad.to(ActGrad.dtype.element_ty),
-                 mask=c_mask)
-    if HAS_RESIDUAL:
-        acc += tl.load(Residual + rm[:, None] * stride_rm + rn[None, :], mask=c_mask, other=0.0).to(tl.float32)
-    tl.store(C + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(C.dtype.element_ty), mask=c_mask)
+    if GLU:
+        if HAS_BIAS:
+            acc += tl.load(Bias + rn_load).to(tl.float32)[None, :]
+        # the pairs (u_j, gate_j) are neighbouring columns, which a thread holds together
+        u, gate = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
+        u, act_grad = _activation(u, ACTIVATION, STORE_ACT_GRAD)
+        ro = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        o_mask = m_ok[:, None] & (ro < half_n)[None, :]
+        if STORE_ACT_GRAD:
+            g_ptrs = ActGrad + rm[:, None] * stride_gm + ro[None, :]
+            if ACTIVATION == 0:
+                act_grad = gate
+            else:
+                act_grad = act_grad * gate
+            tl.store(g_ptrs, act_grad.to(ActGrad.dtype.element_ty), mask=o_mask)
+            tl.store(g_ptrs + half_n, u.to(ActGrad.dtype.element_ty), mask=o_mask)
+        tl.store(C + rm[:, None] * stride_cm + ro[None, :] * stride_cn, (u * gate).to(C.dtype.element_ty),
+                 mask=o_mask)
+    else:
+        c_mask = m_ok[:, None] & n_ok[None, :]
+        if HAS_BIAS:
+            acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc, act_grad = _activation(acc, ACTIVATION, STORE_ACT_GRAD)
+        if STORE_ACT_GRAD:
+            tl.store(ActGrad + rm[:, None] * stride_gm + rn[None, :], act_grad.to(ActGrad.dtype.element_ty),
+                     mask=c_mask)
+        if HAS_RESIDUAL:
+            acc += tl.load(Residual + rm[:, None] * stride_rm + rn[None, :], mask=c_mask, other=0.0).to(tl.float32)
+        tl.store(C + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(C.dtype.element_ty), mask=c_mask)
 
 
 def _config(block_m, block_n, block_k, stages, warps):
@@ -185,7 +212,7 @@ def _autotuned(configs):
         # M and K (the token count in the dW product) only through power-of-two buckets: a new batch
         # size or padded length must not trigger a new tuning run. The kernel bounds with exact M, K.
         key=["M_BUCKET", "N", "K_BUCKET", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL", "STORE_ACT_GRAD",
-             "SCALE_A", "STORE_A", "ROWSUM_A", "ALLOW_TF32"],
+             "SCALE_A", "STORE_A", "ROWSUM_A", "GLU", "ALLOW_TF32"],
         prune_configs_by=dict(early_config_prune=_configs_for_variant),
     )(_linear_kernel)
 
@@ -219,10 +246,11 @@ def _without_unit_stride_along(t, dim):
 
 
 def _matmul(a, b, out, *, bias=None, activation=0, residual=None, act_grad=None, scale_a=None,
-            store_a=None, row_sum=None):
+            store_a=None, row_sum=None, glu=False):
     """out = epilogue(prologue(a) · b), every operand a 2-D view with unit stride along its rows
     (a and b may be transposed views). act_grad is written by the epilogue, scale_a read by the
-    prologue; see the kernel's comment."""
+    prologue; with glu, b = Wᵀ holds both GeGLU halves and out has half its columns. See the
+    kernel's comment."""
     m, k = a.shape
     n = b.shape[1]
     if a.stride(0) == 1 and m % LARGEST_TILE:
@@ -248,7 +276,7 @@ def _matmul(a, b, out, *, bias=None, activation=0, residual=None, act_grad=None,
         0 if store_a is None else store_a.stride(0),
         HAS_BIAS=bias is not None, ACTIVATION=activation, HAS_RESIDUAL=residual is not None,
         STORE_ACT_GRAD=act_grad is not None, SCALE_A=scale_a is not None,
-        STORE_A=store_a is not None, ROWSUM_A=row_sum is not None,
+        STORE_A=store_a is not None, ROWSUM_A=row_sum is not None, GLU=glu,
         ALLOW_TF32=a.dtype == torch.float32 and backend.allows_tf32(),
     )
 
@@ -450,32 +478,17 @@ def _check_inputs(x, weight, bias, activation, residual):
 # and the MLP continues with act(u) · gate. Its backward, with y = act(u) · gate:
 #   du = dy · gate · act'(u),  dgate = dy · act(u)   →  dh = [du | dgate] = [dy | dy] ⊙ F,
 #   F = [gate · act'(u) | act(u)] saved by the forward,  dx = dh · Wi,  dWi = dhᵀ · x,  db = Σ_rows dh
-_ACTIVATION_NAMES = {code: name for name, code in ACTIVATIONS.items()}
-
-
-def _activation_derivative_torch(h, activation):
-    if activation == "gelu":
-        return torch.special.ndtr(h) + h * torch.exp(-0.5 * h * h) * 0.3989422804014327  # Φ(h) + h·φ(h)
-    if activation == "gelu_tanh":
-        t = torch.tanh(0.7978845608028654 * (h + 0.044715 * h ** 3))
-        return 0.5 * (1 + t) + 0.5 * h * (1 - t * t) * 0.7978845608028654 * (1 + 3 * 0.044715 * h * h)
-    if activation == "relu":
-        return (h > 0).to(h.dtype)
-    return torch.ones_like(h)
-
-
 @launches_on_input_device
 def _geglu_fwd_impl(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: int, save_factors: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    name = _ACTIVATION_NAMES[activation]
-    u, gate = torch.nn.functional.linear(x, weight, bias).float().chunk(2, -1)
-    act = TORCH_ACTIVATIONS[name](u)
-    out = (act * gate).to(x.dtype)
-    if not save_factors:
-        return out, x.new_empty(0)
-    factors = torch.cat([gate * _activation_derivative_torch(u, name), act], -1).to(x.dtype)
-    return out, factors.reshape(-1, weight.shape[0])
+    x2 = rows_view(x)
+    out = torch.empty((x2.shape[0], weight.shape[0] // 2), dtype=x.dtype, device=x.device)
+    factors = torch.empty((x2.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device) if save_factors \
+        else out.new_empty(0)
+    _matmul(x2, weight.t(), out, bias=bias, activation=activation, act_grad=factors if save_factors else None,
+            glu=True)
+    return out.view(*x.shape[:-1], out.shape[1]), factors
 
 
 _geglu_fwd = torch.library.custom_op("fastencoder::geglu_linear_fwd", _geglu_fwd_impl, mutates_args=())
@@ -499,9 +512,17 @@ def _geglu_bwd_impl(
     # [dy | dy] ⊙ F in one broadcast pass, rounded once as the kernels round
     torch.mul(factors.view(rows, 2, intermediate), dy2[:, None, :], out=dh.view(rows, 2, intermediate))
     empty = lambda: dy.new_empty(0)
-    dx = (dh @ weight).view(*dy.shape[:-1], weight.shape[1]) if need_dx else empty()
-    dweight = dh.t() @ rows_view(x) if need_dweight else empty()
-    dbias = dh.sum(0, dtype=torch.float32).to(weight.dtype) if need_dbias else empty()
+    dx, dweight, dbias = empty(), empty(), empty()
+    if need_dx:
+        dx = torch.empty((rows, weight.shape[1]), dtype=dy.dtype, device=dy.device)
+        _matmul(dh, weight, dx)
+        dx = dx.view(*dy.shape[:-1], weight.shape[1])
+    if need_dweight or need_dbias:
+        dweight = torch.empty_like(weight)
+        row_sum = torch.empty(weight.shape[0], dtype=torch.float32, device=dy.device) if need_dbias else None
+        _matmul(dh.t(), rows_view(x), dweight, row_sum=row_sum)
+        dbias = row_sum.to(weight.dtype) if need_dbias else empty()
+        dweight = dweight if need_dweight else empty()
     return dx, dweight, dbias
 
 
@@ -601,7 +622,11 @@ _VARIANTS = {
     "fwd+residual": dict(_FORWARD, HAS_BIAS=True, HAS_RESIDUAL=True),
     "dx": dict(_DX),
     "dx+act_grad": dict(_DX, SCALE_A=True, STORE_A=True),
+    "dw": dict(_DW),
     "dw+dbias": dict(_DW, ROWSUM_A=True),
+    # GeGLU (ModernBERT's Wi: no bias, erf GELU); its backward runs the dx and dw products above
+    "fwd+geglu": dict(_FORWARD, GLU=True, ACTIVATION=1),
+    "fwd+geglu+grad": dict(_FORWARD, GLU=True, ACTIVATION=1, STORE_ACT_GRAD=True),
 }
 _INT_ARGS = ("M", "N", "K", "M_BUCKET", "K_BUCKET", "stride_am", "stride_ak", "stride_bk", "stride_bn",
              "stride_cm", "stride_cn", "stride_rm", "stride_gm", "stride_dam")
@@ -610,7 +635,7 @@ _INT_ARGS = ("M", "N", "K", "M_BUCKET", "K_BUCKET", "stride_am", "stride_ak", "s
 def compile_cases():
     """Every config × launched variant × dtype, for the static kernel report (kernels/report.py)."""
     flags = dict(HAS_BIAS=False, ACTIVATION=0, HAS_RESIDUAL=False, STORE_ACT_GRAD=False,
-                 SCALE_A=False, STORE_A=False, ROWSUM_A=False, ALLOW_TF32=False)
+                 SCALE_A=False, STORE_A=False, ROWSUM_A=False, GLU=False, ALLOW_TF32=False)
     for dtype, configs in (("fp16", CONFIGS_16BIT), ("bf16", CONFIGS_16BIT), ("fp32", CONFIGS_FP32)):
         for config in configs:
             tile = "{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(**config.kwargs)
