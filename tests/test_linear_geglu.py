@@ -11,6 +11,7 @@ from fastencoder.kernels.linear import geglu_linear, geglu_linear_reference, geg
 from helpers import assert_close, float64_leaves, leaf
 
 linear_module = importlib.import_module("fastencoder.kernels.linear")
+kernel_module = importlib.import_module("fastencoder.kernels.linear_kernel")
 
 # As tests/test_linear.py: inputs rounded to the dtype, the reference in float64 on those values.
 # Over K <= 100 terms, fp32 accumulation errs by ~1e-6; 16-bit outputs round once (fp16 2^-11,
@@ -229,11 +230,11 @@ def test_modernbert_shapes_on_gpu(dtype, shape, device, triton_backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, config", [
     pytest.param(dtype, config, id=f"{name}-{'x'.join(map(str, config.kwargs.values()))}-w{config.num_warps}s{config.num_stages}")
-    for dtype, name, configs in ((torch.float16, "fp16", linear_module.CONFIGS_16BIT),
-                                 (torch.float32, "fp32", linear_module.CONFIGS_FP32))
+    for dtype, name, configs in ((torch.float16, "fp16", kernel_module.CONFIGS_16BIT),
+                                 (torch.float32, "fp32", kernel_module.CONFIGS_FP32))
     for config in configs])
 def test_every_autotune_config_on_gpu(dtype, config, device, triton_backend, monkeypatch):
     """Every config, not only the tuner's pick: M = 300 and I = 100 leave ragged tiles in all."""
-    monkeypatch.setitem(linear_module._KERNELS, dtype, linear_module._autotuned([config]))
+    monkeypatch.setitem(kernel_module._KERNELS, dtype, kernel_module._autotuned([config]))
     x, weight, bias = _inputs(300, 256, 100, dtype, device)
     _check(x, weight, bias, "gelu", dtype)
