@@ -9,8 +9,10 @@ faster is kept for that device and key. Nothing is timed while a CUDA graph capt
 torch.compile traces (events and a synchronize would break the capture): there the key's choice,
 if one was made, runs, else the kernel. The CPU (Triton's interpreter) always runs the kernel.
 
-`choices()` lists every choice made, with both timings; `force("kernel" | "cublas")` runs one
-candidate everywhere instead (reproducible numerics, benchmarks), `force(None)` chooses again.
+On sm_90 the candidates are three: the classic kernel, the Hopper kernel (kernels/linear_hopper.py)
+where its descriptors take the operands, and cuBLAS. `choices()` lists every choice made, with
+every timing; `force("classic" | "hopper" | "cublas")` runs one candidate everywhere instead
+(reproducible numerics, benchmarks), `force(None)` chooses again.
 """
 import statistics
 from collections import OrderedDict
@@ -19,8 +21,12 @@ from typing import NamedTuple
 import torch
 
 from ._checks import capturing_or_compiling
+from ._launch import next_power_of_2
 
-KERNEL, CUBLAS = "kernel", "cublas"
+# fastencoder's classic (pointer-based) kernel, its Hopper kernel (tensor descriptors, persistent),
+# cuBLAS followed by the same epilogue
+CLASSIC, HOPPER, CUBLAS = "classic", "hopper", "cublas"
+CANDIDATES = (CLASSIC, HOPPER, CUBLAS)
 # Keys are bounded by the token buckets (11 per weight shape and product, as the autotuner's);
 # the least recently used choice is dropped past this many (a model has a few dozen keys).
 MAX_CHOICES = 1024
@@ -41,13 +47,17 @@ class GemmKey(NamedTuple):
 
 
 class Choice(NamedTuple):
-    winner: str         # KERNEL or CUBLAS
-    kernel_ms: float
-    cublas_ms: float
+    winner: str         # one of CANDIDATES
+    times_ms: dict      # {candidate: median ms} of every candidate timed
 
 
 _choices = OrderedDict()  # GemmKey → Choice, least recently used first
 _forced = None
+
+
+def bucket(size):
+    """The key of a size that depends on the data (the tokens): its power of two, within [16, 16384]."""
+    return min(next_power_of_2(max(size, 16)), 16384)
 
 
 def choices():
@@ -61,10 +71,11 @@ def clear():
 
 
 def force(candidate):
-    """Run every GEMM on a GPU with `candidate` (KERNEL or CUBLAS), untimed; None: choose by timing."""
+    """Run every GEMM on a GPU with `candidate` (one of CANDIDATES), untimed (a GEMM the Hopper
+    kernel cannot take runs the classic one); None: choose by timing."""
     global _forced
-    if candidate not in (None, KERNEL, CUBLAS):
-        raise ValueError(f"candidate must be None, {KERNEL!r} or {CUBLAS!r}, got {candidate!r}")
+    if candidate is not None and candidate not in CANDIDATES:
+        raise ValueError(f"candidate must be None or one of {CANDIDATES}, got {candidate!r}")
     _forced = candidate
 
 
@@ -95,28 +106,30 @@ def _measure(run):
     return statistics.median(start.elapsed_time(end) for start, end in zip(starts, ends))
 
 
-def run(key, tensor, kernel, cublas):
-    """Run the chosen candidate of GEMM `key` (each writes the same outputs: they are
-    interchangeable), choosing first if this is the key's first call and timing is allowed."""
+def run(key, tensor, candidates):
+    """Run the chosen one of `candidates` ({name: function}, the classic kernel first; each writes
+    the same outputs: they are interchangeable) for GEMM `key`, choosing first if this is the
+    key's first call and timing is allowed. A winner that cannot take this call's operands (the
+    Hopper kernel, on misaligned ones) gives way to the first candidate."""
     if _forced is not None:
-        return kernel() if _forced == KERNEL else cublas()
+        return candidates.get(_forced, candidates[CLASSIC])()
     choice = _choices.get(key)
     if choice is not None:
         _choices.move_to_end(key)
     elif capturing_or_compiling(tensor):
-        return kernel()
+        return candidates[CLASSIC]()
     else:
-        kernel_ms, cublas_ms = _measure(kernel), _measure(cublas)
-        choice = Choice(KERNEL if kernel_ms <= cublas_ms else CUBLAS, kernel_ms, cublas_ms)
+        times = {name: _measure(candidate) for name, candidate in candidates.items()}
+        choice = Choice(min(times, key=times.get), times)
         _choices[key] = choice
         while len(_choices) > MAX_CHOICES:
             _choices.popitem(last=False)
-    return kernel() if choice.winner == KERNEL else cublas()
+    return candidates.get(choice.winner, candidates[CLASSIC])()
 
 
 def describe(key, choice):
     """One line for the bench's output."""
     dtype = "tf32" if key.tf32 else str(key.dtype).split(".")[-1]
+    times = ", ".join(f"{name} {ms:.3f} ms" for name, ms in choice.times_ms.items())
     return (f"{key.product} {dtype} M~{key.m_bucket} N{key.n} K~{key.k_bucket} "
-            f"{key.epilogue or 'plain'} {key.layout}: {choice.winner} (kernel {choice.kernel_ms:.3f} ms, "
-            f"cuBLAS {choice.cublas_ms:.3f} ms)")
+            f"{key.epilogue or 'plain'} {key.layout}: {choice.winner} ({times})")

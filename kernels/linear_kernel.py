@@ -13,8 +13,8 @@ try:
 except ImportError:  # triton ships for Linux only; elsewhere every op runs its PyTorch reference
     from ._no_triton import tl, triton
 
-from . import backend, gemm_choice, linear_cublas
-from ._launch import batch_generic, cdiv, next_power_of_2
+from . import backend, gemm_choice, linear_cublas, linear_hopper
+from ._launch import batch_generic, cdiv
 from .activation import ACTIVATIONS, activation_and_grad
 
 _ACTIVATION_NAMES = {code: name for name, code in ACTIVATIONS.items()}
@@ -192,9 +192,7 @@ _KERNELS = {
 }
 
 
-def _bucket(size):
-    """The autotune key of a size that depends on the data: its power of two, within [16, 16384]."""
-    return min(next_power_of_2(max(size, 16)), 16384)
+_bucket = gemm_choice.bucket  # the autotune key of the token counts
 
 
 # The kernel loads the last tile along M and N wrapped around to valid rows, and vectorises loads
@@ -216,12 +214,15 @@ def _without_unit_stride_along(t, dim):
 def matmul(product, a, b, out, **epilogue):
     """out = epilogue(prologue(a) · b), every operand a 2-D view with unit stride along its rows
     (a and b may be transposed views); the keyword arguments are `_kernel_matmul`'s. On a GPU the
-    fused kernel or its cuBLAS candidate, whichever kernels/gemm_choice.py found faster for this
-    GEMM (product: "forward", "dx" or "dW")."""
+    classic kernel, the Hopper kernel or the cuBLAS candidate, whichever kernels/gemm_choice.py
+    found fastest for this GEMM (product: "forward", "dx" or "dW")."""
     if not gemm_choice.times(a):
         return _kernel_matmul(a, b, out, **epilogue)
-    gemm_choice.run(_choice_key(product, a, b, epilogue), a, lambda: _kernel_matmul(a, b, out, **epilogue),
-                    lambda: linear_cublas.cublas_matmul(a, b, out, **epilogue))
+    candidates = {gemm_choice.CLASSIC: lambda: _kernel_matmul(a, b, out, **epilogue)}
+    if linear_hopper.runs_on(a) and linear_hopper.eligible(a, b, out, **epilogue):
+        candidates[gemm_choice.HOPPER] = lambda: linear_hopper.hopper_matmul(a, b, out, **epilogue)
+    candidates[gemm_choice.CUBLAS] = lambda: linear_cublas.cublas_matmul(a, b, out, **epilogue)
+    gemm_choice.run(_choice_key(product, a, b, epilogue), a, candidates)
 
 
 _EPILOGUE_NAMES = dict(bias="bias", scale_a="act'", store_a="dh", row_sum="dbias", act_grad="act'",
@@ -301,8 +302,9 @@ _INT_ARGS = ("M", "N", "K", "M_BUCKET", "K_BUCKET", "stride_am", "stride_ak", "s
 
 def compile_cases():
     """Every config × launched variant × dtype, for the static kernel report (kernels/report.py),
-    then the elementwise epilogue of the cuBLAS candidates."""
+    then the Hopper kernel's (sm_90a) and the elementwise epilogue of the cuBLAS candidates."""
     yield from _kernel_cases()
+    yield from linear_hopper.compile_cases()
     yield from linear_cublas.compile_cases()
 
 

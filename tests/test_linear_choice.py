@@ -23,15 +23,18 @@ TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3)}
 
 class FakeTimer:
     """Stands in for gemm_choice._measure: runs the candidate once and returns `times[which]`,
-    `which` told by what it launched (the fused kernel, or not)."""
+    `which` told by what it launched (the classic kernel, the Hopper kernel, or neither)."""
 
-    def __init__(self, launches, kernel_ms, cublas_ms):
-        self.launches, self.times, self.timed = launches, {"kernel": kernel_ms, "cublas": cublas_ms}, []
+    def __init__(self, launches, classic_ms, cublas_ms, hopper_ms=None):
+        self.launches, self.timed = launches, []
+        self.times = {"classic": classic_ms, "cublas": cublas_ms, "hopper": hopper_ms}
 
     def __call__(self, run):
         before = len(self.launches)
         run()
-        which = "kernel" if "_linear_kernel" in self.launches[before:] else "cublas"
+        launched = self.launches[before:]
+        which = ("classic" if "_linear_kernel" in launched else
+                 "hopper" if "_linear_hopper_kernel" in launched else "cublas")
         self.timed.append(which)
         return self.times[which]
 
@@ -43,8 +46,8 @@ def choosing(monkeypatch, triton_backend, kernel_launches):
     monkeypatch.setattr(gemm_choice, "_on_gpu", lambda tensor: True)
     monkeypatch.setattr(gemm_choice, "_choices", type(gemm_choice._choices)())
 
-    def install(kernel_ms, cublas_ms):
-        timer = FakeTimer(kernel_launches, kernel_ms, cublas_ms)
+    def install(classic_ms, cublas_ms, hopper_ms=None):
+        timer = FakeTimer(kernel_launches, classic_ms, cublas_ms, hopper_ms)
         monkeypatch.setattr(gemm_choice, "_measure", timer)
         return timer
 
@@ -74,27 +77,29 @@ def _check_linear(dtype, activation, residual=True):
             assert_close(got.grad, want.grad, atol * max(1.0, want.grad.abs().max().item()), rtol, name)
 
 
-@pytest.mark.parametrize("kernel_ms, cublas_ms, winner", [(1.0, 2.0, "kernel"), (2.0, 1.0, "cublas")])
+@pytest.mark.parametrize("kernel_ms, cublas_ms, winner", [(1.0, 2.0, "classic"), (2.0, 1.0, "cublas")])
 def test_the_faster_candidate_wins_and_is_kept(choosing, kernel_launches, kernel_ms, cublas_ms, winner):
     """The first call of each GEMM (forward, dx, dW) times both candidates once each and runs the
     faster; later calls of the same GEMMs time nothing and run the kept choice. Both timings are
     visible in choices()."""
     timer = choosing(kernel_ms, cublas_ms)
     _check_linear(torch.float32, "gelu")
-    assert timer.timed == ["kernel", "cublas"] * 3
+    assert timer.timed == ["classic", "cublas"] * 3  # off sm_90 (here: no Hopper kernel), two candidates
     found = gemm_choice.choices()
     assert sorted(key.product for key in found) == ["dW", "dx", "forward"]
-    assert all(choice == gemm_choice.Choice(winner, kernel_ms, cublas_ms) for choice in found.values())
+    assert all(choice == gemm_choice.Choice(winner, {"classic": kernel_ms, "cublas": cublas_ms})
+               for choice in found.values())
     epilogues = {key.product: key.epilogue for key in found}
     assert epilogues == {"forward": "bias+gelu+act'+residual", "dx": "act'+dh", "dW": "dbias"}
     kernel_launches.clear()
     _check_linear(torch.float32, "gelu")
-    assert timer.timed == ["kernel", "cublas"] * 3, "a kept choice is timed again"
-    if winner == "kernel":
+    assert timer.timed == ["classic", "cublas"] * 3, "a kept choice is timed again"
+    if winner == "classic":
         assert kernel_launches == ["_linear_kernel"] * 3
     else:  # the forward's act and act' in the epilogue pass; dh = dy·act'(h) and db by torch
         assert kernel_launches == ["_epilogue_kernel"]
-    assert all("cuBLAS" in gemm_choice.describe(key, choice) for key, choice in found.items())
+    assert all(f"classic {kernel_ms:.3f} ms, cublas {cublas_ms:.3f} ms" in gemm_choice.describe(key, choice)
+               for key, choice in found.items())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -204,7 +209,7 @@ def test_nothing_is_timed_while_capturing_or_compiling(choosing, kernel_launches
                      activation)
 
 
-@pytest.mark.parametrize("candidate", ["kernel", "cublas"])
+@pytest.mark.parametrize("candidate", ["classic", "cublas"])
 def test_a_forced_candidate_runs_untimed(choosing, kernel_launches, monkeypatch, candidate):
     monkeypatch.setattr(gemm_choice, "_measure", lambda run: pytest.fail("timed while forced"))
     monkeypatch.setattr(gemm_choice, "_forced", None)
@@ -212,10 +217,10 @@ def test_a_forced_candidate_runs_untimed(choosing, kernel_launches, monkeypatch,
     x, weight, bias, _ = _linear_inputs(torch.float32)
     with torch.no_grad():
         y = linear(x, weight, bias, "gelu")
-    assert kernel_launches == ["_linear_kernel" if candidate == "kernel" else "_epilogue_kernel"]
+    assert kernel_launches == ["_linear_kernel" if candidate == "classic" else "_epilogue_kernel"]
     assert gemm_choice.choices() == {} and gemm_choice.forced() == candidate
     assert_close(y, linear_reference(x.double(), weight.double(), bias.double(), "gelu"), 2e-5, 2e-5, "y")
-    with pytest.raises(ValueError, match="candidate must be None, 'kernel' or 'cublas'"):
+    with pytest.raises(ValueError, match="candidate must be None or one of"):
         gemm_choice.force("cudnn")
 
 
