@@ -8,7 +8,7 @@ if __name__ == "fastencoder.kernels":
     from .attention import attention
     from .backend import get_backend, set_backend
     from .layer_norm import layer_norm
-    from .linear import linear
+    from .linear import geglu_linear, linear
     from .padding import pad, unpad
 
-    __all__ = ["attention", "get_backend", "layer_norm", "linear", "pad", "set_backend", "unpad"]
+    __all__ = ["attention", "geglu_linear", "get_backend", "layer_norm", "linear", "pad", "set_backend", "unpad"]

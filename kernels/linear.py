@@ -445,6 +445,149 @@ def _check_inputs(x, weight, bias, activation, residual):
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
 
 
+# --------------------------------------------------------------------------------------------- GeGLU
+# ModernBERT's MLP input projection: Wi [2·I, K] computes both halves, h = x · Wiᵀ + b = [u | gate],
+# and the MLP continues with act(u) · gate. Its backward, with y = act(u) · gate:
+#   du = dy · gate · act'(u),  dgate = dy · act(u)   →  dh = [du | dgate] = [dy | dy] ⊙ F,
+#   F = [gate · act'(u) | act(u)] saved by the forward,  dx = dh · Wi,  dWi = dhᵀ · x,  db = Σ_rows dh
+_ACTIVATION_NAMES = {code: name for name, code in ACTIVATIONS.items()}
+
+
+def _activation_derivative_torch(h, activation):
+    if activation == "gelu":
+        return torch.special.ndtr(h) + h * torch.exp(-0.5 * h * h) * 0.3989422804014327  # Φ(h) + h·φ(h)
+    if activation == "gelu_tanh":
+        t = torch.tanh(0.7978845608028654 * (h + 0.044715 * h ** 3))
+        return 0.5 * (1 + t) + 0.5 * h * (1 - t * t) * 0.7978845608028654 * (1 + 3 * 0.044715 * h * h)
+    if activation == "relu":
+        return (h > 0).to(h.dtype)
+    return torch.ones_like(h)
+
+
+@launches_on_input_device
+def _geglu_fwd_impl(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: int, save_factors: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    name = _ACTIVATION_NAMES[activation]
+    u, gate = torch.nn.functional.linear(x, weight, bias).float().chunk(2, -1)
+    act = TORCH_ACTIVATIONS[name](u)
+    out = (act * gate).to(x.dtype)
+    if not save_factors:
+        return out, x.new_empty(0)
+    factors = torch.cat([gate * _activation_derivative_torch(u, name), act], -1).to(x.dtype)
+    return out, factors.reshape(-1, weight.shape[0])
+
+
+_geglu_fwd = torch.library.custom_op("fastencoder::geglu_linear_fwd", _geglu_fwd_impl, mutates_args=())
+
+
+@_geglu_fwd.register_fake
+def _(x, weight, bias, activation, save_factors):
+    out = x.new_empty(*x.shape[:-1], weight.shape[0] // 2)
+    rows = x.numel() // x.shape[-1]
+    return out, x.new_empty(rows, weight.shape[0]) if save_factors else x.new_empty(0)
+
+
+@launches_on_input_device
+def _geglu_bwd_impl(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, factors: torch.Tensor,
+    need_dx: bool, need_dweight: bool, need_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dy2 = rows_view(dy)
+    rows, intermediate = dy2.shape
+    dh = torch.empty(rows, 2 * intermediate, dtype=dy.dtype, device=dy.device)
+    # [dy | dy] ⊙ F in one broadcast pass, rounded once as the kernels round
+    torch.mul(factors.view(rows, 2, intermediate), dy2[:, None, :], out=dh.view(rows, 2, intermediate))
+    empty = lambda: dy.new_empty(0)
+    dx = (dh @ weight).view(*dy.shape[:-1], weight.shape[1]) if need_dx else empty()
+    dweight = dh.t() @ rows_view(x) if need_dweight else empty()
+    dbias = dh.sum(0, dtype=torch.float32).to(weight.dtype) if need_dbias else empty()
+    return dx, dweight, dbias
+
+
+_geglu_bwd = torch.library.custom_op("fastencoder::geglu_linear_bwd", _geglu_bwd_impl, mutates_args=())
+
+
+@_geglu_bwd.register_fake
+def _(dy, x, weight, factors, need_dx, need_dweight, need_dbias):
+    return (
+        x.new_empty(x.shape) if need_dx else dy.new_empty(0),
+        torch.empty_like(weight) if need_dweight else dy.new_empty(0),
+        weight.new_empty(weight.shape[0]) if need_dbias else dy.new_empty(0),
+    )
+
+
+def _geglu_setup_context(ctx, inputs, output):
+    x, weight, bias, activation, save_factors = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _geglu_backward(ctx, dy, _d_factors):
+    x, weight, factors = ctx.saved_tensors
+    need_dx, need_dweight, need_dbias, _, _ = ctx.needs_input_grad
+    need_dbias = need_dbias and ctx.has_bias
+    dx, dweight, dbias = _call_geglu_bwd(dy, x, weight, factors, need_dx, need_dweight, need_dbias)
+    return dx if need_dx else None, dweight if need_dweight else None, dbias if need_dbias else None, None, None
+
+
+_geglu_fwd.register_autograd(_geglu_backward, setup_context=_geglu_setup_context)
+_call_geglu_fwd = direct_when_eager(_geglu_fwd, _geglu_fwd_impl, _geglu_backward, _geglu_setup_context)
+_call_geglu_bwd = direct_when_eager(_geglu_bwd, _geglu_bwd_impl)
+
+
+def geglu_linear_reference(x, weight, bias=None, activation="gelu"):
+    """PyTorch reference, computed as Hugging Face's ModernBertMLP computes it (in x's dtype)."""
+    u, gate = torch.nn.functional.linear(x, weight, bias).chunk(2, -1)
+    return TORCH_ACTIVATIONS[activation](u) * gate
+
+
+def geglu_linear_torch(x, weight, bias=None, activation="gelu"):
+    """The fast PyTorch path of `geglu_linear`: one GEMM (bias added in it), then, when autograd
+    keeps no reference to its output (inference), the activation and the gate in place on its
+    first half: the result is a view of the GEMM's output (rows 2·I elements apart), no further
+    buffer allocated."""
+    u, gate = torch.nn.functional.linear(x, weight, bias).chunk(2, -1)
+    if u.requires_grad:
+        return TORCH_ACTIVATIONS[activation](u) * gate
+    if activation is not None:
+        u = _IN_PLACE_ACTIVATIONS[activation](u)
+    return u.mul_(gate)
+
+
+def geglu_linear(x, weight, bias=None, activation="gelu"):
+    """act(x · W[:I]ᵀ + b[:I]) · (x · W[I:]ᵀ + b[I:]), shape [..., I], with weight [2·I, K] and bias
+    [2·I] as Hugging Face's ModernBERT `Wi` holds them (its MLP's `input, gate = Wi(x).chunk(2, -1)`).
+
+    activation: "gelu" (exact erf GELU, ModernBERT's default), "gelu_tanh", "relu" or None.
+    """
+    _check_geglu_inputs(x, weight, bias, activation)
+    if not backend.use_triton(x.device, x.dtype):
+        return geglu_linear_torch(x, weight, bias, activation)
+    if x.numel() == 0 or weight.shape[1] == 0:
+        return geglu_linear_reference(x, weight, bias, activation)
+    if max(x.numel() // weight.shape[1] * weight.shape[0], _extent(x), _extent(weight)) >= 2**31:
+        raise ValueError("the Triton GeGLU kernel indexes with 32 bits: every operand must span < 2**31 "
+                         "elements (its strides included)")
+    save_factors = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    return _call_geglu_fwd(x, weight, bias, ACTIVATIONS[activation], save_factors)[0]
+
+
+def _check_geglu_inputs(x, weight, bias, activation):
+    if (type(x) is torch.Tensor and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
+            and x.dtype in FLOAT_DTYPES and weight.dtype == x.dtype and weight.device == x.device
+            and weight.dim() == 2 and weight.shape[0] % 2 == 0 and x.dim() >= 1 and x.shape[-1] == weight.shape[1]
+            and (bias is None or (bias.dtype == x.dtype and bias.device == x.device and bias.shape == weight.shape[:1]))
+            and activation in ACTIVATIONS):
+        return  # the common call, found valid in a few attribute reads
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] % 2:
+        raise ValueError(f"weight must have an even number of rows [2 * intermediate, in_features] (the "
+                         f"input half, then the gate half), got shape {tuple(weight.shape)}")
+    _check_inputs(x, weight, bias, activation, None)
+
+
 # What the ops launch: flag combinations and operand layouts of the forward, dx and dW products.
 # Unit strides are given as constants (the runtime specialises integer arguments equal to 1 too).
 _FORWARD = dict(stride_ak=1, stride_bk=1, stride_cn=1)  # A = x, B = Wᵀ
