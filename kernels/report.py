@@ -5,7 +5,7 @@ flag variant it launches) this compiles with `triton.compile(..., target=GPUTarg
 registers, spill (stack) bytes and shared memory from the cubin with the cuobjdump that Triton
 ships, counts the SASS instructions of one iteration of each innermost loop, works out how many CTAs
 (program instances) fit on one SM at once, and checks that the sm_90a SASS of matmul-class kernels
-uses wgmma (HGMMA). It prints one table and exits non-zero on a compile failure, a spill, too much
+uses wgmma (HGMMA) and that of tensor-descriptor kernels loads by TMA (UTMALDG). It prints one table and exits non-zero on a compile failure, a spill, too much
 shared memory, missing HGMMA, or fewer CTAs per SM than a case is meant for.
 
     python -m fastencoder.kernels.report [--filter TEXT] [--markdown FILE] [--jobs N]
@@ -153,6 +153,7 @@ def compile_case(case, arch):
     return dict(
         registers=registers, stack=int(fields["STACK"]), local=int(fields["LOCAL"]), shared=shared,
         hgmma=sass.count("HGMMA") if arch == "sm_90a" else None,
+        utmaldg=sass.count("UTMALDG") if arch == "sm_90a" else None,
         loops=[len(body) for body in innermost_loops(sass)],
         ctas=ctas_per_sm(arch, registers, case["num_warps"], shared),
     )
@@ -170,6 +171,8 @@ def problems(case, results):
             found.append(f"{arch}: {result['shared']} bytes of shared memory > {MAX_SHARED[arch]}")
         if arch == "sm_90a" and case["matmul"] and not result["hgmma"]:
             found.append("sm_90a: no HGMMA in the SASS of a matmul-class kernel")
+        if arch == "sm_90a" and case.get("tma") and not result["utmaldg"]:
+            found.append("sm_90a: no descriptor loads (UTMALDG) in the SASS of a tensor-descriptor kernel")
         meant_for = case.get("min_ctas", {}).get(arch, 1)  # a case may name the CTAs per SM it is for
         if result["ctas"] < meant_for:
             found.append(f"{arch}: {result['ctas']} CTAs per SM, the config is meant for {meant_for}")
@@ -180,7 +183,8 @@ _CASES = []
 
 
 def _compile_index(index):
-    return {arch: compile_case(_CASES[index], arch) for arch in ARCHS}
+    # a case may be for some archs only (the tensor-descriptor kernels: sm_90a)
+    return {arch: compile_case(_CASES[index], arch) for arch in _CASES[index].get("archs", ARCHS)}
 
 
 def run(name_filter="", jobs=None, quick=False):
@@ -200,6 +204,8 @@ def run(name_filter="", jobs=None, quick=False):
 
 
 def _cell(result):
+    if not result:
+        return "-"
     if "error" in result:
         return "compile failed"
     return f"{result['registers']} / {result['stack']} / {result['shared'] // 1024}K"
@@ -216,14 +222,14 @@ def _loops(result):
 def format_table(rows):
     header = ("| kernel variant | sm_80 regs / spill B / smem | sm_90a regs / spill B / smem | sm_80 CTAs/SM "
               "| sm_90a CTAs/SM | sm_80 SASS instr / iteration, each innermost loop | sm_90a SASS instr / iteration, each "
-              "innermost loop | sm_90a HGMMA | ok |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+              "innermost loop | sm_90a HGMMA | sm_90a UTMALDG | ok |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for case, result, found in rows:
-        sm80, sm90 = result["sm_80"], result["sm_90a"]
+        sm80, sm90 = result.get("sm_80", {}), result.get("sm_90a", {})
         lines.append(
             f"| {case['name']} | {_cell(sm80)} | {_cell(sm90)} | {_number(sm80, 'ctas')} | "
             f"{_number(sm90, 'ctas')} | {_loops(sm80)} | {_loops(sm90)} | "
-            f"{_number(sm90, 'hgmma')} | {'yes' if not found else 'NO: ' + '; '.join(found)} |"
+            f"{_number(sm90, 'hgmma')} | {_number(sm90, 'utmaldg')} | {'yes' if not found else 'NO: ' + '; '.join(found)} |"
         )
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ from fastencoder.kernels.linear import linear_reference
 from helpers import assert_close, float64_leaves, leaf
 
 linear_module = importlib.import_module("fastencoder.kernels.linear")  # the module, not the op of that name
+kernel_module = importlib.import_module("fastencoder.kernels.linear_kernel")
 
 # Inputs are rounded to the dtype first and the reference runs in fp64 on those values, so the error
 # is fp32 accumulation over K ≤ 100 terms plus one rounding of each output (fp16 2^-11, bf16 2^-8
@@ -81,7 +82,7 @@ def test_no_operand_runs_along_a_ragged_m_or_n_with_unit_stride(out_features, in
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
-    monkeypatch.setattr(linear_module, "_KERNELS", {dtype: Recording(kernel) for dtype, kernel in linear_module._KERNELS.items()})
+    monkeypatch.setattr(kernel_module, "_KERNELS", {dtype: Recording(kernel) for dtype, kernel in kernel_module._KERNELS.items()})
     x, weight, bias, _ = _inputs(37, in_features, out_features, torch.float32, device)
     _check(x, weight, bias, None, "gelu", torch.float32)
     assert len(launches) == 3  # forward, dx, dW
@@ -112,8 +113,8 @@ def test_autotune_keys_are_bounded_over_token_counts(monkeypatch):
     shape on a GPU). The launches are the op's own forward and backward, run for token counts
     covering every bucket (both ends of each, and every 97th count): each GEMM's key depends on the
     token count through its bucket alone."""
-    keys = _TuningKeys(linear_module._KERNELS[torch.float16])
-    monkeypatch.setattr(linear_module, "_KERNELS", {torch.float16: keys})
+    keys = _TuningKeys(kernel_module._KERNELS[torch.float16])
+    monkeypatch.setattr(kernel_module, "_KERNELS", {torch.float16: keys})
     weight, bias = torch.empty(48, 32, dtype=torch.float16), torch.empty(48, dtype=torch.float16)
     counts = set(range(1, 20001, 97)) | {20000}
     counts |= {edge + offset for power in range(15) for edge in [2**power] for offset in (0, 1) if edge + offset <= 20000}
@@ -126,8 +127,8 @@ def test_autotune_keys_are_bounded_over_token_counts(monkeypatch):
                                   True, True, True)
         found = {gemm: seen.pop() for gemm, seen in keys.keys.items()}
         assert set(found) == {"forward", "dx", "dW"}
-        assert buckets.setdefault(linear_module._bucket(tokens), found) == found, tokens
-    assert set(buckets) == {linear_module._bucket(tokens) for tokens in range(1, 20001)}
+        assert buckets.setdefault(kernel_module._bucket(tokens), found) == found, tokens
+    assert set(buckets) == {kernel_module._bucket(tokens) for tokens in range(1, 20001)}
     assert len(buckets) <= 11  # powers of two 16 … 16384
 
 
@@ -136,26 +137,26 @@ def test_the_two_cta_config_is_tried_only_where_registers_allow_two_ctas(monkeyp
     registers) is among the configs the autotuner tries for the forward that stores no act' and for
     the plain dx and dW products, and not for the epilogues above 128 registers (act' stored or
     applied, bias gradient reduced). The launches are the op's own; the report checks the two CTAs."""
-    arg_names = linear_module._KERNELS[torch.float16].arg_names
+    arg_names = kernel_module._KERNELS[torch.float16].arg_names
     launches = []
 
     class Recording:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append(dict(zip(arg_names, args), **kwargs))
 
-    monkeypatch.setattr(linear_module, "_KERNELS", {torch.float16: Recording()})
+    monkeypatch.setattr(kernel_module, "_KERNELS", {torch.float16: Recording()})
     x, dy = torch.empty(64, 32, dtype=torch.float16), torch.empty(64, 48, dtype=torch.float16)
     weight, bias = torch.empty(48, 32, dtype=torch.float16), torch.empty(48, dtype=torch.float16)
     linear_module._linear_fwd(x, weight, bias, 1, None, False)  # inference, erf GELU
     _, act_grad = linear_module._linear_fwd(x, weight, bias, 1, None, True)  # training, erf GELU
     linear_module._linear_bwd(dy, x, weight, act_grad, True, True, True)  # dx applying act', dW + db
     linear_module._linear_bwd(dy, x, weight, None, True, True, False)  # dx, dW without db
-    tried = [linear_module.TWO_CTAS_128X128 in linear_module._configs_for_variant(linear_module.CONFIGS_16BIT, named)
+    tried = [kernel_module.TWO_CTAS_128X128 in kernel_module._configs_for_variant(kernel_module.CONFIGS_16BIT, named)
              for named in launches]
     assert tried == [True, False, False, False, True, True]
     # the other configs are tried by every variant
-    assert all(len(linear_module._configs_for_variant(linear_module.CONFIGS_16BIT, named))
-               >= len(linear_module.CONFIGS_16BIT) - 1 for named in launches)
+    assert all(len(kernel_module._configs_for_variant(kernel_module.CONFIGS_16BIT, named))
+               >= len(kernel_module.CONFIGS_16BIT) - 1 for named in launches)
 
 
 @pytest.mark.parametrize("tokens", [33, 61])  # both in the bucket of 64
@@ -252,9 +253,9 @@ def test_bert_shapes_on_gpu(dtype, activation, shape, device, triton_backend):
 # ragged last tiles in every configuration.
 EVERY_CONFIG = [pytest.param(dtype, config, id=f"{name}-{'x'.join(map(str, config.kwargs.values()))}"
                              f"-w{config.num_warps}s{config.num_stages}")
-                for dtype, name, configs in ((torch.float16, "fp16", linear_module.CONFIGS_16BIT),
-                                             (torch.bfloat16, "bf16", linear_module.CONFIGS_16BIT),
-                                             (torch.float32, "fp32", linear_module.CONFIGS_FP32))
+                for dtype, name, configs in ((torch.float16, "fp16", kernel_module.CONFIGS_16BIT),
+                                             (torch.bfloat16, "bf16", kernel_module.CONFIGS_16BIT),
+                                             (torch.float32, "fp32", kernel_module.CONFIGS_FP32))
                 for config in configs]
 
 
@@ -262,7 +263,7 @@ EVERY_CONFIG = [pytest.param(dtype, config, id=f"{name}-{'x'.join(map(str, confi
 @pytest.mark.parametrize("dtype, config", EVERY_CONFIG)
 @pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh"])
 def test_every_autotune_config_on_gpu(dtype, config, activation, device, triton_backend, monkeypatch):
-    monkeypatch.setitem(linear_module._KERNELS, dtype, linear_module._autotuned([config]))
+    monkeypatch.setitem(kernel_module._KERNELS, dtype, kernel_module._autotuned([config]))
     x, weight, bias, _ = _inputs(300, 256, 200, dtype, device)
     _check(x, weight, bias, None, activation, dtype)
 

@@ -11,6 +11,7 @@ from fastencoder.kernels.linear import geglu_linear, geglu_linear_reference, geg
 from helpers import assert_close, float64_leaves, leaf
 
 linear_module = importlib.import_module("fastencoder.kernels.linear")
+kernel_module = importlib.import_module("fastencoder.kernels.linear_kernel")
 
 # As tests/test_linear.py: inputs rounded to the dtype, the reference in float64 on those values.
 # Over K <= 100 terms, fp32 accumulation errs by ~1e-6; 16-bit outputs round once (fp16 2^-11,
@@ -108,9 +109,12 @@ def test_the_torch_path_function_is_what_the_op_runs(torch_backend):
 # M=37, K=100, I=35 (N = 70) cross the interpreter's 32×32×32 tile on every edge, ragged last tiles
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_triton_backend_matches_float64(dtype, activation, device, triton_backend, poisoned_allocations):
+def test_triton_backend_matches_float64(dtype, activation, device, triton_backend, poisoned_allocations,
+                                        kernel_launches):
     x, weight, bias = _inputs(37, 100, 35, dtype, device)
     _check(x, weight, bias, activation, dtype)
+    # the fused GeGLU forward, then the dx and dW products on dh = [dy | dy] ⊙ F
+    assert kernel_launches == ["_linear_kernel"] * 3
 
 
 def test_triton_backend_without_bias_3d_and_frozen_weight(device, triton_backend):
@@ -169,3 +173,68 @@ def test_bad_input_is_refused_before_launch(change, error, message, backend, ker
     finally:
         fastencoder.set_backend(previous)
     assert kernel_launches == []
+
+
+def test_the_report_compiles_what_geglu_launches(device, triton_backend, launch_arguments):
+    """As tests/test_report.py checks for the other ops: every launch of the GeGLU forward and its
+    dx and dW products, at token counts that are multiples of 16 and not, runs a specialisation
+    (integers compiled as 1, integers known divisible by 16) that a report case of the kernel
+    compiles, and the report has GeGLU cases. Feature sizes are multiples of 128, as BERT's and
+    ModernBERT's are (others have operands copied to another orientation, see _matmul)."""
+    from test_report import _runtime_arguments, _specialisation
+
+    from fastencoder.kernels import report
+
+    for tokens in (64, 37):
+        for bias in (False, True):
+            x, weight, b = _inputs(tokens, 128, 64, torch.float32, device, bias=bias)
+            geglu_linear(leaf(x), leaf(weight), None if b is None else leaf(b)).sum().backward()
+    cases = [case for case in report.all_cases("linear ") if case["fn"].fn.__name__ == "_linear_kernel"]
+    assert any(case["constexprs"]["GLU"] for case in cases)
+    kernel = cases[0]["fn"]
+    runtime = _runtime_arguments(kernel)
+    compiled = {(frozenset(a for a in case["constexprs"] if a in runtime), frozenset(case["divisible_by_16"]))
+                for case in cases}
+    assert len(launch_arguments) == 12
+    for name, arguments in launch_arguments:
+        assert name == "_linear_kernel"
+        integers = {a: arguments[a] for a in runtime if type(arguments[a]) is int}
+        ones, divisible = _specialisation(kernel, integers)
+        assert (frozenset(ones), frozenset(divisible)) in compiled, integers
+
+
+# On a GPU: ModernBERT-base's Wi (768 -> 2 x 1152) and ModernBERT-large's (1024 -> 2 x 2624) in both
+# 16-bit dtypes (bf16's tl.dot is wrong under the interpreter), forward and backward, a ragged token
+# count included; K up to 1024: 4x the K=100 accumulation tolerance, as tests/test_linear.py's.
+GPU_SHAPES = [(4096, 768, 1152), (1000, 1024, 2624)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_modernbert_shapes_on_gpu(dtype, shape, device, triton_backend):
+    x, weight, _ = _inputs(*shape, dtype, device, bias=False)
+    atol, rtol = TOLERANCES[dtype]
+    inputs = [leaf(x), leaf(weight)]
+    y = geglu_linear(*inputs)
+    reference = float64_leaves(x, weight)
+    expected = geglu_linear_reference(*reference)
+    assert_close(y, expected, 4 * atol, rtol, "y")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    expected.backward(dy.double())
+    for name, got, want in zip(("dx", "dweight"), inputs, reference):
+        assert_close(got.grad, want.grad, 4 * atol * want.grad.abs().max().item(), rtol, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, config", [
+    pytest.param(dtype, config, id=f"{name}-{'x'.join(map(str, config.kwargs.values()))}-w{config.num_warps}s{config.num_stages}")
+    for dtype, name, configs in ((torch.float16, "fp16", kernel_module.CONFIGS_16BIT),
+                                 (torch.float32, "fp32", kernel_module.CONFIGS_FP32))
+    for config in configs])
+def test_every_autotune_config_on_gpu(dtype, config, device, triton_backend, monkeypatch):
+    """Every config, not only the tuner's pick: M = 300 and I = 100 leave ragged tiles in all."""
+    monkeypatch.setitem(kernel_module._KERNELS, dtype, kernel_module._autotuned([config]))
+    x, weight, bias = _inputs(300, 256, 100, dtype, device)
+    _check(x, weight, bias, "gelu", dtype)
