@@ -23,7 +23,7 @@ from transformers.models.modernbert import modeling_modernbert
 
 import fastencoder
 from fastencoder import models
-from fastencoder.models import modernbert
+from fastencoder.models import modernbert, submodules
 from test_bert import FP32_TOL, assert_same_grads, assert_same_outputs
 from test_roberta import head_labels, run
 
@@ -176,9 +176,13 @@ def test_sparse_prediction_matches_transformers(unpad, torch_backend, plans):
     assert (plans[0] is not None) == unpad
 
 
-def test_triton_kernels_match_transformers(triton_backend, kernel_launches, plans):
+def test_triton_kernels_match_transformers(triton_backend, kernel_launches, plans, monkeypatch):
     """The kernels (interpreted) on a short padding-free batch: windows of 16 keys each way crossing
-    the attention's 16- and 32-row tiles, rows shorter than a window; outputs and every gradient."""
+    the attention's 16- and 32-row tiles, rows shorter than a window; outputs and every gradient.
+    The GeGLU op (the linear kernel with its gate) runs once per layer."""
+    geglu_calls = []
+    geglu_linear = submodules.geglu_linear
+    monkeypatch.setattr(submodules, "geglu_linear", lambda *args: geglu_calls.append(1) or geglu_linear(*args))
     config = modernbert_config(local_attention=32, num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
                                intermediate_size=48)
     reference, ours = twin_models("ForTokenClassification", config)
@@ -189,7 +193,7 @@ def test_triton_kernels_match_transformers(triton_backend, kernel_launches, plan
     outputs = [run(model.train(), inputs, labels, projections) for model in (ours, reference)]
     assert_same_outputs(*outputs, what="ModernBertForTokenClassification (triton)")
     assert_same_grads(ours, reference)
-    assert plans[0] is not None
+    assert plans[0] is not None and len(geglu_calls) == config.num_hidden_layers
     assert {"_linear_kernel", "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_pad_kernel"} <= set(kernel_launches)
 
 
