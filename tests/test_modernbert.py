@@ -25,6 +25,7 @@ import fastencoder
 from fastencoder import models
 from fastencoder.models import modernbert, submodules
 from test_bert import FP32_TOL, assert_same_grads, assert_same_outputs
+from test_distilbert import simulated_captures  # noqa: F401 (a fixture: any output class)
 from test_roberta import head_labels, run
 
 HEADS = ["Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
@@ -417,6 +418,24 @@ def test_save_and_load_round_trip(tmp_path, torch_backend):
         real = inputs["attention_mask"].bool()
         for model in (loaded, back):
             torch.testing.assert_close(model.eval()(**inputs).logits[real], expected[real], atol=1e-4, rtol=1e-5)
+
+
+def test_simulated_cuda_graph_replay_matches_transformers(torch_backend, simulated_captures):
+    """A replayed batch (captured padded, at its length bucket: the rotary tables and the windows are
+    computed inside the graph) gives Hugging Face's outputs at the real tokens. Tolerance 10 x
+    FP32_TOL, test_roberta.py's replay test's: the graph runs the batch padded to its bucket's length,
+    so the reductions over keys are longer."""
+    config = modernbert_config()
+    reference, ours = (model.eval() for model in twin_models("Model", config))
+    ours.cuda_graphs = True
+    runner = ours.cuda_graph_runner
+    batch = modernbert_batch(config, lengths=[20, 7, 13], seqlen=20, left_padded=(2,))
+    with torch.inference_mode():
+        replayed, expected = ours(**batch), reference(**batch)
+    assert runner.fallback_reason is None and len(simulated_captures) == 1
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(replayed.last_hidden_state[real], expected.last_hidden_state[real],
+                               atol=FP32_TOL * 10, rtol=FP32_TOL)
 
 
 def test_lazy_exports():
