@@ -15,6 +15,7 @@ left-padded rows here. fp16 autocast: at most twice Hugging Face's own error aga
 (test_autocast.py's rule, two seeds and two weight scales).
 """
 import copy
+import inspect
 
 import pytest
 import torch
@@ -436,6 +437,15 @@ def test_simulated_cuda_graph_replay_matches_transformers(torch_backend, simulat
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(replayed.last_hidden_state[real], expected.last_hidden_state[real],
                                atol=FP32_TOL * 10, rtol=FP32_TOL)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_forward_takes_hugging_faces_positional_arguments(head):
+    """Every forward takes the installed transformers' positional arguments in their order."""
+    positional = lambda cls: [name for name, parameter in inspect.signature(cls.forward).parameters.items()
+                              if parameter.kind is parameter.POSITIONAL_OR_KEYWORD]
+    theirs = positional(getattr(transformers, "ModernBert" + head))
+    assert positional(getattr(models, "ModernBert" + head))[:len(theirs)] == theirs
 
 
 def test_lazy_exports():
