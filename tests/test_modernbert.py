@@ -453,29 +453,26 @@ def test_lazy_exports():
     assert fastencoder.ModernBertForMaskedLM is models.ModernBertForMaskedLM
 
 
-# ---------------------------------------------------------------------------------- fp16 autocast
+# ------------------------------------------------------------------------------- 16-bit autocast
 SEEDS = (0, 1)
 WEIGHT_SCALES = (0.08, 0.04)
 
 
-@pytest.mark.parametrize("scale", WEIGHT_SCALES)
-@pytest.mark.parametrize("seed", SEEDS)
-def test_fp16_autocast_within_twice_hugging_faces_error(seed, scale, torch_backend):
-    """test_autocast.py's rule on the CPU, fp16 autocast, three layers (full, sliding, sliding): against
-    Hugging Face in fp32 without autocast, the error of the last hidden state at real positions (max)
-    and of every parameter's gradient (relative, Frobenius) under autocast is at most twice Hugging
-    Face's own under the same autocast; every output and gradient in Hugging Face's dtype."""
-    config = modernbert_config(hidden_size=64, num_attention_heads=2)
-    exact = randomize(transformers.ModernBertModel(config), scale=scale, seed=seed)
-    theirs, ours = transformers.ModernBertModel(config), models.ModernBertModel(config)
+def check_autocast_error(config, device, dtype, scale, seed, lengths, seqlen):
+    """test_autocast.py's rule: against Hugging Face in fp32 without autocast, the error of the last
+    hidden state at real positions (max) and of every parameter's gradient (relative, Frobenius)
+    under autocast is at most twice Hugging Face's own under the same autocast; every output and
+    gradient in Hugging Face's dtype."""
+    exact = randomize(transformers.ModernBertModel(config), scale=scale, seed=seed).to(device)
+    theirs, ours = transformers.ModernBertModel(config).to(device), models.ModernBertModel(config).to(device)
     theirs.load_state_dict(exact.state_dict()), ours.load_state_dict(exact.state_dict())
     generator = torch.Generator().manual_seed(seed)
-    inputs = modernbert_batch(config, lengths=[SEQLEN, 13])
+    inputs = {key: value.to(device) for key, value in modernbert_batch(config, lengths=lengths, seqlen=seqlen).items()}
     real = inputs["attention_mask"].bool()
-    projection = torch.randn(int(real.sum()), config.hidden_size, generator=generator)
+    projection = torch.randn(int(real.sum()), config.hidden_size, generator=generator).to(device)
     found = {}
     for name, model in (("exact", exact), ("theirs", theirs), ("ours", ours)):
-        with torch.autocast("cpu", dtype=torch.float16, enabled=name != "exact"):
+        with torch.autocast(device.type, dtype=dtype, enabled=name != "exact"):
             output = model.train()(**inputs, output_hidden_states=True)
         (output.last_hidden_state[real].float() * projection).sum().backward()
         found[name] = (output, {key: param.grad for key, param in model.named_parameters()})
@@ -498,3 +495,23 @@ def test_fp16_autocast_within_twice_hugging_faces_error(seed, scale, torch_backe
         if errors[1] > 2 * errors[0] + 1e-6:
             worse[key] = errors
     assert not worse, f"gradients' relative error (Hugging Face's, ours): {worse}"
+
+
+@pytest.mark.parametrize("scale", WEIGHT_SCALES)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fp16_autocast_within_twice_hugging_faces_error(seed, scale, torch_backend):
+    """On the CPU, fp16 autocast, three layers (full, sliding, sliding), a full row and a padded one."""
+    check_autocast_error(modernbert_config(hidden_size=64, num_attention_heads=2), torch.device("cpu"),
+                         torch.float16, scale, seed, lengths=[SEQLEN, 13], seqlen=SEQLEN)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scale", WEIGHT_SCALES)
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gpu_autocast_on_the_kernels_within_twice_hugging_faces_error(dtype, seed, scale, triton_backend):
+    """Three ModernBERT-base-sized layers (hidden 768, 12 heads, local_attention 128) on the kernels,
+    rows of 2048 and 700 tokens: windows across many key blocks."""
+    config = modernbert_config(hidden_size=768, num_attention_heads=12, intermediate_size=1152, vocab_size=1000,
+                               local_attention=128, max_position_embeddings=2048)
+    check_autocast_error(config, torch.device("cuda"), dtype, scale, seed, lengths=[2048, 700], seqlen=2048)
