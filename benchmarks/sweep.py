@@ -451,7 +451,8 @@ def modernbert_flops(lengths, config):
     for layer_type in config.layer_types:
         for length in lengths:
             reach = min(window, length - 1)  # a window's pairs: every |i - j| <= reach
-            pairs += length * length if layer_type == "full_attention" else length * (2 * reach + 1) - reach * (reach + 1)
+            windowed = length * (2 * reach + 1) - reach * (reach + 1)
+            pairs += length * length if layer_type == "full_attention" else windowed
     return gemms + 4 * hidden * pairs
 
 

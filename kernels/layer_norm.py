@@ -1,8 +1,9 @@
 """LayerNorm with a fused residual add: y = LN(x + residual) · weight + bias, over the last dim.
 
-BERT's post-LN "add & norm"; without a bias (bias=None: ModernBERT's `norm_bias=False`) too. Statistics are computed in fp32 whatever the input dtype, and eps is
-used exactly as given (BERT's 1e-12 included). Any hidden size: rows up to MAX_HIDDEN wide (every
-BERT-family model) run the Triton kernels, wider ones the PyTorch reference.
+BERT's post-LN "add & norm"; without a bias (bias=None: ModernBERT's `norm_bias=False`) too.
+Statistics are computed in fp32 whatever the input dtype, and eps is used exactly as given (BERT's
+1e-12 included). Any hidden size: rows up to MAX_HIDDEN wide (every BERT-family model) run the
+Triton kernels, wider ones the PyTorch reference.
 
 x, residual and the affine parameters may differ in dtype (under autocast: a 16-bit branch output,
 the fp32 residual stream, fp32 weights): each is converted to fp32 as it is loaded, the output

@@ -70,12 +70,12 @@ def check_modernbert_supported(config):
         raise NotImplementedError(f"rotary embeddings need an even head dim, got {head_dim}")
     activation = config.hidden_activation
     if not isinstance(activation, str) or activation not in FUSED_ACTIVATIONS:
-        raise NotImplementedError(f"fastencoder supports ModernBERT's hidden_activation in {sorted(FUSED_ACTIVATIONS)}, "
-                                  f"got {activation!r}")
+        raise NotImplementedError(f"fastencoder supports ModernBERT's hidden_activation in "
+                                  f"{sorted(FUSED_ACTIVATIONS)}, got {activation!r}")
     unknown = sorted(set(config.layer_types) - set(LAYER_TYPES))
     if unknown or len(config.layer_types) != config.num_hidden_layers:
-        raise NotImplementedError(f"layer_types must give one of {LAYER_TYPES} for each of the {config.num_hidden_layers} "
-                                  f"layers, got {config.layer_types}")
+        raise NotImplementedError(f"layer_types must give one of {LAYER_TYPES} for each of the "
+                                  f"{config.num_hidden_layers} layers, got {config.layer_types}")
     for layer_type in set(config.layer_types):
         rope_type = (config.rope_parameters.get(layer_type) or {}).get("rope_type")
         if rope_type != "default":
@@ -243,7 +243,8 @@ class ModernBertModel(EncoderOptionsMixin, modeling_modernbert.ModernBertPreTrai
         self.unpad = unpad
         self.gradient_checkpointing = False
         self.embeddings = ModernBertEmbeddings(config)
-        self.layers = nn.ModuleList([ModernBertEncoderLayer(config, index) for index in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([ModernBertEncoderLayer(config, index)
+                                     for index in range(config.num_hidden_layers)])
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
         self.rotary_emb = modeling_modernbert.ModernBertRotaryEmbedding(config=config)
         self.post_init()
@@ -299,8 +300,9 @@ class ModernBertModel(EncoderOptionsMixin, modeling_modernbert.ModernBertPreTrai
             real = attention_mask.bool()
             # a row's real tokens are one run when at most one of them follows a padding position
             runs = real[:, 0].int() + (real[:, 1:] & ~real[:, :-1]).sum(1)
-            left_padded = packing.first_positions.any() if reads_position_zero and self.unpad is True else runs.new_zeros(())
-            gaps, left_padded = torch.stack([(runs > 1).any(), left_padded.bool()]).tolist()
+            reads_padding = reads_position_zero and self.unpad is True  # "auto" never unpads a left-padded batch
+            left_padded = packing.first_positions.any() if reads_padding else real.new_zeros(())
+            gaps, left_padded = torch.stack([(runs > 1).any(), left_padded]).tolist()
             if gaps or left_padded:
                 packing = None
         if packing is not None:
