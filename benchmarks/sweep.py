@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from fastencoder.kernels import backend
 
+from . import gemm as gemm_table
 from . import roofline
 from .checkpoints import minilm_checkpoint, mpnet_checkpoint
 from .timing import input_sets_needed, peak_memory, time_calls, time_interleaved
@@ -64,11 +65,12 @@ FULL = dict(
     # bert-base padded vs padding-free at growing padding: the data behind unpad="auto"'s threshold
     unpad_threshold=dict(shapes=[(32, 128), (32, 384)], padding=[0.02, 0.05, 0.1, 0.2, 0.3]),
     fp32_rule_shapes=[(32, 128), (8, 512)], model_shapes=MODEL_SHAPES, model_dtypes=MODEL_DTYPES,
+    gemm=gemm_table.FULL,
 )
 QUICK = dict(
     FULL, models=["bert-base"], dtypes=[torch.float16], shapes=[(1, 128), (32, 128), (32, 384)],
     attention=dict(batch=32, heads=12, cases=[(128, 64), (512, 64)]), linear=[(4096, 768, 3072)],
-    compile_shapes=[(32, 128)],
+    compile_shapes=[(32, 128)], gemm=gemm_table.QUICK,
 )
 # CI keeps the sweep's code working on a CPU at toy sizes; its timings are never reported
 SMOKE = dict(
@@ -78,7 +80,7 @@ SMOKE = dict(
     model_overrides=dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128,
                          vocab_size=1000),
     fine_tune=(2, 16), compile_shapes=[], unpad_threshold=dict(shapes=[(2, 16)], padding=[0.25]),
-    fp32_rule_shapes=[(2, 16)],
+    fp32_rule_shapes=[(2, 16)], gemm=gemm_table.SMOKE,
 )
 
 # Without a GPU: what `fastencoder bench` times on the CPU (B x S shapes, fractions of padding;
@@ -1014,6 +1016,10 @@ def run(quick=False, smoke=False, out_root=Path("results"), progress=True, cpu_s
                   for dtype, (group, cases) in itertools.product(settings["dtypes"], (
                       ("model", model_cases), ("attention", attention_cases), ("linear", linear_cases),
                       ("layer_norm", layer_norm_cases)))]
+        if gemm_table.runs_here():  # each GEMM candidate: compiled or interpreted kernels
+            groups += [("kernel", f"gemm {_dtype_name(dtype)}", lambda dtype=dtype: gemm_table.gemm_cases(
+                settings["gemm"], dtype, ceilings.get(_dtype_name(dtype)), _row, _failed, check_output,
+                OutputMismatch)) for dtype in settings["gemm"]["dtypes"]]
         if torch.cuda.is_available() or backend.INTERPRET:  # the kernels forced: compiled or interpreted
             groups.append(("model", "fp32 rule", lambda: fp32_rule_cases(settings)))
         if torch.cuda.is_available():
@@ -1056,6 +1062,7 @@ def run(quick=False, smoke=False, out_root=Path("results"), progress=True, cpu_s
         print("measured ceilings: " + ", ".join(
             f"{d}: {c['matmul_TFLOPs']:.0f} TFLOP/s matmul, {c['copy_GBps']:.0f} GB/s copy" for d, c in ceilings.items()))
         print(format_table(rows))
+        print(gemm_table.format_table(rows))
     else:
         print(f"CPU ({info['cpu']}, {info['cpu_threads']} threads), torch {info['torch']}, {info['date']}; "
               "medians of interleaved rounds, speedups are ratios of medians")

@@ -106,25 +106,25 @@ def _measure(run):
     return statistics.median(start.elapsed_time(end) for start, end in zip(starts, ends))
 
 
-def run(key, tensor, candidates):
-    """Run the chosen one of `candidates` ({name: function}, the classic kernel first; each writes
-    the same outputs: they are interchangeable) for GEMM `key`, choosing first if this is the
-    key's first call and timing is allowed. A winner that cannot take this call's operands (the
-    Hopper kernel, on misaligned ones) gives way to the first candidate."""
+def choose(key, tensor, candidates):
+    """Which candidate GEMM `key` runs: the forced one; else the key's choice; else, on the key's
+    first call, the fastest of `candidates()` ({name: function}; each writes the same outputs),
+    timed now on the call's operands; while a CUDA graph captures or torch.compile traces, with no
+    choice made yet, the classic kernel. The candidates are built only to be timed: a chosen GEMM
+    costs one key lookup."""
     if _forced is not None:
-        return candidates.get(_forced, candidates[CLASSIC])()
+        return _forced
     choice = _choices.get(key)
     if choice is not None:
         _choices.move_to_end(key)
-    elif capturing_or_compiling(tensor):
-        return candidates[CLASSIC]()
-    else:
-        times = {name: _measure(candidate) for name, candidate in candidates.items()}
-        choice = Choice(min(times, key=times.get), times)
-        _choices[key] = choice
-        while len(_choices) > MAX_CHOICES:
-            _choices.popitem(last=False)
-    return candidates.get(choice.winner, candidates[CLASSIC])()
+        return choice.winner
+    if capturing_or_compiling(tensor):
+        return CLASSIC
+    times = {name: _measure(run) for name, run in candidates().items()}
+    choice = _choices[key] = Choice(min(times, key=times.get), times)
+    while len(_choices) > MAX_CHOICES:
+        _choices.popitem(last=False)
+    return choice.winner
 
 
 def describe(key, choice):

@@ -5,8 +5,10 @@ neighbouring programs share B tiles in L2.
 
 The same prologue and epilogues as the classic kernel (see its comment), with
   C = act(A · B + bias) + residual, act' → ActGrad;  A ← A · G (SCALE_A), written to DA (STORE_A),
-  Σ_k A → RowSum (ROWSUM_A);  GeGLU (GLU): two accumulators over the same A tile, B tiles from W's
-  rows n and N + n (N the output width), C = act(u) · gate, [gate · act'(u) | act(u)] → ActGrad.
+  Σ_k A → RowSum (ROWSUM_A);  GeGLU (GLU): W [2·N, K] read through a 3-D descriptor as [2, N, K],
+  so that one box brings both halves' rows n0… (u, then gate) and one dot fills a [BLOCK_M,
+  2·BLOCK_N] accumulator: the main loop is the plain GEMM's. C = act(u) · gate,
+  [gate · act'(u) | act(u)] → ActGrad (N: the output width).
 A is stored [M, K] (rows along K) or [K, M] (A_KM: the dW product's dhᵀ), B [N, K] (Wᵀ of the
 forward) or [K, N] (B_KN: W in the dx product, x in the dW product). A descriptor load outside the
 tensor reads zeros and a store is clipped to it: no masks in the main loop, no wrapped tiles.
@@ -49,9 +51,10 @@ def _linear_hopper_kernel(
         rows_in_group = min(blocks_m - first_m, GROUP_M)
         m0 = (first_m + (tile % group_size) % rows_in_group) * BLOCK_M
         n0 = (tile % group_size) // rows_in_group * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if GLU:
-            acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if ROWSUM_A:
             row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -66,7 +69,9 @@ def _linear_hopper_kernel(
                         da_desc.store([m0, k0], a)
             if ROWSUM_A:
                 row_sum += tl.sum(a.to(tl.float32), axis=1)
-            if B_KN:
+            if GLU:  # rows n0… of both halves, stacked: [2·BLOCK_N, BLOCK_K]
+                b = b_desc.load([0, n0, k0]).reshape(2 * BLOCK_N, BLOCK_K).T
+            elif B_KN:
                 b = b_desc.load([k0, n0])
             else:
                 b = b_desc.load([n0, k0]).T
@@ -74,8 +79,6 @@ def _linear_hopper_kernel(
                 acc = tl.dot(a, b, acc, input_precision="tf32")
             else:
                 acc = tl.dot(a, b, acc)
-            if GLU:  # fp16 / bf16 only
-                acc_gate = tl.dot(a, b_desc.load([N + n0, k0]).T, acc_gate)
 
         rm = m0 + tl.arange(0, BLOCK_M)
         rn = n0 + tl.arange(0, BLOCK_N)
@@ -85,6 +88,8 @@ def _linear_hopper_kernel(
         if ROWSUM_A:
             if n0 == 0:
                 tl.store(RowSum + rm, row_sum, mask=m_ok)
+        if GLU:  # the halves are column blocks a thread holds in its registers alike: no data moves
+            acc, acc_gate = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
         if HAS_BIAS:
             acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             if GLU:
@@ -110,7 +115,10 @@ def _set_block_shapes(args):
     """The descriptors' boxes follow the config the autotuner runs (a pre-hook of every config)."""
     block_m, block_n, block_k = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"]
     args["a_desc"].block_shape = [block_k, block_m] if args["A_KM"] else [block_m, block_k]
-    args["b_desc"].block_shape = [block_k, block_n] if args["B_KN"] else [block_n, block_k]
+    if args["GLU"]:
+        args["b_desc"].block_shape = [2, block_n, block_k]
+    else:
+        args["b_desc"].block_shape = [block_k, block_n] if args["B_KN"] else [block_n, block_k]
     args["c_desc"].block_shape = [block_m, block_n]
     for name in ("g_desc", "da_desc"):
         if args[name] is not args["a_desc"]:
@@ -123,8 +131,8 @@ def _config(block_m, block_n, block_k, stages, warps):
 
 
 # Two warpgroups on a 128-row tile (wgmma's 64 rows each); 128x256 keeps 256 fp32 accumulators a
-# thread only without the prologues' registers. GeGLU's two accumulators take 64 columns each: the
-# registers of a 128-column tile (two 128-column ones spill).
+# thread only without the prologues' registers. GeGLU's tiles are 64 outputs wide: an accumulator of
+# 128 columns, both halves (BLOCK_N is the output tile's width).
 GEGLU_TILE_N = 64
 CONFIGS_16BIT = [
     _config(128, 128, 64, 4, 8),
@@ -201,7 +209,7 @@ def eligible(a, b, out, *, scale_a=None, store_a=None, act_grad=None, glu=False,
     b_stored, b_nk = _as_stored(b)  # b is [K, N]: stored transposed means [N, K], along K
     if a.dtype == torch.float32 and (glu or a_km or not b_nk or not backend.allows_tf32()):
         return False
-    if scale_a is not None and (a_km or not _descriptor_ok(scale_a)):
+    if scale_a is not None and (a_km or not _descriptor_ok(scale_a)) or glu and not b_nk:
         return False
     return all(_descriptor_ok(t) for t in (a_stored, b_stored, out) + ((store_a,) if store_a is not None else ()))
 
@@ -215,7 +223,10 @@ def hopper_matmul(a, b, out, *, bias=None, activation=0, residual=None, act_grad
     b_stored, b_transposed = _as_stored(b)
     placeholder = [16, 16]  # every box is set per config by _set_block_shapes
     a_desc = TensorDescriptor.from_tensor(a_stored, placeholder)
-    b_desc = TensorDescriptor.from_tensor(b_stored, placeholder)
+    if glu:  # W [2n, K] as [2, n, K]
+        b_desc = TensorDescriptor(b_stored, [2, n, k], [n * b_stored.stride(0), b_stored.stride(0), 1], [2, 16, 16])
+    else:
+        b_desc = TensorDescriptor.from_tensor(b_stored, placeholder)
     c_desc = TensorDescriptor.from_tensor(out, placeholder)
     g_desc = a_desc if scale_a is None else TensorDescriptor.from_tensor(scale_a, placeholder)
     da_desc = a_desc if store_a is None else TensorDescriptor.from_tensor(store_a, placeholder)
@@ -269,6 +280,8 @@ def compile_cases():
                 box = lambda rows, cols: f"tensordesc<{dtype}[{rows}, {cols}]>"
                 a_box = box(block_k, block_m) if constexprs["A_KM"] else box(block_m, block_k)
                 b_box = box(block_k, block_n) if constexprs["B_KN"] else box(block_n, block_k)
+                if constexprs["GLU"]:
+                    b_box = f"tensordesc<{dtype}[2, {block_n}, {block_k}]>"
                 p = f"*{dtype}"
                 signature = dict(a_desc=a_box, b_desc=b_box, c_desc=box(block_m, block_n), g_desc=box(block_m, block_k),
                                  da_desc=box(block_m, block_k), Bias=p, Residual=p, ActGrad=p, RowSum="*fp32",

@@ -5,6 +5,8 @@ One kernel serves the forward and both backward products of `linear` and `geglu_
 comment above it). On a GPU each GEMM runs the kernel or its cuBLAS candidate
 (kernels/linear_cublas.py), whichever kernels/gemm_choice.py timed faster for it.
 """
+import functools
+
 import torch
 
 try:
@@ -218,28 +220,53 @@ def matmul(product, a, b, out, **epilogue):
     found fastest for this GEMM (product: "forward", "dx" or "dW")."""
     if not gemm_choice.times(a):
         return _kernel_matmul(a, b, out, **epilogue)
+    winner = gemm_choice.choose(_choice_key(product, a, b, epilogue), a, lambda: _candidates(a, b, out, epilogue))
+    # the key does not tell the operands' alignment: the Hopper kernel's descriptors are checked per call
+    if winner == gemm_choice.HOPPER and linear_hopper.runs_on(a) and linear_hopper.eligible(a, b, out, **epilogue):
+        linear_hopper.hopper_matmul(a, b, out, **epilogue)
+    elif winner == gemm_choice.CUBLAS:
+        linear_cublas.cublas_matmul(a, b, out, **epilogue)
+    else:
+        _kernel_matmul(a, b, out, **epilogue)
+
+
+def _candidates(a, b, out, epilogue):
     candidates = {gemm_choice.CLASSIC: lambda: _kernel_matmul(a, b, out, **epilogue)}
     if linear_hopper.runs_on(a) and linear_hopper.eligible(a, b, out, **epilogue):
         candidates[gemm_choice.HOPPER] = lambda: linear_hopper.hopper_matmul(a, b, out, **epilogue)
     candidates[gemm_choice.CUBLAS] = lambda: linear_cublas.cublas_matmul(a, b, out, **epilogue)
-    gemm_choice.run(_choice_key(product, a, b, epilogue), a, candidates)
+    return candidates
 
 
-_EPILOGUE_NAMES = dict(bias="bias", scale_a="act'", store_a="dh", row_sum="dbias", act_grad="act'",
-                       residual="residual")
+_OPTIONAL_OPERANDS = ("bias", "scale_a", "store_a", "row_sum", "act_grad", "residual")  # in _choice_key's order
+_OPTIONAL_NAMES = dict(bias="bias", scale_a="act'", store_a="dh", row_sum="dbias", act_grad="act'", residual="residual")
 
 
-def _choice_key(product, a, b, epilogue):
-    m, k = a.shape
-    names = [name for argument, name in _EPILOGUE_NAMES.items() if epilogue.get(argument) is not None]
-    activation = _ACTIVATION_NAMES[epilogue.get("activation", 0)]
-    if epilogue.get("glu"):
+@functools.lru_cache(maxsize=None)
+def _epilogue_name(present, activation, glu):
+    """A readable name of an epilogue ("bias+gelu+act'"): its operands present and activation."""
+    names = [_OPTIONAL_NAMES[operand] for operand, here in zip(_OPTIONAL_OPERANDS, present) if here]
+    activation = _ACTIVATION_NAMES[activation]
+    if glu:
         activation = f"glu({activation or 'linear'})"
     if activation:
         names.insert(1 if "bias" in names else 0, activation)
-    layout = "".join("N" if operand.stride(1) == 1 else "T" for operand in (a, b))
-    return gemm_choice.GemmKey(a.device, product, a.dtype, a.dtype == torch.float32 and backend.allows_tf32(),
-                               _bucket(m), b.shape[1], _bucket(k), "+".join(names), layout)
+    return "+".join(names)
+
+
+def _choice_key(product, a, b, epilogue):
+    """The GEMM's key in kernels/gemm_choice.py (built on every call on a GPU: kept cheap)."""
+    m, k = a.shape
+    get = epilogue.get
+    present = (get("bias") is not None, get("scale_a") is not None, get("store_a") is not None,
+               get("row_sum") is not None, get("act_grad") is not None, get("residual") is not None)
+    return gemm_choice.GemmKey(
+        a.device, product, a.dtype, a.dtype is torch.float32 and backend.allows_tf32(), _bucket(m), b.shape[1],
+        _bucket(k), _epilogue_name(present, epilogue.get("activation", 0), epilogue.get("glu", False)),
+        _LAYOUTS[a.stride(1) == 1, b.stride(1) == 1])
+
+
+_LAYOUTS = {(True, True): "NN", (True, False): "NT", (False, True): "TN", (False, False): "TT"}
 
 
 def _kernel_matmul(a, b, out, *, bias=None, activation=0, residual=None, act_grad=None, scale_a=None,

@@ -247,7 +247,8 @@ def main(argv=None):
     failed = [row for row in rows if row[2]]
     import triton
 
-    summary = (f"{len(rows)} kernel variants, each compiled for {' and '.join(ARCHS)} by Triton "
+    summary = (f"{len(rows)} kernel variants, each compiled for {' and '.join(ARCHS)} (the tensor-descriptor ones "
+               f"for sm_90a only) by Triton "
                f"{triton.__version__}: ") + (
         f"{len(failed)} with problems" if failed else "all compile, 0 spills, HGMMA and CTAs per SM where expected"
     )
