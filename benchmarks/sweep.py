@@ -46,7 +46,16 @@ MODEL_CONFIGS = {
     # all-mpnet-base-v2's shape: BERT-base's encoder with a relative position bias (Hugging Face: eager only)
     "mpnet-base": dict(kind="mpnet", vocab_size=30527, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                        intermediate_size=3072, max_position_embeddings=514, pad_token_id=1),
+    # ModernBERT-base: 22 pre-LN layers, a global-attention layer then two 128-token sliding windows,
+    # rotary positions, GeGLU (Hugging Face: SDPA with its sliding-window masks)
+    "modernbert-base": dict(kind="modernbert", vocab_size=50368, hidden_size=768, num_hidden_layers=22,
+                            num_attention_heads=12, intermediate_size=1152, max_position_embeddings=8192,
+                            local_attention=128),
 }
+# models timed at their own shapes and dtypes instead of the sweep's (FULL and QUICK; the smoke
+# preset runs every model at its toy shape)
+MODEL_SHAPES = {"modernbert-base": [(32, 512), (8, 2048), (2, 8192)]}
+MODEL_DTYPES = {"modernbert-base": [torch.float16]}
 FULL = dict(
     models=list(MODEL_CONFIGS), dtypes=[torch.float16, torch.bfloat16],
     shapes=[(1, 128), (8, 128), (32, 128), (8, 512), (32, 384)],
@@ -55,7 +64,8 @@ FULL = dict(
     model_overrides={}, fine_tune=(32, 128), compile_shapes=None,
     # bert-base padded vs padding-free at growing padding: the data behind unpad="auto"'s threshold
     unpad_threshold=dict(shapes=[(32, 128), (32, 384)], padding=[0.02, 0.05, 0.1, 0.2, 0.3]),
-    fp32_rule_shapes=[(32, 128), (8, 512)], gemm=gemm_table.FULL,
+    fp32_rule_shapes=[(32, 128), (8, 512)], model_shapes=MODEL_SHAPES, model_dtypes=MODEL_DTYPES,
+    gemm=gemm_table.FULL,
 )
 QUICK = dict(
     FULL, models=["bert-base"], dtypes=[torch.float16], shapes=[(1, 128), (32, 128), (32, 384)],
@@ -64,7 +74,8 @@ QUICK = dict(
 )
 # CI keeps the sweep's code working on a CPU at toy sizes; its timings are never reported
 SMOKE = dict(
-    models=["bert-base", "albert-base", "xlm-roberta-base", "mpnet-base"], dtypes=[torch.float32], shapes=[(2, 16)],
+    models=["bert-base", "albert-base", "xlm-roberta-base", "mpnet-base", "modernbert-base"], dtypes=[torch.float32],
+    shapes=[(2, 16)],
     attention=dict(batch=2, heads=2, cases=[(16, 64)]), layer_norm=(64, 768), linear=[(64, 96, 128)],
     model_overrides=dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128,
                          vocab_size=1000),
@@ -78,12 +89,13 @@ SMOKE = dict(
 CPU = dict(
     shapes=[(16, 128), (32, 128)], padding=[0.0, 0.5], rounds=9, case_budget_s=12, total_budget_s=170,
     sentences=384, mpnet_sentences=96, encode_batch_size=32, pairs=64, host_layers=(2, 8), host_rounds=30,
+    modernbert_shape=(8, 512),
 )
 CPU_QUICK = dict(CPU, shapes=[(16, 128)], rounds=5, case_budget_s=6, total_budget_s=60, sentences=128,
                  host_rounds=15)
 # the tests: a random-weight 1-layer model stands in for MiniLM
 CPU_SMOKE = dict(CPU, shapes=[(2, 16)], padding=[0.0, 0.25], rounds=2, case_budget_s=1, sentences=8, pairs=8,
-                 encode_batch_size=4, host_layers=(1, 2), host_rounds=2, model_overrides=dict(
+                 encode_batch_size=4, host_layers=(1, 2), host_rounds=2, modernbert_shape=(2, 16), model_overrides=dict(
                      num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128))
 # Largest difference from the baseline's output that a fastencoder row may show before it is timed:
 # fp32 agrees to ~1e-5 on BERT-base (1e-4 with TF32), 16-bit to twice Hugging Face's own rounding
@@ -333,6 +345,10 @@ def model_config(name, overrides=None, **extra):
     kind = spec.pop("kind")
     if kind == "albert" and "embedding_size" in spec:
         spec["embedding_size"] = min(spec["embedding_size"], spec["hidden_size"])
+    if kind == "modernbert":  # its dropouts are 0 by default, under other names
+        if spec["vocab_size"] <= 50283:  # a shrunk vocabulary: special tokens that fit in it
+            spec.update(pad_token_id=0, bos_token_id=1, cls_token_id=1, eos_token_id=2, sep_token_id=2)
+        return kind, transformers.ModernBertConfig(**spec)
     config_class = dict(bert=transformers.BertConfig, albert=transformers.AlbertConfig, mpnet=transformers.MPNetConfig,
                         **{"xlm-roberta": transformers.XLMRobertaConfig})[kind]
     return kind, config_class(**spec, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -349,18 +365,21 @@ def build_models(name, dtype, overrides, compile_baseline):
     hf_class, our_class = dict(bert=(transformers.BertModel, ours.BertModel),
                                albert=(transformers.AlbertModel, ours.AlbertModel),
                                mpnet=(transformers.MPNetModel, ours.MPNetModel),
+                               modernbert=(transformers.ModernBertModel, ours.ModernBertModel),
                                **{"xlm-roberta": (transformers.XLMRobertaModel, ours.XLMRobertaModel)})[kind]
     device = _device()
     torch.manual_seed(0)
     models = {}
-    implementations = ("eager",) if kind == "mpnet" else ("eager", "sdpa")
+    # MPNet has eager attention only; ModernBERT's eager would hold S x S scores per head at 8192 tokens
+    implementations = dict(mpnet=("eager",), modernbert=("sdpa",)).get(kind, ("eager", "sdpa"))
     for implementation in implementations:
         own_config = copy.deepcopy(config)  # Hugging Face reads the implementation from it on every call
         own_config._attn_implementation = implementation
         models[f"HF {implementation}"] = hf_class(own_config).to(device=device, dtype=dtype).eval()
     baseline = f"HF {implementations[-1]}"
     weights = models[baseline].state_dict()
-    models["HF eager"].load_state_dict(weights)
+    for implementation in implementations[:-1]:
+        models[f"HF {implementation}"].load_state_dict(weights)
     # padded execution, padding-free (which only differs from it on ragged batches), and CUDA graphs
     for variant, unpad, cuda_graphs in (("fastencoder", False, False), ("fastencoder unpad", True, False),
                                         ("fastencoder cuda graphs", False, True)):
@@ -392,8 +411,10 @@ def model_inputs(config, lengths, seqlen, seed):
 def model_cases(settings, dtype, ceilings):
     compile_shapes = settings["compile_shapes"]
     for name in settings["models"]:
+        if dtype not in settings.get("model_dtypes", {}).get(name, [dtype]):
+            continue
         config, models = build_models(name, dtype, settings["model_overrides"], compile_shapes != [])
-        for batch, seqlen in settings["shapes"]:
+        for batch, seqlen in settings.get("model_shapes", {}).get(name, settings["shapes"]):
             for ragged in (False, True):
                 lengths = ragged_lengths(batch, seqlen) if ragged else [seqlen] * batch
                 case = f"{name} {_dtype_name(dtype)} fwd B{batch}xS{seqlen} {'ragged' if ragged else 'no padding'}"
@@ -422,6 +443,21 @@ def check_model_output(model, baseline, baseline_name, inputs, dtype):
                      baseline_name)
 
 
+def modernbert_flops(lengths, config):
+    """Forward FLOP of a ModernBERT encoder (roofline.encoder_flops' conventions): per token and layer
+    the Wqkv, Wo, Wi (hidden → 2 x intermediate) and Wo GEMMs, and the attention over the query-key
+    pairs each layer's mask lets through (a sliding window's: |i - j| <= local_attention // 2)."""
+    hidden, intermediate, window = config.hidden_size, config.intermediate_size, config.local_attention // 2
+    gemms = sum(lengths) * config.num_hidden_layers * 2 * (4 * hidden * hidden + 3 * hidden * intermediate)
+    pairs = 0
+    for layer_type in config.layer_types:
+        for length in lengths:
+            reach = min(window, length - 1)  # a window's pairs: every |i - j| <= reach
+            windowed = length * (2 * reach + 1) - reach * (reach + 1)
+            pairs += length * length if layer_type == "full_attention" else windowed
+    return gemms + 4 * hidden * pairs
+
+
 def time_models(models, config, case, lengths, seqlen, ceilings, dtype, reference=None):
     """One row per model: forward time on batches of these lengths (token ids varying between the
     rotating input sets), tokens/s, peak memory, and what CUDA graphs held or why they did not run.
@@ -430,7 +466,10 @@ def time_models(models, config, case, lengths, seqlen, ceilings, dtype, referenc
     reference_name = "HF sdpa" if "HF sdpa" in models else "HF eager"
     reference = reference or models.get(reference_name)
     inputs = [model_inputs(config, lengths, seqlen, seed) for seed in range(4)]
-    flops = roofline.encoder_flops(lengths, config.num_hidden_layers, config.hidden_size, config.intermediate_size)
+    if config.model_type == "modernbert":
+        flops = modernbert_flops(lengths, config)
+    else:
+        flops = roofline.encoder_flops(lengths, config.num_hidden_layers, config.hidden_size, config.intermediate_size)
     for variant, model in models.items():
         if variant == "fastencoder unpad" and min(lengths) == seqlen:
             continue  # without padding it runs the padded path
@@ -690,6 +729,34 @@ def cpu_mpnet_cases(settings):
                                  "all-mpnet-base-v2", baseline="HF eager")
 
 
+# a small ModernBERT (random weights): hidden 384 in 6 heads of 64, GeGLU intermediate 576, 6 layers
+# alternating one full-attention layer with two 128-token sliding windows, as ModernBERT-base does
+MODERNBERT_SMALL = dict(hidden_size=384, num_attention_heads=6, intermediate_size=576, num_hidden_layers=6,
+                        local_attention=128)
+
+
+def cpu_modernbert_cases(settings):
+    """The small ModernBERT above, Hugging Face SDPA (its mask's sliding windows included) against
+    `fastencoder.optimize` at its defaults, dense and with padding, at `modernbert_shape`."""
+    import transformers
+
+    import fastencoder
+
+    size = {**MODERNBERT_SMALL, **settings.get("model_overrides", {})}
+    config = transformers.ModernBertConfig(**size, vocab_size=50368, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    hf_sdpa = transformers.ModernBertModel(config).eval()
+    models = {"HF sdpa": hf_sdpa, "fastencoder": fastencoder.optimize(copy.deepcopy(hf_sdpa))}
+    batch, seqlen = settings["modernbert_shape"]
+    for fraction in settings["padding"]:
+        lengths = lengths_with_padding(batch, seqlen, fraction) if fraction else [seqlen] * batch
+        padding = f"{fraction:.0%} padding" if fraction else "no padding"
+        case = (f"modernbert hidden-{config.hidden_size} {config.num_hidden_layers}-layer float32 fwd "
+                f"B{batch}xS{seqlen} {padding}")
+        inputs = model_inputs(config, lengths, seqlen, seed=0)
+        yield from time_side_by_side(models, case, inputs, settings, tokens=sum(lengths))
+
+
 def time_side_by_side(models, case, inputs, settings, tokens, reference="HF sdpa"):
     """Rows of the models' forward times on `inputs`, interleaved; each fastencoder model first
     checked against the `reference` model."""
@@ -858,6 +925,7 @@ def host_overhead_cases(settings, device="cpu", calls=10):
 
 
 CPU_GROUPS = (("model", cpu_model_cases), ("model", cpu_roberta_cases), ("model", cpu_mpnet_cases),
+              ("model", cpu_modernbert_cases),
               ("encode", sentence_transformer_cases),
               ("rerank", cross_encoder_cases), ("host", host_overhead_cases))
 

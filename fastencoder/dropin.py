@@ -31,6 +31,7 @@ _FASTENCODER_CLASS = {
     transformers.DistilBertModel: models.DistilBertModel,
     transformers.ElectraModel: models.ElectraModel,
     transformers.MPNetModel: models.MPNetModel,
+    transformers.ModernBertModel: models.ModernBertModel,
 }
 _ORIGINAL = "_fastencoder_original"  # kept in the module's __dict__: not a submodule, not in state_dict
 

@@ -1,8 +1,9 @@
 """LayerNorm with a fused residual add: y = LN(x + residual) · weight + bias, over the last dim.
 
-BERT's post-LN "add & norm". Statistics are computed in fp32 whatever the input dtype, and eps is
-used exactly as given (BERT's 1e-12 included). Any hidden size: rows up to MAX_HIDDEN wide (every
-BERT-family model) run the Triton kernels, wider ones the PyTorch reference.
+BERT's post-LN "add & norm"; without a bias (bias=None: ModernBERT's `norm_bias=False`) too.
+Statistics are computed in fp32 whatever the input dtype, and eps is used exactly as given (BERT's
+1e-12 included). Any hidden size: rows up to MAX_HIDDEN wide (every BERT-family model) run the
+Triton kernels, wider ones the PyTorch reference.
 
 x, residual and the affine parameters may differ in dtype (under autocast: a 16-bit branch output,
 the fp32 residual stream, fp32 weights): each is converted to fp32 as it is loaded, the output
@@ -25,12 +26,12 @@ MAX_HIDDEN = 4096  # a row lives in registers; wider rows spill in the backward
 
 # Forward, BLOCK_M rows per program, each row whole in registers:
 #   z = x + r,  mean = Σz / N,  rstd = 1 / sqrt(Σ(z - mean)² / N + eps)
-#   y = (z - mean) · rstd · w + b          (mean and rstd are kept for the backward)
+#   y = (z - mean) · rstd · w + b          (b = 0 without a bias; mean and rstd kept for the backward)
 @batch_generic("M")  # the rows: tokens
 def _layer_norm_fwd_kernel(
     X, R, W, B, Y, Mean, Rstd,
     M, N, stride_x, stride_r, stride_y, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -44,8 +45,9 @@ def _layer_norm_fwd_kernel(
     centered = tl.where(mask, z - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / N + eps)
     w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)
-    y = centered * rstd[:, None] * w[None, :] + b[None, :]
+    y = centered * rstd[:, None] * w[None, :]
+    if HAS_BIAS:
+        y += tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     tl.store(Mean + rows, mean, mask=row_ok)
     tl.store(Rstd + rows, rstd, mask=row_ok)
@@ -55,7 +57,8 @@ def _layer_norm_fwd_kernel(
 #   dz = rstd · (g - ẑ · mean(g · ẑ) - mean(g)),   dx = dresidual = dz
 #   dw = Σ_rows dy · ẑ,   db = Σ_rows dy
 # Each program walks a strided set of rows and writes its partial dw, db (fp32) to its own slot of
-# a [programs, N] buffer, summed afterwards: no atomics, deterministic.
+# a [programs, N] buffer, summed afterwards: no atomics, deterministic. (Without a bias, db is
+# dropped: one add per element, where a second kernel variant would double the compiled ones.)
 @batch_generic("M")
 def _layer_norm_bwd_kernel(
     X, R, W, DY, DZ, Mean, Rstd, DW_partial, DB_partial,
@@ -106,7 +109,7 @@ def _bwd_programs(device, rows):
 
 @launches_on_input_device
 def _layer_norm_fwd_impl(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
     residual: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n = x.shape[-1]
@@ -118,9 +121,10 @@ def _layer_norm_fwd_impl(
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     block_m, block_n, num_warps = _fwd_launch_params(n)
     _layer_norm_fwd_kernel[(cdiv(m, block_m),)](
-        x2, r2, weight, bias, y, mean, rstd,
+        x2, r2, weight, weight if bias is None else bias, y, mean, rstd,
         m, n, x2.stride(0), r2.stride(0), y.stride(0), eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps,
     )
     return y.view(x.shape), mean, rstd
 
@@ -176,6 +180,7 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, eps, residual = inputs
     _, mean, rstd = output
     ctx.has_residual = residual is not None
+    ctx.has_bias = bias is not None
     ctx.save_for_backward(x, residual, weight, mean, rstd)
 
 
@@ -185,7 +190,7 @@ def _backward(ctx, dy, _dmean, _drstd):
     # for x + residual
     dz, dweight, dbias = _call_layer_norm_bwd(dy, x, residual, weight, mean, rstd)
     dresidual = dz.to(residual.dtype) if ctx.has_residual else None
-    return dz.to(x.dtype), dweight, dbias, None, dresidual
+    return dz.to(x.dtype), dweight, dbias if ctx.has_bias else None, None, dresidual
 
 
 _layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -198,7 +203,8 @@ def layer_norm_reference(x, weight, bias, eps, residual=None):
     the result in the promoted dtype of x and residual."""
     compute = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
     z = x.to(compute) if residual is None else x.to(compute) + residual.to(compute)
-    y = torch.nn.functional.layer_norm(z, z.shape[-1:], weight.to(compute), bias.to(compute), eps)
+    bias = None if bias is None else bias.to(compute)
+    y = torch.nn.functional.layer_norm(z, z.shape[-1:], weight.to(compute), bias, eps)
     return y.to(_output_dtype(x, residual))
 
 
@@ -207,15 +213,16 @@ def layer_norm_torch(x, weight, bias, eps, residual=None):
     Face adds), then `F.layer_norm` (its statistics are fp32 for 16-bit inputs too, on the CPU and on
     GPUs), affine parameters of another dtype in fp32 with it."""
     z = x if residual is None else x + residual
-    if weight.dtype != z.dtype or bias.dtype != z.dtype:
+    if weight.dtype != z.dtype or bias is not None and bias.dtype != z.dtype:
         compute = torch.promote_types(z.dtype, torch.float32)
-        return torch.nn.functional.layer_norm(z.to(compute), z.shape[-1:], weight.to(compute), bias.to(compute),
-                                              eps).to(z.dtype)
+        bias = None if bias is None else bias.to(compute)
+        return torch.nn.functional.layer_norm(z.to(compute), z.shape[-1:], weight.to(compute), bias, eps).to(z.dtype)
     return torch.nn.functional.layer_norm(z, z.shape[-1:], weight, bias, eps)
 
 
 def layer_norm(x, weight, bias, eps, residual=None):
-    """y = LayerNorm(x + residual) over the last dim, with affine weight and bias of shape [N]."""
+    """y = LayerNorm(x + residual) over the last dim, with affine weight and bias of shape [N] (bias
+    None: no bias, as nn.LayerNorm(bias=False))."""
     if not _well_formed(x, weight, bias, eps, residual):
         _check_inputs(x, weight, bias, eps, residual)
     if not backend.use_triton(x.device) or x.shape[-1] > MAX_HIDDEN:
@@ -229,14 +236,15 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _well_formed(x, weight, bias, eps, residual):
-    """The common call (a model's: a residual, parameters, a float eps) found valid in a few
-    attribute reads; the full checks, whose messages explain a refusal, run for the others."""
-    return (type(x) is torch.Tensor and type(residual) is torch.Tensor and type(weight) in _PLAIN
-            and type(bias) in _PLAIN and type(eps) is float and eps >= 0 and x.dtype in FLOAT_DTYPES
-            and residual.dtype in FLOAT_DTYPES and weight.dtype in FLOAT_DTYPES and bias.dtype == weight.dtype
-            and weight.device == x.device == bias.device == residual.device
-            and x.dim() >= 1 and x.shape[-1] > 0 and residual.shape == x.shape
-            and weight.shape == bias.shape == x.shape[-1:])
+    """The common call (a model's: parameters, a float eps) found valid in a few attribute reads;
+    the full checks, whose messages explain a refusal, run for the others."""
+    return (type(x) is torch.Tensor and type(weight) in _PLAIN and type(eps) is float and eps >= 0
+            and x.dtype in FLOAT_DTYPES and weight.dtype in FLOAT_DTYPES and weight.device == x.device
+            and x.dim() >= 1 and x.shape[-1] > 0 and weight.shape == x.shape[-1:]
+            and (bias is None or type(bias) in _PLAIN and bias.dtype == weight.dtype and bias.device == x.device
+                 and bias.shape == weight.shape)
+            and (residual is None or type(residual) is torch.Tensor and residual.dtype in FLOAT_DTYPES
+                 and residual.device == x.device and residual.shape == x.shape))
 
 
 def _check_inputs(x, weight, bias, eps, residual):
@@ -250,8 +258,9 @@ def _check_inputs(x, weight, bias, eps, residual):
             if tensor.device != x.device:
                 raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
             check_shape(name, tensor, shape)
-    check_like("bias", bias, weight, "weight")
-    check_shape("bias", bias, (n,))
+    if bias is not None:
+        check_like("bias", bias, weight, "weight")
+        check_shape("bias", bias, (n,))
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
 
@@ -271,17 +280,20 @@ def compile_cases():
         for x, r, w, y in variants:
             for has_residual in (False, True) if x == r else (True,):
                 variant = f"N={n} {x}" + (f" +{r} residual" if x != r else " +residual" if has_residual else "")
-                yield dict(
-                    name=f"layer_norm_fwd {variant}", fn=_layer_norm_fwd_kernel,
-                    signature=dict(
-                        X=f"*{x}", R=f"*{r}", W=f"*{w}", B=f"*{w}", Y=f"*{y}",
-                        Mean="*fp32", Rstd="*fp32", M="i32", N="i32",
-                        stride_x="i32", stride_r="i32", stride_y="i32", eps="fp32",
-                    ),
-                    constexprs=dict(HAS_RESIDUAL=has_residual, BLOCK_M=block_m, BLOCK_N=block_n),
-                    divisible_by_16=("N", "stride_x", "stride_r", "stride_y") if n % 16 == 0 else (),
-                    num_warps=fwd_warps, num_stages=1, matmul=False,
-                )
+                # without a bias (ModernBERT's norms): in one dtype throughout, as such models run
+                for has_bias in (True, False) if x == r else (True,):
+                    yield dict(
+                        name=f"layer_norm_fwd {variant}" + ("" if has_bias else " no bias"), fn=_layer_norm_fwd_kernel,
+                        signature=dict(
+                            X=f"*{x}", R=f"*{r}", W=f"*{w}", B=f"*{w}", Y=f"*{y}",
+                            Mean="*fp32", Rstd="*fp32", M="i32", N="i32",
+                            stride_x="i32", stride_r="i32", stride_y="i32", eps="fp32",
+                        ),
+                        constexprs=dict(HAS_RESIDUAL=has_residual, HAS_BIAS=has_bias, BLOCK_M=block_m,
+                                        BLOCK_N=block_n),
+                        divisible_by_16=("N", "stride_x", "stride_r", "stride_y") if n % 16 == 0 else (),
+                        num_warps=fwd_warps, num_stages=1, matmul=False,
+                    )
                 yield dict(
                     name=f"layer_norm_bwd {variant}", fn=_layer_norm_bwd_kernel,
                     signature=dict(

@@ -25,6 +25,10 @@ def test_smoke_sweep_runs_every_case(tmp_path):
     assert {case for case in cases if case.startswith("xlm-roberta-base")} == {
         "xlm-roberta-base float32 fwd B2xS16 no padding", "xlm-roberta-base float32 fwd B2xS16 ragged"}
     assert not [row for row in rows if row["case"].startswith("xlm-roberta-base") and "error" in row]
+    # ModernBERT-base at toy size (its GPU shapes, S = 512 to 8192, are the full sweep's)
+    assert {case for case in cases if case.startswith("modernbert-base")} == {
+        "modernbert-base float32 fwd B2xS16 no padding", "modernbert-base float32 fwd B2xS16 ragged"}
+    assert not [row for row in rows if row["case"].startswith("modernbert-base") and "error" in row]
     assert any("fine-tune step" in case for case in cases)
     # fine-tuning as most users run it: fp32 weights under autocast bf16, fastencoder against Hugging Face
     autocast_case = "bert-base float32 autocast bfloat16 fine-tune step B2xS16"
@@ -53,7 +57,8 @@ def test_a_failing_case_is_recorded_and_the_rest_still_runs(tmp_path, monkeypatc
 
     def with_a_broken_baseline(*args, **kwargs):
         config, models = build_models(*args, **kwargs)
-        if "HF sdpa" in models:  # MPNet's eager model is its reference: it stays whole
+        # MPNet's eager model is its reference: it stays whole (ModernBERT's baseline is SDPA alone)
+        if "HF sdpa" in models and "HF eager" in models:
             models["HF eager"].forward = broken
         return config, models
 
@@ -136,6 +141,11 @@ def test_bench_without_gpu_times_the_models_on_the_cpu(tmp_path, capsys):
         case_rows = {row["variant"]: row for row in rows if row["case"] == case}
         assert set(case_rows) == {"HF sdpa", "fastencoder"}, case
         assert case_rows["fastencoder"]["speedup_vs_HF sdpa"] > 0
+    for case in ("modernbert hidden-64 1-layer float32 fwd B2xS16 no padding",
+                 "modernbert hidden-64 1-layer float32 fwd B2xS16 25% padding"):
+        case_rows = {row["variant"]: row for row in rows if row["case"] == case}
+        assert set(case_rows) == {"HF sdpa", "fastencoder"}, case
+        assert case_rows["fastencoder"]["speedup_vs_HF sdpa"] > 0
     host = {row["variant"]: row for row in rows if row["group"] == "host"}
     assert set(host) == {"HF sdpa", "fastencoder"} and all(row["us_per_layer"] for row in host.values())
     if checkpoints.minilm_checkpoint() is not None and importlib.util.find_spec("sentence_transformers"):
@@ -156,7 +166,7 @@ def test_a_fast_wrong_answer_fails_its_row_untimed(tmp_path, monkeypatch):
     def with_a_wrong_model(*args, **kwargs):
         config, models = build_models(*args, **kwargs)
         layer_norm_weight = next(parameter for name, parameter in models["fastencoder unpad"].named_parameters()
-                                 if name.endswith("LayerNorm.weight") and "embeddings" not in name)
+                                 if name.endswith(("LayerNorm.weight", "mlp_norm.weight")) and "embeddings" not in name)
         with torch.no_grad():
             layer_norm_weight.add_(1.0)
         return config, models

@@ -18,11 +18,11 @@ TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bf
 SHAPES = [((37,), 100), ((3, 3), 768)]
 
 
-def _inputs(lead, n, dtype, device, with_residual=True):
+def _inputs(lead, n, dtype, device, with_residual=True, with_bias=True):
     x = torch.randn(*lead, n, device=device).to(dtype)
     residual = torch.randn(*lead, n, device=device).to(dtype) if with_residual else None
     weight = (1 + 0.5 * torch.randn(n, device=device)).to(dtype)
-    bias = (0.5 * torch.randn(n, device=device)).to(dtype)
+    bias = (0.5 * torch.randn(n, device=device)).to(dtype) if with_bias else None
     return x, residual, weight, bias
 
 
@@ -54,6 +54,52 @@ def test_matches_float64_reference(dtype, lead, n, with_residual, device, triton
     _check_forward_and_backward(x, residual, weight, bias, eps=1e-12)
     assert kernel_launches.count("_layer_norm_fwd_kernel") == 1
     assert kernel_launches.count("_layer_norm_bwd_kernel") == 1
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("lead, n", SHAPES)
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_without_bias_matches_float64_reference(backend, dtype, lead, n, with_residual, device, request,
+                                                kernel_launches, poisoned_allocations):
+    """bias=None (nn.LayerNorm(bias=False), ModernBERT's norm_bias=False): y = LN(x + residual) · w,
+    with the same tolerances (nothing is added, so nothing is lost), no bias gradient."""
+    request.getfixturevalue(f"{backend}_backend")
+    x, residual, weight, _ = _inputs(lead, n, dtype, device, with_residual, with_bias=False)
+    _check_forward_and_backward(x, residual, weight, None, eps=1e-5)
+    launched = 1 if backend == "triton" else 0
+    assert kernel_launches.count("_layer_norm_fwd_kernel") == launched
+    assert kernel_launches.count("_layer_norm_bwd_kernel") == launched
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_without_bias_is_torchs_bias_free_layer_norm(backend, device, request):
+    """The module Hugging Face's ModernBERT holds: nn.LayerNorm(bias=False), in fp32, and in fp32 from
+    a 16-bit input with fp32 weights (autocast's embeddings norm): the output in x's dtype."""
+    request.getfixturevalue(f"{backend}_backend")
+    norm = torch.nn.LayerNorm(100, eps=1e-5, bias=False, device=device)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(100))
+    assert norm.bias is None
+    x = torch.randn(7, 100, device=device)
+    torch.testing.assert_close(layer_norm(x, norm.weight, None, norm.eps), norm(x), atol=1e-5, rtol=1e-5)
+    half = x.half()
+    y = layer_norm(half, norm.weight, None, norm.eps)
+    expected = layer_norm_reference(half.double(), norm.weight.double(), None, norm.eps)
+    assert y.dtype == torch.float16
+    assert_close(y, expected, *TOLERANCES[torch.float16], "fp16 x, fp32 weight")
+
+
+def test_without_bias_traceable_by_torch_compile(device, triton_backend):
+    x, residual, weight, _ = _inputs((4,), 100, torch.float32, device, with_bias=False)
+    x, weight = x.requires_grad_(), weight.requires_grad_()
+    compiled = torch.compile(lambda *a: layer_norm(*a[:2], None, 1e-5, residual=a[2]), fullgraph=True,
+                             backend="aot_eager")
+    y = compiled(x, weight, residual)
+    expected = layer_norm_reference(x.double(), weight.double(), None, 1e-5, residual.double())
+    assert_close(y, expected, 1e-5, 1e-5, "compiled")
+    y.sum().backward()
+    assert x.grad is not None and weight.grad is not None
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

@@ -1,4 +1,4 @@
-"""BERT, ALBERT, RoBERTa, XLM-RoBERTa, CamemBERT, DistilBERT, ELECTRA and MPNet models on
+"""BERT, ALBERT, RoBERTa, XLM-RoBERTa, CamemBERT, DistilBERT, ELECTRA, MPNet and ModernBERT models on
 fastencoder's fused ops: drop-ins for Hugging Face transformers' classes of the same names (same configs, state dicts,
 heads, losses and outputs)."""
 from .albert import (
@@ -35,6 +35,14 @@ from .electra import (
     ElectraForSequenceClassification,
     ElectraForTokenClassification,
     ElectraModel,
+)
+from .modernbert import (
+    ModernBertForMaskedLM,
+    ModernBertForMultipleChoice,
+    ModernBertForQuestionAnswering,
+    ModernBertForSequenceClassification,
+    ModernBertForTokenClassification,
+    ModernBertModel,
 )
 from .mpnet import (
     MPNetForMaskedLM,
@@ -99,6 +107,12 @@ __all__ = [
     "ElectraForSequenceClassification",
     "ElectraForTokenClassification",
     "ElectraModel",
+    "ModernBertForMaskedLM",
+    "ModernBertForMultipleChoice",
+    "ModernBertForQuestionAnswering",
+    "ModernBertForSequenceClassification",
+    "ModernBertForTokenClassification",
+    "ModernBertModel",
     "MPNetForMaskedLM",
     "MPNetForMultipleChoice",
     "MPNetForQuestionAnswering",

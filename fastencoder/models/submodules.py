@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from torch.nn.modules import module as module_hooks
 
-from fastencoder.kernels import backend, layer_norm, linear
+from fastencoder.kernels import backend, geglu_linear, layer_norm, linear
 from fastencoder.kernels.layer_norm import layer_norm_torch
-from fastencoder.kernels.linear import TORCH_ACTIVATIONS, linear_torch
+from fastencoder.kernels.linear import TORCH_ACTIVATIONS, geglu_linear_torch, linear_torch
 
 
 def _hf_output_capture(hook):
@@ -163,6 +163,21 @@ def project(module, x, activation=None, residual=None):
     return h if residual is None else h + residual
 
 
+def project_geglu(module, x, activation):
+    """act(h[..., :I]) · h[..., I:] for h = module(x) of 2·I features (ModernBERT's `Wi` and its GeGLU),
+    computed as described in the module docstring: a plain Linear in the GeGLU op, anything else
+    called (or its LoRA update added) and then gated in PyTorch, as Hugging Face's MLP gates it."""
+    x = autocast_input(x)
+    if _fusable(module, nn.Linear):
+        fused = geglu_linear if backend.use_triton(x.device, x.dtype) else geglu_linear_torch
+        return fused(x, _as(module.weight, x.dtype), _as(module.bias, x.dtype), activation)
+    lora = _lora(module)
+    if lora is not None and not lora[1]:  # adapters merged or disabled: the base layer alone
+        return project_geglu(lora[0], x, activation)
+    h, gate = project(module, x).chunk(2, -1)
+    return TORCH_ACTIVATIONS[activation](h) * gate
+
+
 def project_qkv(query, key, value, x):
     """(q, k, v): the three projections of x. With the Triton kernels, when each is a plain Linear
     (plain weights: a tensor subclass is never concatenated) or a LoRA layer over one, their (base)
@@ -180,20 +195,22 @@ def project_qkv(query, key, value, x):
     return tuple(project(m, x) for m in modules)
 
 
-def add_norm(norm, x, residual):
-    """norm(x + residual), the add fused into fastencoder's LayerNorm for a plain nn.LayerNorm; the
-    result in the dtype Hugging Face's gives: that of x + residual (fp32 for the fp32 residual stream
-    under autocast), fp32 wherever autocast runs LayerNorm in fp32."""
+def add_norm(norm, x, residual=None):
+    """norm(x + residual), or norm(x) without a residual, the add fused into fastencoder's LayerNorm
+    for a plain nn.LayerNorm (with or without a bias); the result in the dtype Hugging Face's gives:
+    that of x + residual (fp32 for the fp32 residual stream under autocast), fp32 wherever autocast
+    runs LayerNorm in fp32."""
     device_type = x.device.type
     if device_type in _FP32_LAYER_NORM_UNDER_AUTOCAST and torch.is_autocast_enabled(device_type):
-        residual = _as(residual, torch.float32)
-    if _fusable(norm, nn.LayerNorm):
-        weight, bias = norm.weight, norm.bias
-        if weight is not None and bias is not None:
-            # the weights as they are: the op computes in fp32 from any mix of dtypes
-            fused = layer_norm if backend.use_triton(x.device) else layer_norm_torch
-            return fused(x, weight, bias, norm.eps, residual)
-    return _call(norm, x + residual)
+        if residual is None:
+            x = _as(x, torch.float32)
+        else:
+            residual = _as(residual, torch.float32)
+    if _fusable(norm, nn.LayerNorm) and norm.weight is not None:
+        # the weights as they are: the op computes in fp32 from any mix of dtypes
+        fused = layer_norm if backend.use_triton(x.device) else layer_norm_torch
+        return fused(x, norm.weight, norm.bias, norm.eps, residual)
+    return _call(norm, x if residual is None else x + residual)
 
 
 def dropout(module, x):

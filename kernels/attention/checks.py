@@ -18,7 +18,7 @@ def _is_number(value):
 
 
 def _check_inputs(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen,
-                  relative_bias=None):
+                  relative_bias=None, window=None, rotary=None):
     check_float("q", q)
     check_like("k", k, q, "q")
     check_like("v", v, q, "q")
@@ -71,22 +71,68 @@ def _check_inputs(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens,
             raise ValueError(f"relative_bias must have shape [H, 2·S - 1] = {(heads, 2 * seqlen - 1)} (S = "
                              f"{'max_seqlen' if packed else 'the padded length'}), got "
                              f"{tuple(relative_bias.shape)}")
+    _check_window(window)
+    _check_rotary(rotary, q, seqlen, "max_seqlen" if packed else "the padded length")
 
 
-def _well_formed(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen):
-    """A model's call (padded with at most a key padding mask, or packed; no bias, default scale)
-    found valid in a few attribute reads, cu_seqlens' values aside; the full checks, whose messages
-    explain a refusal, run for the others. Per-call host time is what small batches wait for."""
+def _check_window(window):
+    if window is None:
+        return
+    if not isinstance(window, int) or isinstance(window, bool):
+        raise TypeError(f"window must be an int (query i sees key j iff |i - j| <= window) or None, got "
+                        f"{type(window).__name__}")
+    if window < 0:
+        raise ValueError(f"window must be >= 0 (query i sees key j iff |i - j| <= window), got {window}")
+
+
+def _check_rotary(rotary, q, seqlen, seqlen_name):
+    if rotary is None:
+        return
+    if not isinstance(rotary, (tuple, list)) or len(rotary) != 2:
+        raise TypeError(f"rotary must be a pair (cos, sin) of float32 [P, D] tables, got {type(rotary).__name__}"
+                        f"{'' if not isinstance(rotary, (tuple, list)) else f' of {len(rotary)}'}")
+    head_dim = q.shape[-1]
+    if head_dim % 2:
+        raise ValueError(f"rotary needs an even head dim (it rotates dims d and d + D/2 together), got {head_dim}")
+    for name, table in zip(("cos", "sin"), rotary):
+        if not isinstance(table, torch.Tensor):
+            raise TypeError(f"rotary's {name} must be a torch.Tensor, got {type(table).__name__}")
+        if table.dtype != torch.float32:
+            raise TypeError(f"rotary's {name} must be float32 (Hugging Face's values converted), got {table.dtype}")
+        if table.device != q.device:
+            raise ValueError(f"rotary's {name} is on {table.device} but q is on {q.device}")
+        if table.dim() != 2 or table.shape[1] != head_dim or table.shape[0] < seqlen:
+            raise ValueError(f"rotary's {name} must be [P, D] with D = {head_dim} (the head dim) and P >= {seqlen} "
+                             f"({seqlen_name}), got shape {tuple(table.shape)}")
+        if table.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"rotary's {name} requires grad, but the attention computes no gradient for the "
+                             f"rotary tables: pass them detached")
+
+
+def _well_formed(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen, window=None,
+                 rotary=None):
+    """A model's call (padded with at most a key padding mask, or packed; no bias, default scale;
+    a window, rotary tables) found valid in a few attribute reads, cu_seqlens' values aside; the full
+    checks, whose messages explain a refusal, run for the others. Per-call host time is what small
+    batches wait for."""
     if not (bias is None and scale is None and type(dropout_p) is float and 0.0 <= dropout_p < 1.0
             and type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
             and q.dtype in FLOAT_DTYPES and k.dtype == q.dtype == v.dtype and k.device == q.device == v.device
-            and k.shape == q.shape == v.shape):
+            and k.shape == q.shape == v.shape and (window is None or (type(window) is int and window >= 0))):
         return False
     if cu_seqlens is not None:
-        return key_padding_mask is None and q.dim() == 3
-    return max_seqlen is None and q.dim() == 4 and (key_padding_mask is None or (
-        type(key_padding_mask) is torch.Tensor and key_padding_mask.dtype == torch.bool
-        and key_padding_mask.device == q.device and key_padding_mask.shape == q.shape[:2]))
+        layout_ok = key_padding_mask is None and q.dim() == 3
+        seqlen = max_seqlen
+    else:
+        layout_ok = max_seqlen is None and q.dim() == 4 and (key_padding_mask is None or (
+            type(key_padding_mask) is torch.Tensor and key_padding_mask.dtype == torch.bool
+            and key_padding_mask.device == q.device and key_padding_mask.shape == q.shape[:2]))
+        seqlen = q.shape[1] if layout_ok else None
+    return layout_ok and (rotary is None or (
+        type(rotary) is tuple and len(rotary) == 2 and type(seqlen) is int and q.shape[-1] % 2 == 0 and all(
+            type(table) is torch.Tensor and table.dtype == torch.float32 and table.device == q.device
+            and table.dim() == 2 and table.shape[1] == q.shape[-1] and table.shape[0] >= seqlen
+            and not table.requires_grad for table in rotary)))
 
 
 def _check_cu_seqlens(cu_seqlens, max_seqlen, q):

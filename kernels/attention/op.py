@@ -264,7 +264,7 @@ _call_attention_bwd = direct_when_eager(_attention_bwd, _attention_bwd_impl)
 
 
 def attention(q, k, v, *, key_padding_mask=None, bias=None, relative_bias=None, scale=None, dropout_p=0.0,
-              cu_seqlens=None, max_seqlen=None):
+              cu_seqlens=None, max_seqlen=None, window=None, rotary=None):
     """Multi-head attention softmax(q·kᵀ·scale + mask)·v, non-causal, with optional dropout.
 
     q, k, v: [B, S, H, D] (padded layout; any strides on B, S, H, unit stride on D) or [T, H, D]
@@ -285,6 +285,21 @@ def attention(q, k, v, *, key_padding_mask=None, bias=None, relative_bias=None, 
         vary from run to run). Not with `bias`.
     scale: default 1/sqrt(D). dropout_p: in [0, 1), dropout on the probabilities (kept ones
         scaled by 1/(1-p)); the seed comes from torch's default CPU generator.
+    window: None (every key) or an int >= 0, a bidirectional sliding window: query i sees key j
+        iff |i - j| <= window, i and j positions within the sequence (padded layout: the index in
+        the row, padding included; packed: from the sequence's start). Hugging Face's ModernBERT
+        masks exactly this with window = config.sliding_window = config.local_attention // 2
+        (transformers' sliding_window_bidirectional_overlay: abs(q_idx - kv_idx) <= sliding_window;
+        its attention module's own `sliding_window`, one more, is FlashAttention's exclusive bound).
+        Combines with key padding masks, biases and dropout. The kernels skip the key blocks outside
+        a query block's windows; a window >= S - 1 is no window.
+    rotary: None or (cos, sin), rotary position embeddings applied to q and k inside the
+        attention, as Hugging Face's apply_rotary_pos_emb with rotate_half: x·cos + rotate_half(x)·sin,
+        rotate_half pairing dims d and d + D/2, in fp32, then rounded to q's dtype. cos and sin:
+        float32 [P, D] tables (Hugging Face's rotary embedding at positions 0..P-1, converted to
+        float32), indexed by the position within the sequence as for `window`; P >= S (max_seqlen
+        when packed). Gradients flow to q and k; the tables get none (one that requires grad is
+        refused).
     float16, bfloat16 and float32 all run in the kernels (float32 with fp32 dot products, or TF32
     where torch allows it for cuBLAS matmuls: torch.backends.cuda.matmul.fp32_precision or
     torch.backends.fp32_precision "tf32", or the legacy allow_tf32). Head dims 16, 32, 64, 80, 96,
@@ -293,16 +308,22 @@ def attention(q, k, v, *, key_padding_mask=None, bias=None, relative_bias=None, 
     Returns a contiguous tensor of q's shape; rows whose keys are all masked are zeros.
     """
     if relative_bias is not None or not _well_formed(q, k, v, key_padding_mask, bias, scale, dropout_p,
-                                                      cu_seqlens, max_seqlen):
-        _check_inputs(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen, relative_bias)
+                                                      cu_seqlens, max_seqlen, window, rotary):
+        _check_inputs(q, k, v, key_padding_mask, bias, scale, dropout_p, cu_seqlens, max_seqlen, relative_bias,
+                      window, rotary)
     elif cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, max_seqlen, q)
     head_dim = q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     dropout_p = float(dropout_p)
-    if not backend.use_triton(q.device, q.dtype) or head_dim not in SUPPORTED_HEAD_DIMS:
+    if window is not None and window >= (q.shape[1] if cu_seqlens is None else max_seqlen) - 1:
+        window = None  # every key of every sequence is in every window
+    rotary = None if rotary is None else tuple(rotary)
+    if (not backend.use_triton(q.device, q.dtype) or head_dim not in SUPPORTED_HEAD_DIMS
+            or window is not None or rotary is not None):
         return attention_torch(q, k, v, key_padding_mask=key_padding_mask, bias=bias, relative_bias=relative_bias,
-                               scale=scale, dropout_p=dropout_p, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                               scale=scale, dropout_p=dropout_p, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                               window=window, rotary=rotary)
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         if tensor.stride(-1) != 1:
             raise ValueError(f"{name} must have unit stride on its last (head) dim, got strides "

@@ -16,14 +16,39 @@ def relative_bias_matrix(relative_bias, length):
     return relative_bias[:, center + positions[None, :] - positions[:, None]][None]
 
 
-def _padded_reference(q, k, v, key_padding_mask, bias, scale, dropout_p, dropout_mask):
+def window_band(query_start, queries, key_start, keys, window, device):
+    """bool [queries, keys]: True where query i sees key j, |i - j| <= window, for the queries at
+    positions query_start.. and the keys at key_start.. (positions within the sequence)."""
+    rows = torch.arange(query_start, query_start + queries, device=device)
+    cols = torch.arange(key_start, key_start + keys, device=device)
+    return (rows[:, None] - cols[None, :]).abs() <= window
+
+
+def rotate(x, rotary, positions, compute):
+    """Hugging Face's apply_rotary_pos_emb (rotate_half, pairs (d, d + D/2)) on x [..., P, H, D]
+    (padded) or [T, H, D] (packed), its rows at `positions` (a slice or int64 indices) of the
+    tables cos, sin = rotary ([P, D]), computed in `compute`: x·cos + rotate_half(x)·sin."""
+    cos, sin = (table[positions][:, None, :].to(compute) for table in rotary)
+    x = x.to(compute)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def _padded_reference(q, k, v, key_padding_mask, bias, scale, dropout_p, dropout_mask, band=None, rotary=None):
+    """The attention in fp32 (or q's dtype, if wider) without SDPA; band: a bool [S_q, S_k] of the
+    pairs a window lets through; rotary (cos, sin) rotates q and k at positions 0..S-1."""
     compute = torch.promote_types(q.dtype, torch.float32)
+    if rotary is not None:
+        positions = slice(0, q.shape[1])
+        q, k = rotate(q, rotary, positions, compute), rotate(k, rotary, positions, compute)
     qh, kh, vh = (t.to(compute).transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
     scores = (qh @ kh.transpose(-1, -2)) * scale
     if bias is not None:
         scores = scores + bias.to(compute)
     if key_padding_mask is not None:
         scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    if band is not None:
+        scores = scores.masked_fill(~band, float("-inf"))
     # rows with no visible key give zeros; softmax of finite placeholders keeps gradients finite
     no_keys = (scores == float("-inf")).all(dim=-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(no_keys, 0.0), dim=-1).masked_fill(no_keys, 0.0)
@@ -31,13 +56,16 @@ def _padded_reference(q, k, v, key_padding_mask, bias, scale, dropout_p, dropout
         probs = probs * dropout_mask / (1.0 - dropout_p)
     elif dropout_p > 0:
         probs = torch.nn.functional.dropout(probs, dropout_p)
-    return (probs @ vh).transpose(1, 2).to(q.dtype).contiguous()
+    return (probs @ vh).transpose(1, 2).to(v.dtype).contiguous()
 
 
 def attention_reference(q, k, v, *, key_padding_mask=None, bias=None, relative_bias=None, scale=None,
-                        dropout_p=0.0, cu_seqlens=None, max_seqlen=None, dropout_mask=None):
+                        dropout_p=0.0, cu_seqlens=None, max_seqlen=None, window=None, rotary=None,
+                        dropout_mask=None):
     """PyTorch reference of `attention`, computed in fp32 (or in q's dtype when that is wider:
-    float64 inputs give a float64 reference), result in q's dtype.
+    float64 inputs give a float64 reference), result in q's dtype. The window masks scores with
+    |i - j| > window; the rotary tables rotate q and k in that precision (no rounding to q's dtype
+    in between).
 
     dropout_mask: optional boolean [B, H, S, S] (S = max_seqlen in the packed layout, indexed by
     positions within each sequence) of the probabilities kept; without it dropout_p > 0 draws
@@ -50,7 +78,8 @@ def attention_reference(q, k, v, *, key_padding_mask=None, bias=None, relative_b
     if cu_seqlens is None:
         if q.shape[1] == 0:
             return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        return _padded_reference(q, k, v, key_padding_mask, bias, scale, dropout_p, dropout_mask)
+        band = None if window is None else window_band(0, q.shape[1], 0, q.shape[1], window, q.device)
+        return _padded_reference(q, k, v, key_padding_mask, bias, scale, dropout_p, dropout_mask, band, rotary)
     batch, heads, _ = _layout(q, cu_seqlens, max_seqlen)
     if bias is not None:
         bias = bias.expand(batch, heads, max_seqlen, max_seqlen)
@@ -60,17 +89,18 @@ def attention_reference(q, k, v, *, key_padding_mask=None, bias=None, relative_b
         if end == start:
             continue
         length = end - start
-        window = (slice(b, b + 1), slice(None), slice(0, length), slice(0, length))
+        pairs = (slice(b, b + 1), slice(None), slice(0, length), slice(0, length))
         outs.append(_padded_reference(
             q[start:end][None], k[start:end][None], v[start:end][None], None,
-            None if bias is None else bias[window], scale, dropout_p,
-            None if dropout_mask is None else dropout_mask[window],
+            None if bias is None else bias[pairs], scale, dropout_p,
+            None if dropout_mask is None else dropout_mask[pairs],
+            None if window is None else window_band(0, length, 0, length, window, q.device), rotary,
         )[0])
     return torch.cat(outs)
 
 
 def attention_torch(q, k, v, *, key_padding_mask=None, bias=None, relative_bias=None, scale=None,
-                    dropout_p=0.0, cu_seqlens=None, max_seqlen=None):
+                    dropout_p=0.0, cu_seqlens=None, max_seqlen=None, window=None, rotary=None):
     """The fast PyTorch path of `attention` (same arguments, same semantics): whichever
     `F.scaled_dot_product_attention` backend torch picks for the device (flash, memory-efficient,
     cuDNN, or its fused CPU kernel), on strided [B, H, S, D] views of the inputs, no copies.
@@ -87,30 +117,43 @@ def attention_torch(q, k, v, *, key_padding_mask=None, bias=None, relative_bias=
     requires grad. A relative bias becomes the bias of each length it meets (`relative_bias_matrix`),
     in the buckets too; one of another dtype than q's runs the unfused fp32 math (SDPA takes a
     bias of q's dtype only: rounding it would add an error Hugging Face's does not have).
+    Rotary tables rotate q and k first, as Hugging Face does (in fp32, rounded back to q's dtype).
+    A window narrower than the sequence runs in chunks of queries, each attending to the keys of
+    its windows only under a boolean band mask (`_windowed`): never an S x S mask.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if rotary is not None:
+        positions = slice(0, q.shape[1]) if cu_seqlens is None else _token_positions(cu_seqlens, q.shape[0],
+                                                                                     max_seqlen)
+        q, k = (rotate(t, rotary, positions, torch.float32).to(t.dtype) for t in (q, k))
     if cu_seqlens is None:
         if relative_bias is not None:
             bias = relative_bias_matrix(relative_bias, q.shape[1])
-        return _padded_torch(q, k, v, key_padding_mask, bias, scale, dropout_p)
+        return _padded_torch(q, k, v, key_padding_mask, bias, scale, dropout_p, window)
     if (bias is None and cu_seqlens.device.type == "cpu" and not capturing_or_compiling(cu_seqlens)
             and (relative_bias is None or relative_bias.dtype == q.dtype)):
         return _bucketed(q, k, v, remembered(cu_seqlens, _length_buckets, q.shape[0]), scale, dropout_p,
-                         relative_bias)
+                         relative_bias, window)
     if relative_bias is not None:
         bias = relative_bias_matrix(relative_bias, max_seqlen)
     batch = cu_seqlens.shape[0] - 1
     flat, key_mask = _packed_positions(cu_seqlens, q.shape[0], max_seqlen)
     q, k, v = _scattered(q, k, v, flat, batch * max_seqlen)
     q, k, v = (t.view(batch, max_seqlen, *t.shape[1:]) for t in (q, k, v))
-    if bias is None:  # every query row sees a key (see _packed_positions): SDPA as it is
+    if bias is None and window is None:  # every query row sees a key (see _packed_positions): SDPA as it is
         out = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask[:, None, None, :],
             dropout_p=dropout_p, scale=scale).transpose(1, 2)
     else:
-        out = _padded_torch(q, k, v, key_mask, bias, scale, dropout_p)
+        out = _padded_torch(q, k, v, key_mask, bias, scale, dropout_p, window)
     return out.reshape(batch * max_seqlen, *out.shape[2:]).index_select(0, flat)
+
+
+def _token_positions(cu_seqlens, tokens, max_seqlen):
+    """int64 [T]: each packed token's position within its sequence (below max_seqlen)."""
+    flat, _ = _packed_positions(cu_seqlens, tokens, max_seqlen)
+    return flat % max_seqlen
 
 
 class LengthBuckets(NamedTuple):
@@ -121,7 +164,7 @@ class LengthBuckets(NamedTuple):
     key_masks: list  # per bucket: bool [sequences, 1, 1, length] of the real keys, or None (no padding)
 
 
-def _bucketed(q, k, v, buckets, scale, dropout_p, relative_bias=None):
+def _bucketed(q, k, v, buckets, scale, dropout_p, relative_bias=None, window=None):
     if not buckets.shapes:  # no tokens: q's empty rows, still connected for autograd
         return q.clone()
     if buckets.gather is not None:
@@ -130,6 +173,12 @@ def _bucketed(q, k, v, buckets, scale, dropout_p, relative_bias=None):
     for (sequences, length), key_mask in zip(buckets.shapes, buckets.key_masks):
         rows = slice(start, start + sequences * length)
         start = rows.stop
+        if window is not None and window < length - 1:  # its own chunks, each with a band mask
+            bias = None if relative_bias is None else relative_bias_matrix(relative_bias, length)
+            out = _padded_torch(*(t[rows].view(sequences, length, *t.shape[1:]) for t in (q, k, v)),
+                                None if key_mask is None else key_mask[:, 0, 0, :], bias, scale, dropout_p, window)
+            outs.append(out.view(sequences * length, *q.shape[1:]))
+            continue
         heads = [t[rows].view(sequences, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v)]
         mask = key_mask
         if relative_bias is not None:  # every row sees a key: no -inf row
@@ -204,10 +253,40 @@ def _scattered(q, k, v, flat, positions):
     return q.new_zeros((positions, 3, heads, dim)).index_copy_(0, flat, qkv).unbind(1)
 
 
-def _padded_torch(q, k, v, key_padding_mask, bias, scale, dropout_p):
-    if bias is not None and bias.dtype != q.dtype or _needs_exact_backward(q, k, v, key_padding_mask, bias):
-        return _padded_reference(q, k, v, key_padding_mask, bias, scale, dropout_p, None)
-    mask, no_keys = _sdpa_mask(key_padding_mask, bias, q.device)
+def _padded_torch(q, k, v, key_padding_mask, bias, scale, dropout_p, window=None):
+    if window is not None and window < q.shape[1] - 1:
+        return _windowed(q, k, v, key_padding_mask, bias, scale, dropout_p, window)
+    return _attend(q, k, v, key_padding_mask, bias, scale, dropout_p)
+
+
+# Queries per SDPA call of a windowed attention on the PyTorch path (`_windowed`).
+WINDOW_QUERY_CHUNK = 512
+
+
+def _windowed(q, k, v, key_padding_mask, bias, scale, dropout_p, window):
+    """The padded attention with a window, in chunks of WINDOW_QUERY_CHUNK queries: each chunk
+    attends to the keys its windows reach, [first - window, last + window), under a boolean band
+    mask: work and memory grow with S·(chunk + 2·window), not S² (S = 8192: no S x S mask)."""
+    batch, seqlen, heads = q.shape[:3]
+    if bias is not None:
+        bias = bias.expand(batch, heads, seqlen, seqlen)  # a view: each chunk slices its block
+    outs = []
+    for first in range(0, seqlen, WINDOW_QUERY_CHUNK):
+        last = min(first + WINDOW_QUERY_CHUNK, seqlen)
+        keys = slice(max(first - window, 0), min(last + window, seqlen))
+        band = window_band(first, last - first, keys.start, keys.stop - keys.start, window, q.device)
+        outs.append(_attend(q[:, first:last], k[:, keys], v[:, keys],
+                            None if key_padding_mask is None else key_padding_mask[:, keys],
+                            None if bias is None else bias[:, :, first:last, keys], scale, dropout_p, band))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+
+def _attend(q, k, v, key_padding_mask, bias, scale, dropout_p, band=None):
+    """SDPA on [B, S_q, H, D] queries and [B, S_k, H, D] keys and values, masked by the key padding
+    mask, the bias and the band (bool [S_q, S_k]); the unfused math where SDPA would be wrong."""
+    if bias is not None and bias.dtype != q.dtype or _needs_exact_backward(q, k, v, key_padding_mask, bias, band):
+        return _padded_reference(q, k, v, key_padding_mask, bias, scale, dropout_p, None, band)
+    mask, no_keys = _sdpa_mask(key_padding_mask, bias, q.device, band)
     out = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=dropout_p,
         scale=scale)
@@ -216,7 +295,7 @@ def _padded_torch(q, k, v, key_padding_mask, bias, scale, dropout_p):
     return out.transpose(1, 2).contiguous()  # SDPA's output is laid out [B, S, H, D] already
 
 
-def _sdpa_mask(key_padding_mask, bias, device):
+def _sdpa_mask(key_padding_mask, bias, device, band=None):
     """(SDPA's attn_mask, a mask of the query rows that see no key, or None).
 
     SDPA's backends disagree on rows with every key masked (NaN, or zeros); such rows get a
@@ -225,18 +304,26 @@ def _sdpa_mask(key_padding_mask, bias, device):
     CPU tensor waits for nothing): without it, no extra pass; a padding mask without padding is
     dropped, as Hugging Face does, so that SDPA runs unmasked. On a GPU, and under torch.compile
     (which cannot branch on data), both run unconditionally (a device-to-host read would stall the
-    stream)."""
+    stream). A band (a window's, bool [S_q, S_k]) lets each query see at least its own key: alone
+    it leaves no row without keys."""
     read = key_padding_mask if bias is None else bias  # what the CPU's look reads, if anything
     on_cpu = read is not None and device.type == "cpu" and not capturing_or_compiling(read)
     if bias is None:
         if key_padding_mask is None or (on_cpu and key_padding_mask.all()):
-            return None, None
-        no_keys = ~key_padding_mask.any(-1)
+            return (None if band is None else band), None
+        if band is None:
+            no_keys = ~key_padding_mask.any(-1)[:, None, None, None]
+            mask = key_padding_mask[:, None, None, :]
+        else:
+            mask = key_padding_mask[:, None, None, :] & band
+            no_keys = ~mask.any(-1, keepdim=True)
         if on_cpu and not no_keys.any():
-            return key_padding_mask[:, None, None, :], None
-        return (key_padding_mask | no_keys[:, None])[:, None, None, :], no_keys[:, None, None, None]
+            return mask, None
+        return mask | no_keys, no_keys
     if key_padding_mask is not None:
         bias = bias.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    if band is not None:
+        bias = bias.masked_fill(~band, float("-inf"))
     no_keys = (bias == float("-inf")).all(-1, keepdim=True)
     if on_cpu and not no_keys.any():
         return bias, None
@@ -250,7 +337,7 @@ def _sdpa_mask(key_padding_mask, bias, device):
 SWAMPING_BIAS = -1e3
 
 
-def _needs_exact_backward(q, k, v, key_padding_mask, bias):
+def _needs_exact_backward(q, k, v, key_padding_mask, bias, band=None):
     """Whether this call's gradients must come from the unfused math (see SWAMPING_BIAS). Reads
     one flag back from the device: only for a bias, with gradients needed; under torch.compile,
     which cannot branch on data, and in a CUDA graph capture, such calls always take the unfused
@@ -262,6 +349,8 @@ def _needs_exact_backward(q, k, v, key_padding_mask, bias):
         return True
     if key_padding_mask is not None:
         bias = bias.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    if band is not None:
+        bias = bias.masked_fill(~band, float("-inf"))
     largest = bias.amax(-1)
     return bool(((largest < SWAMPING_BIAS) & (largest > float("-inf"))).any())
 
