@@ -311,8 +311,11 @@ def geglu_linear_torch(x, weight, bias=None, activation="gelu"):
     """The fast PyTorch path of `geglu_linear`: one GEMM (bias added in it), then, when autograd
     keeps no reference to its output (inference), the activation and the gate in place on its
     first half: the result is a view of the GEMM's output (rows 2·I elements apart), no further
-    buffer allocated."""
-    u, gate = torch.nn.functional.linear(x, weight, bias).chunk(2, -1)
+    buffer allocated. Large fp32 CPU inference GEMMs run in oneDNN, as in `linear_torch`."""
+    if onednn.takes(x, weight, bias, None):
+        u, gate = onednn.linear(x, weight, bias).chunk(2, -1)
+    else:
+        u, gate = torch.nn.functional.linear(x, weight, bias).chunk(2, -1)
     if u.requires_grad:
         return TORCH_ACTIVATIONS[activation](u) * gate
     if activation is not None:
