@@ -21,9 +21,11 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # triton ships for Linux only; elsewhere every op runs its PyTorch reference
     from ._no_triton import tl, triton
+try:  # host-side tensor descriptors: Triton 3.4 and later
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
     TensorDescriptor = None
 
 from . import backend
@@ -186,8 +188,9 @@ def _is_hopper(device):
 
 def runs_on(tensor):
     """Whether the Hopper kernel can run on `tensor`'s device: a compute capability 9.x GPU, the
-    kernels compiled (the tests run it in the interpreter by declaring the CPU one)."""
-    return tensor.is_cuda and not backend.INTERPRET and _is_hopper(tensor.device)
+    kernels compiled by a Triton with host-side tensor descriptors (the tests run it in the
+    interpreter by declaring the CPU one)."""
+    return tensor.is_cuda and TensorDescriptor is not None and not backend.INTERPRET and _is_hopper(tensor.device)
 
 
 def _descriptor_ok(t):
