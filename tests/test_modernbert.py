@@ -290,6 +290,43 @@ def test_packed_documents_run_as_separate_sequences(torch_backend, plans):
     assert plans[0] is not None and plans[1] is None
 
 
+@pytest.mark.parametrize("unpad", [False, True], ids=["padded", "padding-free"])
+def test_position_ids_of_any_kind_match_transformers(unpad, torch_backend, plans):
+    """position_ids that are not distances within a sequence (reversed, repeated, random per row)
+    rotate each token by its own, as Hugging Face does: outputs and every gradient, padding-free
+    with them gathered to the packed rows."""
+    config = modernbert_config()
+    reference, ours = twin_models("ForTokenClassification", config)
+    ours.unpad = unpad
+    inputs = modernbert_batch(config, left_padded=() if unpad else (1, 5))
+    rows = len(LENGTHS)
+    position_ids = torch.stack([torch.randperm(SEQLEN) for _ in range(rows - 2)]
+                               + [torch.arange(SEQLEN).flip(0), torch.arange(SEQLEN) // 3])
+    labels = head_labels("ForTokenClassification", config, inputs)
+    projections = {}
+    outputs = [run(model.train(), dict(inputs, position_ids=position_ids), labels, projections)
+               for model in (ours, reference)]
+    assert_same_outputs(*outputs, what=f"position_ids of any kind (unpad={unpad})")
+    assert_same_grads(ours, reference)
+    assert (plans[0] is not None) == unpad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rotary_tables_are_hugging_faces(dtype):
+    """cos and sin of both layer types equal Hugging Face's rotary module's, which returns them in the
+    hidden states' dtype (rounded for a half-precision model), at every position up to 8,192."""
+    config = modernbert_config(max_position_embeddings=8192)
+    ours = models.ModernBertModel(config)
+    positions = torch.arange(8192)
+    hidden = torch.zeros(1, 8192, config.hidden_size, dtype=dtype)
+    tables = ours.rotary_tables(positions, dtype)
+    for layer_type in ("full_attention", "sliding_attention"):
+        expected = ours.rotary_emb(hidden, positions[None], layer_type)
+        for got, want in zip(tables[layer_type], expected):
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, want[0].float(), atol=0, rtol=0)
+
+
 def test_gap_inside_a_row_runs_padded(torch_backend, plans):
     """A row whose real tokens have a gap keeps Hugging Face's distances (the padded row's) under
     unpad=True: every real position compared."""
@@ -359,8 +396,6 @@ def test_unsupported_inputs_are_refused(triton_backend, kernel_launches):
     config = modernbert_config()
     model = models.ModernBertModel(config)
     inputs = modernbert_batch(config)
-    with pytest.raises(NotImplementedError, match="position_ids"):
-        model(**inputs, position_ids=torch.arange(SEQLEN).flip(0)[None])
     with pytest.raises(NotImplementedError, match="3-D"):
         model(inputs["input_ids"], inputs["attention_mask"][:, None, :].expand(-1, SEQLEN, -1))
     with pytest.raises(ValueError, match="max_position_embeddings"):
@@ -390,7 +425,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant, torch_backen
 
 
 def test_fullgraph_compile_matches_transformers(torch_backend, fresh_dynamo):
-    """The padded path traces whole (no host read): rotary tables, windows and mean pooling."""
+    """The padded path traces whole (no host read): rotary tables, windows and mean pooling, and
+    position_ids."""
     config = modernbert_config(classifier_pooling="mean")
     reference, ours = twin_models("ForSequenceClassification", config)
     inputs = modernbert_batch(config)
@@ -402,6 +438,11 @@ def test_fullgraph_compile_matches_transformers(torch_backend, fresh_dynamo):
         outputs[key].loss.backward()
     assert_same_outputs(outputs["ours"], outputs["reference"], what="compiled")
     assert_same_grads(ours, reference)
+    # position_ids, unread under tracing: every token rotated by its own
+    position_ids = torch.stack([torch.randperm(SEQLEN) for _ in LENGTHS])
+    with torch.no_grad():
+        got, expected = (model.eval()(**inputs, position_ids=position_ids).logits for model in (compiled, reference))
+    torch.testing.assert_close(got, expected, atol=FP32_TOL * 10, rtol=FP32_TOL)
 
 
 def test_save_and_load_round_trip(tmp_path, torch_backend):

@@ -135,7 +135,7 @@ class ModernBertEncoderLayer(GradientCheckpointingLayer):
                 attentions=None, cu_seqlens=None, max_seqlen=None):
         """hidden_states: [B, S, H] (padded; masks as key_padding_mask / attention_bias) or [T, H] with
         cu_seqlens and max_seqlen (packed). rotary: the attention op's (cos, sin) tables of this
-        layer's theta; window: its half window, or None for full attention. With a list as
+        layer's theta, or a TokenRotation; window: its half window, or None for full attention. With a list as
         `attentions`, appends the attention probabilities to it (computed unfused, padded only)."""
         attn = self.attn
         if type(attn) is not modeling_modernbert.ModernBertAttention:
@@ -146,6 +146,8 @@ class ModernBertEncoderLayer(GradientCheckpointingLayer):
         refuse_hooks(attn, "attn", "the projections, the norms and mlp")
         qkv = project(attn.Wqkv, add_norm(self.attn_norm, hidden_states))
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).unbind(-3)
+        if isinstance(rotary, TokenRotation):
+            q, k, rotary = rotary.apply(q), rotary.apply(k), None
         dropout_p = attn.attention_dropout if self.training else 0.0
         if attentions is not None:
             context, probabilities = attention_with_probabilities(
@@ -259,27 +261,27 @@ class ModernBertModel(EncoderOptionsMixin, modeling_modernbert.ModernBertPreTrai
         # ModernBERT has no token types
         check_inputs(self.config, input_ids, None, None, None, None, None, {})
 
-    def rotary_tables(self, length, device):
-        """{layer type: (cos, sin)}, the attention op's fp32 [length, head_dim] tables of positions
-        0..length - 1, as Hugging Face's rotary module computes them: fp32 products of the positions
-        and the type's inverse frequencies (its buffers), each repeated for the two halves a
-        rotate_half pairs."""
-        positions = torch.arange(length, device=device, dtype=torch.float32)
+    def rotary_tables(self, positions, dtype):
+        """{layer type: (cos, sin)}, fp32 [*positions.shape, head_dim], as Hugging Face's rotary module
+        computes them: fp32 products of the positions and the type's inverse frequencies (its buffers),
+        each repeated for the two halves a rotate_half pairs, cos and sin rounded to `dtype` (the
+        hidden states', which Hugging Face returns them in) and widened back."""
         tables = {}
         for layer_type in set(self.config.layer_types):
-            inverse_frequencies = getattr(self.rotary_emb, f"{layer_type}_inv_freq").to(device, torch.float32)
-            angles = positions[:, None] * inverse_frequencies[None, :]
+            inverse_frequencies = getattr(self.rotary_emb, f"{layer_type}_inv_freq").to(positions.device, torch.float32)
+            angles = positions.float()[..., None] * inverse_frequencies
             angles = torch.cat((angles, angles), dim=-1)
-            tables[layer_type] = (angles.cos(), angles.sin())
+            tables[layer_type] = (angles.cos().to(dtype).float(), angles.sin().to(dtype).float())
         return tables
 
     def attention_plan(self, attention_mask, position_ids, batch, seqlen, output_attentions, dtype, device,
                        reads_position_zero=True):
         """(the padded path's masks, or the padding-free layout): see EncoderOptionsMixin's. Rotary
         scores depend on the distance of the query's and key's positions only, so position_ids are
-        taken as what they say about distances: they must count up by one from token to token of each
+        taken as what they say about distances where they count up by one from token to token of each
         row (padding aside), or restart at 0 where a packed document starts (no attention_mask:
-        Hugging Face's DataCollatorWithFlattening); anything else is refused. Any 4-D mask (Hugging
+        Hugging Face's DataCollatorWithFlattening); other position_ids rotate each token by its own
+        (see forward), with no packed documents. Any 4-D mask (Hugging
         Face's prepared masks) replaces both the padding mask and the sliding window, as in Hugging
         Face. `reads_position_zero`: the caller reads position 0 of the last hidden state (a
         left-padded batch with unpad=True then runs padded)."""
@@ -288,8 +290,6 @@ class ModernBertModel(EncoderOptionsMixin, modeling_modernbert.ModernBertPreTrai
                                       "[batch or 1, 1 or heads, sequence, sequence] as attention_mask, not a 3-D one")
         mask = attention_mask_for(attention_mask, batch, seqlen, self.config.num_attention_heads, dtype)  # validates
         documents = packed_document_starts(position_ids, attention_mask, batch, seqlen)
-        if position_ids is not None and documents is None and not tracing():
-            _check_positions_count_up(position_ids, attention_mask, batch, seqlen)
         packing, maybe_padded = plan_unpadding(self.unpad, attention_mask, documents, batch, seqlen,
                                                output_attentions, device)
         if packing is not None:
@@ -350,13 +350,24 @@ class ModernBertModel(EncoderOptionsMixin, modeling_modernbert.ModernBertPreTrai
         dtype = compute_dtype(weights)
         mask, packing = self.attention_plan(attention_mask, position_ids, batch, seqlen, output_attentions, dtype,
                                             weights.device, reads_position_zero)
+        # position_ids that are not distances within each sequence (under tracing: any, unread)
+        by_token_positions = position_ids is not None and (
+            tracing() or not _positions_are_distances(position_ids, attention_mask, batch, seqlen))
         if packing is not None:  # the real tokens' ids (or embeddings) only, before the embeddings
             if input_ids is not None:
                 input_ids = input_ids.reshape(-1).index_select(0, packing.indices)
             else:
                 inputs_embeds = padding.unpad(inputs_embeds, packing.indices)
         hidden_states = self.embeddings(input_ids, inputs_embeds)
-        tables = self.rotary_tables(seqlen if packing is None else packing.max_seqlen, weights.device)
+        if by_token_positions:
+            positions = position_ids.expand(batch, seqlen)
+            if packing is not None:
+                positions = positions.reshape(-1).index_select(0, packing.indices)
+            tables = {layer_type: TokenRotation(*table)
+                      for layer_type, table in self.rotary_tables(positions, hidden_states.dtype).items()}
+        else:
+            length = seqlen if packing is None else packing.max_seqlen
+            tables = self.rotary_tables(torch.arange(length, device=weights.device), hidden_states.dtype)
         # a 4-D mask stands for every layer's mask, the sliding window's too (Hugging Face's rule)
         user_mask = attention_mask is not None and attention_mask.dim() == 4
         half_window = None if user_mask else self.config.local_attention // 2
@@ -393,18 +404,34 @@ class ModernBertModel(EncoderOptionsMixin, modeling_modernbert.ModernBertPreTrai
         return output if return_dict else output.to_tuple()
 
 
-def _check_positions_count_up(position_ids, attention_mask, batch, seqlen):
-    """Refuse position_ids whose distances are not the tokens' (one device-to-host read)."""
+def _positions_are_distances(position_ids, attention_mask, batch, seqlen):
+    """Whether rotating by positions within each sequence gives Hugging Face's scores: position_ids
+    count up by 1 from token to token of each row (padding aside), or, with no attention_mask, each
+    row starts at 0 and restarts at 0 where a packed document starts. One device-to-host read."""
     positions = position_ids.expand(batch, seqlen)
-    steps = positions[:, 1:] - positions[:, :-1] == 1
-    if attention_mask is not None and attention_mask.dim() == 2:
+    previous, current = positions[:, :-1], positions[:, 1:]
+    steps = current == previous + 1
+    if attention_mask is None:
+        documents = (steps | (current == 0)).all() & (positions[:, 0] == 0).all()
+        return bool(steps.all() | documents)
+    if attention_mask.dim() == 2:
         real = attention_mask.bool()
         steps |= ~(real[:, 1:] & real[:, :-1])
-    if not bool(steps.all()):
-        raise NotImplementedError(
-            "fastencoder's ModernBERT applies rotary embeddings by each token's distance from its sequence's "
-            "start: position_ids must count up by 1 from token to token of each row (padding aside), or restart "
-            "at 0 at each packed document with no attention_mask; got other position_ids")
+    return bool(steps.all())
+
+
+class TokenRotation(NamedTuple):
+    """Hugging Face's rotation of each token by its own position_ids: cos and sin fp32 [B, S, D]
+    (padded) or [T, D] (packed), applied to q and k before the attention."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def apply(self, x):
+        """Hugging Face's apply_rotary_pos_emb: x·cos + rotate_half(x)·sin in fp32, rounded to x's dtype."""
+        wide = x.float()
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-wide[..., half:], wide[..., :half]), -1)
+        return (wide * self.cos.unsqueeze(-2) + rotated * self.sin.unsqueeze(-2)).to(x.dtype)
 
 
 def attention_with_probabilities(q, k, v, mask, dropout_p, rotary, window):
@@ -413,7 +440,8 @@ def attention_with_probabilities(q, k, v, mask, dropout_p, rotary, window):
     mask's, outside the window) at finfo.min, fp32 softmax; returns the context [B, S, H, D] and the
     probabilities [B, H, S, S] in q's dtype, after dropout, as Hugging Face returns them."""
     seqlen = q.shape[1]
-    q, k = (rotate(t, rotary, slice(0, seqlen), torch.float32).to(t.dtype) for t in (q, k))
+    if rotary is not None:
+        q, k = (rotate(t, rotary, slice(0, seqlen), torch.float32).to(t.dtype) for t in (q, k))
     compute = torch.promote_types(q.dtype, torch.float32)
     with torch.autocast(q.device.type, enabled=False):  # the products too in fp32
         scores = torch.einsum("bqhd,bkhd->bhqk", q.to(compute), k.to(compute)) / q.shape[-1] ** 0.5
