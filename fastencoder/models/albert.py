@@ -22,7 +22,7 @@ from .layers import (
     run_layers,
 )
 from .packing import DEFAULT_UNPAD, first_token_rows, gather_tokens
-from .submodules import add_norm, dropout, project
+from .submodules import dropout, project, project_add_norm
 
 
 class AlbertEmbeddings(FusedEmbeddingsMixin, modeling_albert.AlbertEmbeddings):
@@ -57,13 +57,12 @@ class AlbertLayer(FusedEncoderLayer):
 
     def attention_output(self, context, hidden_states):
         attention = self.attention
-        return add_norm(attention.LayerNorm, dropout(attention.output_dropout, project(attention.dense, context)),
-                        hidden_states)
+        return project_add_norm(attention.LayerNorm, attention.dense, context, hidden_states, attention.output_dropout)
 
     def feed_forward(self, attended):
         # Hugging Face's ALBERT applies no dropout to the FFN output
         inner = project(self.ffn, attended, activation=self.activation)
-        return add_norm(self.full_layer_layer_norm, project(self.ffn_output, inner), attended)
+        return project_add_norm(self.full_layer_layer_norm, self.ffn_output, inner, attended)
 
 
 class AlbertLayerGroup(nn.Module):

@@ -23,7 +23,7 @@ from .layers import (
     run_layers,
 )
 from .packing import DEFAULT_UNPAD, first_token_rows, gather_tokens
-from .submodules import add_norm, dropout, project
+from .submodules import dropout, project, project_add_norm
 
 
 class BertEmbeddings(FusedEmbeddingsMixin, modeling_bert.BertEmbeddings):
@@ -38,7 +38,7 @@ class BertSelfOutput(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states, input_tensor):
-        return add_norm(self.LayerNorm, dropout(self.dropout, project(self.dense, hidden_states)), input_tensor)
+        return project_add_norm(self.LayerNorm, self.dense, hidden_states, input_tensor, self.dropout)
 
 
 class BertAttention(nn.Module):

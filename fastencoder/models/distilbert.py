@@ -23,7 +23,7 @@ from .layers import (
     run_layers,
 )
 from .packing import DEFAULT_UNPAD, gather_tokens
-from .submodules import add_norm, dropout, project
+from .submodules import add_norm, dropout, project, project_add_norm
 
 
 def distilbert_activation(config):
@@ -121,7 +121,7 @@ class DistilBertLayer(FusedEncoderLayer):
 
     def attention_output(self, context, hidden_states):
         # Hugging Face's DistilBERT applies no dropout to the attention's output projection
-        return add_norm(self.sa_layer_norm, project(self.attention.out_lin, context), hidden_states)
+        return project_add_norm(self.sa_layer_norm, self.attention.out_lin, context, hidden_states)
 
     def feed_forward(self, attended):
         return add_norm(self.output_layer_norm, self.ffn(attended), attended)

@@ -52,7 +52,7 @@ from .inputs import (
 )
 from .layers import EncoderOptionsMixin, compute_dtype
 from .packing import DEFAULT_UNPAD, PackedTokens, plan_unpadding
-from .submodules import add_norm, dropout, has_hooks, mixes_rows, project, project_geglu, refuse_hooks
+from .submodules import add_norm, add_projection, dropout, has_hooks, mixes_rows, project, project_geglu, refuse_hooks
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -93,24 +93,6 @@ class ModernBertEmbeddings(modeling_modernbert.ModernBertEmbeddings):
         table = self.tok_embeddings
         words = table(input_ids) if inputs_embeds is None else inputs_embeds.to(table.weight.dtype)
         return dropout(self.drop, add_norm(self.norm, words))
-
-
-def _inactive(drop):
-    """True where `drop` (an nn.Dropout, or the nn.Identity Hugging Face puts in its place) is
-    the identity on this call and calling it would run no hook."""
-    if has_hooks(drop):
-        return False
-    return type(drop) is nn.Identity or type(drop) is nn.Dropout and (not drop.training or drop.p == 0)
-
-
-def _add_projection(linear, x, residual, drop=None):
-    """residual + drop(linear(x)), the add fused into the GEMM where the dropout is inactive (or
-    None) and the residual stream has the GEMM's dtype (not under autocast, where it is fp32 and the
-    product 16-bit)."""
-    inactive = drop is None or _inactive(drop)
-    if inactive and residual.dtype == compute_dtype(residual):
-        return project(linear, x, residual=residual)
-    return residual + (project(linear, x) if inactive else drop(project(linear, x)))
 
 
 class ModernBertEncoderLayer(GradientCheckpointingLayer):
@@ -158,12 +140,12 @@ class ModernBertEncoderLayer(GradientCheckpointingLayer):
             fused = attention if backend.use_triton(q.device, q.dtype) else attention_torch
             context = fused(q, k, v, key_padding_mask=key_padding_mask, bias=attention_bias, dropout_p=dropout_p,
                             cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, window=window, rotary=rotary)
-        attended = _add_projection(attn.Wo, context.flatten(-2), hidden_states, attn.out_drop)
+        attended = add_projection(attn.Wo, context.flatten(-2), hidden_states, attn.out_drop)
         normed = add_norm(self.mlp_norm, attended)
         mlp = self.mlp
         if has_hooks(mlp):
             return attended + mlp(normed)
-        return _add_projection(mlp.Wo, dropout(mlp.drop, project_geglu(mlp.Wi, normed, self.activation)), attended)
+        return add_projection(mlp.Wo, dropout(mlp.drop, project_geglu(mlp.Wi, normed, self.activation)), attended)
 
 
 class ModernBertEncoded(NamedTuple):

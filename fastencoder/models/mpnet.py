@@ -29,7 +29,7 @@ from .layers import (
 )
 from .packing import DEFAULT_UNPAD, gather_tokens
 from .roberta import PositionsFromIdsMixin, check_derived_positions
-from .submodules import add_norm, dropout, project
+from .submodules import dropout, project_add_norm
 
 # Hugging Face's MPNetEncoder.compute_position_bias buckets with these, whatever the config says
 NUM_BUCKETS = 32
@@ -103,8 +103,7 @@ class MPNetLayer(FusedEncoderLayer):
 
     def attention_output(self, context, hidden_states):
         attention = self.attention
-        return add_norm(attention.LayerNorm, dropout(attention.dropout, project(attention.attn.o, context)),
-                        hidden_states)
+        return project_add_norm(attention.LayerNorm, attention.attn.o, context, hidden_states, attention.dropout)
 
     def feed_forward(self, attended):
         return self.output(self.intermediate(attended), attended)

@@ -218,6 +218,37 @@ def dropout(module, x):
     return x if not module.training and _fusable(module, nn.Dropout) else module(x)
 
 
+def _identity(drop):
+    """Whether `drop` (None, an nn.Dropout or an nn.Identity) is the identity on this call and
+    calling it would run no hook."""
+    if drop is None:
+        return True
+    if type(drop) is nn.Identity:
+        return not has_hooks(drop)
+    return _fusable(drop, nn.Dropout) and (not drop.training or drop.p == 0)
+
+
+def add_projection(linear, x, residual, drop=None):
+    """residual + drop(linear(x)), the add fused into the GEMM where the dropout (an nn.Dropout, the
+    nn.Identity Hugging Face puts in its place, or None) is the identity on this call and the
+    residual has the GEMM's dtype (not under autocast, where the residual stream is fp32 and the
+    product 16-bit)."""
+    if _identity(drop) and not torch.is_autocast_enabled(x.device.type):
+        return project(linear, x, residual=residual)
+    projected = project(linear, x)
+    return residual + (projected if drop is None else dropout(drop, projected))
+
+
+def project_add_norm(norm, linear, x, residual, drop=None):
+    """norm(drop(linear(x)) + residual), how a post-LN layer closes each sub-layer. On the kernels the
+    LayerNorm adds the residual; elsewhere the GEMM does (`add_projection`: on the CPU in oneDNN's
+    post-op), one pass over the rows fewer than an add before the norm."""
+    if backend.use_triton(x.device):
+        projected = project(linear, x)
+        return add_norm(norm, projected if drop is None else dropout(drop, projected), residual)
+    return add_norm(norm, add_projection(linear, x, residual, drop))
+
+
 def refuse_hooks(module, name, supported):
     """Hooks on a module the fused layer never calls would silently not fire: refuse them."""
     if has_hooks(module):

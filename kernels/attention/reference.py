@@ -130,7 +130,8 @@ def attention_torch(q, k, v, *, key_padding_mask=None, bias=None, relative_bias=
     if cu_seqlens is None:
         if relative_bias is not None:
             bias = relative_bias_matrix(relative_bias, q.shape[1])
-        return _padded_torch(q, k, v, key_padding_mask, bias, scale, dropout_p, window)
+        return _padded_torch(q, k, v, key_padding_mask, bias, scale, dropout_p, window,
+                             finite_bias=relative_bias is not None)
     if (bias is None and cu_seqlens.device.type == "cpu" and not capturing_or_compiling(cu_seqlens)
             and (relative_bias is None or relative_bias.dtype == q.dtype)):
         return _bucketed(q, k, v, remembered(cu_seqlens, _length_buckets, q.shape[0]), scale, dropout_p,
@@ -253,10 +254,11 @@ def _scattered(q, k, v, flat, positions):
     return q.new_zeros((positions, 3, heads, dim)).index_copy_(0, flat, qkv).unbind(1)
 
 
-def _padded_torch(q, k, v, key_padding_mask, bias, scale, dropout_p, window=None):
+def _padded_torch(q, k, v, key_padding_mask, bias, scale, dropout_p, window=None, finite_bias=False):
+    """finite_bias: the bias holds no -inf (a relative bias's): unmasked, every row sees its keys."""
     if window is not None and window < q.shape[1] - 1:
         return _windowed(q, k, v, key_padding_mask, bias, scale, dropout_p, window)
-    return _attend(q, k, v, key_padding_mask, bias, scale, dropout_p)
+    return _attend(q, k, v, key_padding_mask, bias, scale, dropout_p, finite_bias=finite_bias)
 
 
 # Queries per SDPA call of a windowed attention on the PyTorch path (`_windowed`).
@@ -281,12 +283,15 @@ def _windowed(q, k, v, key_padding_mask, bias, scale, dropout_p, window):
     return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
 
-def _attend(q, k, v, key_padding_mask, bias, scale, dropout_p, band=None):
+def _attend(q, k, v, key_padding_mask, bias, scale, dropout_p, band=None, finite_bias=False):
     """SDPA on [B, S_q, H, D] queries and [B, S_k, H, D] keys and values, masked by the key padding
     mask, the bias and the band (bool [S_q, S_k]); the unfused math where SDPA would be wrong."""
     if bias is not None and bias.dtype != q.dtype or _needs_exact_backward(q, k, v, key_padding_mask, bias, band):
         return _padded_reference(q, k, v, key_padding_mask, bias, scale, dropout_p, None, band)
-    mask, no_keys = _sdpa_mask(key_padding_mask, bias, q.device, band)
+    if finite_bias and key_padding_mask is None and band is None:
+        mask, no_keys = bias, None  # no row without keys: nothing to look for
+    else:
+        mask, no_keys = _sdpa_mask(key_padding_mask, bias, q.device, band)
     out = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=dropout_p,
         scale=scale)
