@@ -50,7 +50,8 @@ def test_padded_matches_float64(device, triton_backend, kernel_launches, poisone
 
 def test_packed_matches_float64(device, triton_backend, kernel_launches, poisoned_allocations):
     torch.manual_seed(1)
-    lengths, heads, head_dim, max_seqlen = [37, 5, 20], 2, 32, 40  # max_seqlen above the longest
+    # full key blocks with and without a tail block after them, a tail alone; max_seqlen above the longest
+    lengths, heads, head_dim, max_seqlen = [37, 5, 20, 32], 2, 32, 40
     qkv = torch.randn(sum(lengths), 3, heads, head_dim, device=device, requires_grad=True)
     table = _table(heads, max_seqlen, 1.0, device)
     kwargs = dict(cu_seqlens=_cu_seqlens(lengths, device), max_seqlen=max_seqlen)
@@ -59,6 +60,27 @@ def test_packed_matches_float64(device, triton_backend, kernel_launches, poisone
     out.backward(grad_out)
     assert kernel_launches.count(FWD) == 1 and all(name in kernel_launches for name in BWD)
     _check(qkv, table, out, grad_out, torch.float32, **kwargs)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_infinite_relative_bias_gives_no_nan(device, triton_backend, kernel_launches, poisoned_allocations, layout):
+    """Infinities are outside the op's contract (finite values), yet give no NaN: the kernels take
+    every row's max as finite. Head 0 sees -inf at every distance, head 1 at some, head 2 +inf at one."""
+    torch.manual_seed(2)
+    seqlen, heads, head_dim = 24, 3, 16
+    table = torch.randn(heads, 2 * seqlen - 1, device=device)
+    table[0] = float("-inf")
+    table[1, ::3] = float("-inf")
+    table[2, seqlen + 2] = float("inf")
+    if layout == "padded":
+        q, k, v = torch.randn(3, 2, seqlen, heads, head_dim, device=device).unbind()
+        kwargs = {}
+    else:
+        q, k, v = torch.randn(3, 30, heads, head_dim, device=device).unbind()
+        kwargs = dict(cu_seqlens=_cu_seqlens([seqlen, 6], device), max_seqlen=seqlen)
+    out = attention(q, k, v, relative_bias=table, **kwargs)
+    assert kernel_launches.count(FWD) == 1
+    assert torch.isfinite(out).all()
 
 
 def test_dropout_gradients_match_reference_with_same_mask(device, triton_backend, poisoned_allocations):

@@ -72,8 +72,9 @@ def _launches(head_dim, dtype, allow_tf32):
         relative_dkdv, relative_dq = _bwd_configs(head_dim, dtype, allow_tf32, has_bias, relative=True)
         for has_dropout in (False, True):
             fwd = _fwd_config(head_dim, dtype, allow_tf32, has_bias, has_dropout)
+            relative_fwd = _fwd_config(head_dim, dtype, allow_tf32, has_bias, has_dropout, relative=True)
             for kernel, config, relative_config in (
-                    (_attention_fwd_kernel, fwd, fwd), (_attention_bwd_dkdv_kernel, dkdv, relative_dkdv),
+                    (_attention_fwd_kernel, fwd, relative_fwd), (_attention_bwd_dkdv_kernel, dkdv, relative_dkdv),
                     (_attention_bwd_dq_kernel, dq, relative_dq)):
                 if every and not has_bias:
                     for layout in ("padded", "mask", "packed"):

@@ -37,6 +37,11 @@ _FWD_DROPOUT_CONFIGS = {
     ("16", 128, False): (128, 32, 8, 2),
     ("16", 128, True): (64, 32, 4, 2),
 }
+# A relative bias's forward runs two loops (unmasked full key blocks, then the tail), which hold
+# more registers: fp32 "ieee" 32x32 tiles spill with the mask and dropout (224-1528 B at D = 32, 64).
+_RELATIVE_FWD_CONFIGS = {
+    ("ieee", 64): (16, 16, 4, 1),
+}
 _BWD_CONFIGS = {  # (dK/dV kernel config, dQ kernel config)
     # dK/dV: 32-query blocks spill 8 B on sm_80 with dropout under Triton 3.6 (packed layout)
     ("16", 64, False): ((16, 64, 4, 2), (128, 32, 8, 2)),
@@ -81,8 +86,10 @@ def _config_key(head_dim, dtype, allow_tf32, has_bias):
     return precision, 64 if head_dim <= 64 else 128, has_bias
 
 
-def _fwd_config(head_dim, dtype, allow_tf32, has_bias, has_dropout):
+def _fwd_config(head_dim, dtype, allow_tf32, has_bias, has_dropout, relative=False):
     key = _config_key(head_dim, dtype, allow_tf32, has_bias)
+    if relative and key[:2] in _RELATIVE_FWD_CONFIGS:
+        return _RELATIVE_FWD_CONFIGS[key[:2]]
     return _FWD_DROPOUT_CONFIGS.get(key, _FWD_CONFIGS[key]) if has_dropout else _FWD_CONFIGS[key]
 
 

@@ -13,9 +13,10 @@ from .tiles import (
 
 
 # One key block of the forward's online softmax on raw scores (masked keys get r = -inf; m_i is
-# the running max of r). TAIL: the block may run past n_keys. With a bias or a key padding mask a
-# row may have seen no visible key yet (max -inf: shift by 0 instead, -inf - -inf being nan);
-# otherwise every block holds a visible key for every row (a tail block starts below n_keys).
+# the running max of r). TAIL: the block may run past n_keys. With a dense bias or a key padding
+# mask a row may have seen no visible key yet (max -inf: shift by 0 instead, -inf - -inf being
+# nan); otherwise every block holds a visible key for every row (a tail block starts below
+# n_keys; a relative bias's table is finite, `_relative_bias_rows`).
 @triton.jit
 def _fwd_block(acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims,
                key_start, n_keys, byte_mask, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2,
@@ -35,7 +36,7 @@ def _fwd_block(acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bi
     if TAIL:
         qk = tl.where(key_ok[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-    if HAS_BIAS or HAS_KEY_MASK:
+    if HAS_BIAS and not RELATIVE_BIAS or HAS_KEY_MASK:
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_shift = m_new
@@ -64,9 +65,10 @@ def _fwd_keys(acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bia
               BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
               RELATIVE_BIAS: tl.constexpr,
               HAS_DROPOUT: tl.constexpr, precision: tl.constexpr):
-    # With a bias tile to load, or accumulators wider than 64, registers are short (sm_80 spills
-    # with a second copy of the block code): one loop, every block bounds-checked.
-    if HAS_BIAS or BLOCK_D > 64:
+    # With a dense bias tile to load, or accumulators wider than 64, registers are short (sm_80
+    # spills with a second copy of the block code): one loop, every block bounds-checked. A
+    # relative bias's rows load as aligned vectors and fit both loops.
+    if HAS_BIAS and not RELATIVE_BIAS or BLOCK_D > 64:
         for key_start in range(0, n_keys, BLOCK_N):
             acc, l_i, m_i = _fwd_block(
                 acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims,

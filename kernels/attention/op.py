@@ -54,6 +54,10 @@ def _mask_bias_args(q, key_padding_mask, bias, relative_bias, batch, heads, max_
     return mask, lengths, bias, (*mask_strides, *bias_strides)
 
 
+# |relative bias / scale| in the kernels' tables: fp32's finite range, with room for the scores
+RELATIVE_BIAS_LIMIT = 2.3e38
+
+
 def _relative_bias_center(max_seqlen):
     """Where distance 0 sits in the kernels' tables of a relative bias: a multiple of 16, so that
     query rows start 16-element aligned (`_relative_bias_ptrs`); distances run to ±(max_seqlen - 1)."""
@@ -67,7 +71,9 @@ def _relative_bias_rows(relative_bias, max_seqlen, scale):
     shifted left by r: [H, 16, 2·center], 128·H·center bytes, never S x S."""
     center = _relative_bias_center(max_seqlen)
     table = relative_bias.new_zeros((relative_bias.shape[0], 2 * center + 16), dtype=torch.float32)
-    table[:, center - max_seqlen + 1:center + max_seqlen] = relative_bias.float() / max(abs(scale), 1e-30)
+    # infinities (outside the op's contract) clamped finite: the forward takes every row's max as finite
+    table[:, center - max_seqlen + 1:center + max_seqlen] = (
+        relative_bias.float() / max(abs(scale), 1e-30)).clamp_(-RELATIVE_BIAS_LIMIT, RELATIVE_BIAS_LIMIT)
     return table.unfold(1, 2 * center, 1)[:, :16].contiguous()
 
 
@@ -137,7 +143,7 @@ def _attention_fwd_impl(
     mask, lengths, bias, mask_bias_strides = _mask_bias_args(q, key_padding_mask, bias, relative_bias, batch,
                                                              heads, max_seqlen, scale)
     block_m, block_n, num_warps, num_stages = _fwd_config(
-        head_dim, q.dtype, allow_tf32, bias.numel() > 0, seed is not None)
+        head_dim, q.dtype, allow_tf32, bias.numel() > 0, seed is not None, relative_bias is not None)
     q, scale = _positive_scale(q, scale)
     _attention_fwd_kernel[(cdiv(max_seqlen, block_m), batch * heads)](
         q, k, v, out, stats, mask, lengths, bias,
@@ -280,7 +286,7 @@ def attention(q, k, v, *, key_padding_mask=None, bias=None, relative_bias=None, 
     relative_bias: a bias by relative position (MPNet's, T5's), float [H, 2·S - 1] (S = max_seqlen
         when packed): query i and key j (positions within the sequence) get
         relative_bias[h, j - i + S - 1] added to their scaled score. Finite values (no -inf
-        masking through it). The kernels read it from a table of H · 16 · 2·S values (never an
+        masking through it: the kernels clamp infinities into fp32's range). The kernels read it from a table of H · 16 · 2·S values (never an
         S x S bias) and compute its gradient (summed per distance with atomic adds: its last bits
         vary from run to run). Not with `bias`.
     scale: default 1/sqrt(D). dropout_p: in [0, 1), dropout on the probabilities (kept ones

@@ -130,8 +130,9 @@ def attention_torch(q, k, v, *, key_padding_mask=None, bias=None, relative_bias=
     if cu_seqlens is None:
         if relative_bias is not None:
             bias = relative_bias_matrix(relative_bias, q.shape[1])
-        return _padded_torch(q, k, v, key_padding_mask, bias, scale, dropout_p, window,
-                             finite_bias=relative_bias is not None)
+        finite = relative_bias is not None and relative_bias.device.type == "cpu" and not capturing_or_compiling(
+            relative_bias) and bool(relative_bias.isfinite().all())
+        return _padded_torch(q, k, v, key_padding_mask, bias, scale, dropout_p, window, finite_bias=finite)
     if (bias is None and cu_seqlens.device.type == "cpu" and not capturing_or_compiling(cu_seqlens)
             and (relative_bias is None or relative_bias.dtype == q.dtype)):
         return _bucketed(q, k, v, remembered(cu_seqlens, _length_buckets, q.shape[0]), scale, dropout_p,
