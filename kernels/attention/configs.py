@@ -73,6 +73,10 @@ _RELATIVE_BWD_CONFIGS = {
     ("ieee", 128): ((16, 16, 8, 1), (16, 16, 8, 1)),
     ("tf32", 128): ((16, 16, 8, 1), (32, 32, 4, 1)),
 }
+# Rotary embeddings (the kernels rotate q and k tiles as they load them, with fp32 cos and sin
+# tiles) where the other configs spill: keyed as _FWD_CONFIGS and _BWD_CONFIGS.
+_ROTARY_FWD_CONFIGS = {}
+_ROTARY_BWD_CONFIGS = {}
 _DELTA_BLOCK_M = 64
 
 
@@ -81,13 +85,17 @@ def _config_key(head_dim, dtype, allow_tf32, has_bias):
     return precision, 64 if head_dim <= 64 else 128, has_bias
 
 
-def _fwd_config(head_dim, dtype, allow_tf32, has_bias, has_dropout):
+def _fwd_config(head_dim, dtype, allow_tf32, has_bias, has_dropout, rotary=False):
     key = _config_key(head_dim, dtype, allow_tf32, has_bias)
+    if rotary and key in _ROTARY_FWD_CONFIGS:
+        return _ROTARY_FWD_CONFIGS[key]
     return _FWD_DROPOUT_CONFIGS.get(key, _FWD_CONFIGS[key]) if has_dropout else _FWD_CONFIGS[key]
 
 
-def _bwd_configs(head_dim, dtype, allow_tf32, has_bias, relative=False):
+def _bwd_configs(head_dim, dtype, allow_tf32, has_bias, relative=False, rotary=False):
     key = _config_key(head_dim, dtype, allow_tf32, has_bias)
+    if rotary and key in _ROTARY_BWD_CONFIGS:
+        return _ROTARY_BWD_CONFIGS[key]
     if relative:
         precision, bucket, _ = key
         return _RELATIVE_BWD_CONFIGS.get((precision, head_dim), _RELATIVE_BWD_CONFIGS.get(
