@@ -8,7 +8,7 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
 
 from .._launch import batch_generic
 from .dropout import _dropout_keep, _keep_threshold
-from .rotary import _half_dims, _load_rotated, _rotated_back, _store_halves
+from .rotary import _half_dims, _load_rotated, _store_rotated_back
 from .tiles import (
     _byte_masked, _edge_block, _edge_blocks, _exp2_shifted, _in_window, _load_rows, _scores_init, _sequence,
     _visible_keys, _window_blocks,
@@ -214,16 +214,14 @@ def _attention_bwd_dkdv_kernel(
     # where, not a product: a masked key's row may hold inf or nan
     dv = tl.where(visible[:, None], dv * dv_scale, 0.0)
     store_mask = in_sequence[:, None] & (dims < HEAD_DIM)[None, :]
-    if ROTARY:  # the gradient of the unrotated k
-        dk, dk2 = _rotated_back(dk, dk2, Cos, Sin, cols, _half_dims(BLOCK_D), in_sequence, HEAD_DIM)
-        _store_halves(DK, tl.where(visible[:, None], dk * dk_scale, 0.0),
-                      tl.where(visible[:, None], dk2 * dk_scale, 0.0), cols, _half_dims(BLOCK_D), in_sequence,
-                      stride_dks, HEAD_DIM)
+    tl.store(DV + cols[:, None] * stride_dvs + dims[None, :], dv.to(DV.dtype.element_ty),
+             mask=store_mask)
+    if ROTARY:  # the gradient of the unrotated k (after dV's store: fewer tiles live)
+        _store_rotated_back(DK, dk, dk2, dk_scale, visible, Cos, Sin, cols, _half_dims(BLOCK_D), in_sequence,
+                            stride_dks, HEAD_DIM)
     else:
         dk = tl.where(visible[:, None], dk * dk_scale, 0.0)
         tl.store(DK + cols[:, None] * stride_dks + dims[None, :], dk.to(DK.dtype.element_ty), mask=store_mask)
-    tl.store(DV + cols[:, None] * stride_dvs + dims[None, :], dv.to(DV.dtype.element_ty),
-             mask=store_mask)
 
 
 # One key block of the dQ backward (rows past the sequence are never stored: no row mask).
@@ -388,8 +386,8 @@ def _attention_bwd_dq_kernel(
                 stride_bm, scale_log2, inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM, BLOCK_D, BLOCK_M,
                 BLOCK_N, False, HAS_BIAS, RELATIVE_BIAS, HAS_DROPOUT, WINDOW, ROTARY, precision)
     if ROTARY:  # the gradient of the unrotated q
-        dq, dq2 = _rotated_back(dq, dq2, Cos, Sin, rows, _half_dims(BLOCK_D), row_ok, HEAD_DIM)
-        _store_halves(DQ, dq * dq_scale, dq2 * dq_scale, rows, _half_dims(BLOCK_D), row_ok, stride_dqs, HEAD_DIM)
+        _store_rotated_back(DQ, dq, dq2, dq_scale, row_ok, Cos, Sin, rows, _half_dims(BLOCK_D), row_ok, stride_dqs,
+                            HEAD_DIM)
     else:
         dq_mask = row_ok[:, None] & (dims < HEAD_DIM)[None, :]
         tl.store(DQ + rows[:, None] * stride_dqs + dims[None, :], (dq * dq_scale).to(DQ.dtype.element_ty),

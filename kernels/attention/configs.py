@@ -73,10 +73,18 @@ _RELATIVE_BWD_CONFIGS = {
     ("ieee", 128): ((16, 16, 8, 1), (16, 16, 8, 1)),
     ("tf32", 128): ((16, 16, 8, 1), (32, 32, 4, 1)),
 }
-# Rotary embeddings (the kernels rotate q and k tiles as they load them, with fp32 cos and sin
-# tiles) where the other configs spill: keyed as _FWD_CONFIGS and _BWD_CONFIGS.
-_ROTARY_FWD_CONFIGS = {}
-_ROTARY_BWD_CONFIGS = {}
+# Rotary embeddings: the kernels rotate each k tile (q's in dK/dV) as they load it, with fp32 cos
+# and sin tiles, and on sm_80 (mma.sync, both operands in registers) every warp rotates the whole
+# tile in the dot operand's layout (per use: the dQ and dK/dV kernels use it twice): 16-key
+# blocks, or 32 in the forward, keep it small. Keyed as _FWD_CONFIGS and _BWD_CONFIGS.
+_ROTARY_FWD_CONFIGS = {
+    ("16", 64, False): (128, 32, 8, 2),
+    ("16", 64, True): (128, 32, 8, 2),
+}
+_ROTARY_BWD_CONFIGS = {
+    ("16", 64, False): ((16, 16, 4, 1), (128, 16, 8, 2)),
+    ("16", 64, True): ((16, 16, 4, 1), (128, 16, 8, 2)),
+}
 _DELTA_BLOCK_M = 64
 
 

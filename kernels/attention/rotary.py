@@ -50,23 +50,22 @@ def _load_rotated(ptr, Cos, Sin, rows, half_dims, row_ok, stride, HEAD_DIM: tl.c
     return (a * cos1 - b * sin1).to(x1.dtype), (b * cos2 + a * sin2).to(x1.dtype)
 
 
-# The gradient of x from that of its rotation (g1, g2, fp32 halves), the rotation's transpose:
-# dx = g·cos + rotate_halfᵀ(g·sin) = (g1·cos1 + g2·sin2, g2·cos2 - g1·sin1).
+# Stores the gradient of x from that of its rotation (g1, g2: fp32 halves, times `scale`, zeros at
+# rows where `keep` is off), the rotation's transpose: dx = g·cos + rotate_halfᵀ(g·sin) =
+# (g1·cos1 + g2·sin2, g2·cos2 - g1·sin1). One half at a time, stored before the other's tables
+# load: fewer tiles live at once.
 @triton.jit
-def _rotated_back(g1, g2, Cos, Sin, rows, half_dims, row_ok, HEAD_DIM: tl.constexpr):
-    cos1, cos2 = _table_halves(Cos, rows, half_dims, row_ok, HEAD_DIM, True)
-    sin1, sin2 = _table_halves(Sin, rows, half_dims, row_ok, HEAD_DIM, True)
-    return g1 * cos1 + g2 * sin2, g2 * cos2 - g1 * sin1
-
-
-# Stores the two halves of a [rows × D] tile.
-@triton.jit
-def _store_halves(ptr, first, second, rows, half_dims, row_ok, stride, HEAD_DIM: tl.constexpr):
+def _store_rotated_back(ptr, g1, g2, scale, keep, Cos, Sin, rows, half_dims, row_ok, stride, HEAD_DIM: tl.constexpr):
     ptrs = ptr + rows[:, None] * stride + half_dims[None, :]
     mask = row_ok[:, None] & (half_dims < HEAD_DIM // 2)[None, :]
+    cos1 = _load_half(Cos, rows, half_dims, row_ok, HEAD_DIM, HEAD_DIM, False, True)
+    sin2 = _load_half(Sin, rows, half_dims, row_ok, HEAD_DIM, HEAD_DIM, True, True)
+    first = tl.where(keep[:, None], (g1 * cos1 + g2 * sin2) * scale, 0.0)
     tl.store(ptrs, first.to(ptr.dtype.element_ty), mask=mask)
+    cos2 = _load_half(Cos, rows, half_dims, row_ok, HEAD_DIM, HEAD_DIM, True, True)
+    sin1 = _load_half(Sin, rows, half_dims, row_ok, HEAD_DIM, HEAD_DIM, False, True)
+    second = tl.where(keep[:, None], (g2 * cos2 - g1 * sin1) * scale, 0.0)
     tl.store(ptrs + HEAD_DIM // 2, second.to(ptr.dtype.element_ty), mask=mask)
-
 
 
 # 0..BLOCK_H - 1: the dims of a half (`_load_half`).
