@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastencoder.kernels.attention import attention, attention_reference, attention_torch
+from fastencoder.kernels.attention.dropout import _draw_dropout_seed, _dropout_keep_mask
 from test_attention import TOLERANCES, _check_close, _cu_seqlens, _lengths_mask
 
 reference_module = importlib.import_module("fastencoder.kernels.attention.reference")
@@ -191,11 +192,81 @@ def test_torch_path_windows_run_in_chunks_of_queries(torch_backend, monkeypatch,
                      rotary=rotary)
 
 
-def test_triton_backend_takes_window_and_rotary(triton_backend):
+KERNELS = {"_attention_fwd_kernel", "_attention_bwd_delta_kernel", "_attention_bwd_dkdv_kernel",
+           "_attention_bwd_dq_kernel"}
+
+
+def _kernels_against_float64(kernel_launches, qkv, dtype, **kwargs):
+    """`_against_float64`, and the forward and backward kernels were the ones that ran (the PyTorch
+    path launches none)."""
+    kernel_launches.clear()
+    out = _against_float64(qkv, dtype, **kwargs)
+    assert set(kernel_launches) == KERNELS, kernel_launches
+    return out
+
+
+# Tiles: fp32 ("ieee") 32x32 forward, 16x16 backward blocks; fp16 128x64 forward, 16x64 dK/dV,
+# 128x32 dQ blocks. fp32 at 45 tokens and fp16 at 150 cross every block edge of each kernel (D = 16:
+# each rotated half padded to 16 dims in the kernels); the windows: the diagonal only, narrower than
+# a block, crossing several, wider than the sequence (no window: rotary embeddings alone); the
+# packed and masked rows include sequences shorter than a window and an empty one.
+KERNEL_CASES = [(torch.float32, 16, 45), (torch.float16, 32, 150)]
+
+
+@pytest.mark.parametrize("dtype, head_dim, seqlen", KERNEL_CASES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("window, with_rotary", [(0, False), (5, True), (37, False), (37, True), (1000, True)])
+@pytest.mark.parametrize("layout", ["prefix-mask", "byte-mask", "packed"])
+def test_kernels_match_float64(triton_backend, kernel_launches, poisoned_allocations, dtype, head_dim, seqlen,
+                               window, with_rotary, layout):
+    torch.manual_seed(window + seqlen)
+    heads = 2
+    kwargs = dict(window=window)
+    if with_rotary:  # ModernBERT's local theta: different tables, same code
+        kwargs["rotary"] = rotary_tables(seqlen + 5, head_dim, theta=10_000.0 if window == 1000 else 160_000.0)
+    if layout == "packed":
+        lengths = [seqlen, 3, 0, seqlen - 20]
+        qkv = _qkv((sum(lengths), heads, head_dim), dtype)
+        kwargs.update(cu_seqlens=_cu_seqlens(lengths, "cpu"), max_seqlen=seqlen)
+    else:
+        qkv = _qkv((3, seqlen, heads, head_dim), dtype)
+        if layout == "prefix-mask":  # right-padded: the kernels bound the keys by each row's length
+            kwargs["key_padding_mask"] = _lengths_mask([seqlen, 4, seqlen - 17], seqlen, False, "cpu")
+        else:  # not a prefix: the kernels read the mask's bytes (and a row's early windows hold none)
+            kwargs["key_padding_mask"] = _lengths_mask([seqlen, 4, seqlen - 17], seqlen, True, "cpu")
+            kwargs["key_padding_mask"][0] = torch.rand(seqlen) < 0.7
+    _kernels_against_float64(kernel_launches, qkv, dtype, **kwargs)
+
+
+@pytest.mark.parametrize("extra", ["bias", "relative-bias", "dropout"])
+def test_kernels_combine_window_and_rotary_with(triton_backend, kernel_launches, poisoned_allocations, extra):
+    """fp32, 45 tokens, window 7 and rotary embeddings, with a key padding mask and a dense bias
+    (and a negative scale), a relative bias, or dropout (the kernels' own keep mask, drawn again
+    from the same seed, in the reference)."""
+    torch.manual_seed(11)
+    batch, seqlen, heads, head_dim, window = 2, 45, 2, 32, 7
+    qkv = _qkv((batch, seqlen, heads, head_dim), torch.float32)
+    kwargs = dict(window=window, key_padding_mask=_lengths_mask([45, 30], seqlen, False, "cpu"),
+                  rotary=rotary_tables(seqlen, head_dim))
+    if extra == "bias":
+        kwargs.update(bias=torch.randn(batch, 1, seqlen, seqlen), scale=-0.2)
+    elif extra == "relative-bias":
+        kwargs["relative_bias"] = torch.randn(heads, 2 * seqlen - 1)
+    if extra != "dropout":
+        _kernels_against_float64(kernel_launches, qkv, torch.float32, **kwargs)
+        return
     torch.manual_seed(5)
-    qkv = _qkv((2, 21, 2, 16), torch.float32)
-    _against_float64(qkv, torch.float32, key_padding_mask=_lengths_mask([21, 9], 21, False, "cpu"), window=4,
-                     rotary=rotary_tables(21, 16), dropout_p=0.0)
+    out = attention(*qkv.unbind(-3), dropout_p=0.3, **kwargs)
+    out.backward(grad_out := torch.randn_like(out))
+    assert set(kernel_launches) == KERNELS
+    torch.manual_seed(5)
+    keep = _dropout_keep_mask(_draw_dropout_seed(), batch, heads, seqlen, 0.3, "cpu")
+    reference_qkv = qkv.detach().double().requires_grad_()
+    expected = attention_reference(*reference_qkv.unbind(-3), dropout_p=0.3, dropout_mask=keep, **kwargs)
+    expected.backward(grad_out.double())
+    tolerance = TOLERANCES[torch.float32]
+    _check_close("out", out, expected, tolerance["out"])
+    for index, name in enumerate(("dq", "dk", "dv")):
+        _check_close(name, qkv.grad.select(-3, index), reference_qkv.grad.select(-3, index), tolerance["grad"])
 
 
 def _rows_against_naive(q, k, v, out, rows, window, rotary, starts=None):

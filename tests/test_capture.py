@@ -154,7 +154,7 @@ def test_sequences_longer_than_max_seqlen_are_cut_on_the_device(triton_backend, 
     qkv = torch.randn(3, 50, 2, 16)
     q, k, v = _leaves(*qkv)
     out, stats = attention_op._call_attention_fwd(q, k, v, None, None, None, cu_seqlens, None, max_seqlen,
-                                                      0.25, 0.0, False)
+                                                      0.25, 0.0, False, None, None, None)
     out.backward(torch.ones_like(out))  # rows past the bound must not reach the inputs' gradients
     kept = torch.cat([torch.arange(0, 16), torch.arange(21, 50)])
     kept_cu = torch.tensor([0, 16, 29, 45], dtype=torch.int32)

@@ -37,8 +37,9 @@ def test_a_launch_outside_the_guard_is_caught(device, triton_backend):
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # gradient_checkpointing_enable's new name
 def test_every_kernel_launches_on_its_tensors_device(device, triton_backend, kernel_launches):
     """A padded and a padding-free training step with dropout (and gradient checkpointing, which
-    recomputes under autograd), and the dropout mask, launch every kernel of the package; each
-    launch was checked by conftest.py to run inside the guard, on its tensors' device."""
+    recomputes under autograd), the dropout mask and a windowed attention with rotary embeddings
+    launch every kernel of the package; each launch was checked by conftest.py to run inside the
+    guard, on its tensors' device."""
     config = bert_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
     model = models.BertModel(config).train()
     model.gradient_checkpointing_enable()
@@ -48,6 +49,10 @@ def test_every_kernel_launches_on_its_tensors_device(device, triton_backend, ker
         output = model(**batch)
         (output.last_hidden_state.sum() + output.pooler_output.sum()).backward()
     _dropout_keep_mask(_draw_dropout_seed(), 1, 2, 5, 0.5, device)
+    # ModernBERT's attention: a sliding window and rotary embeddings, inside the same kernels
+    qkv = torch.randn(2, 20, 3, 2, 16, device=device, requires_grad=True)
+    rotary = tuple(torch.randn(20, 16, device=device) for _ in range(2))
+    attention(*qkv.unbind(2), window=3, rotary=rotary).sum().backward()
     # the GEMM's other candidates run only where kernels/gemm_choice.py times them: on CUDA devices,
     # the Hopper kernel on sm_90 and later
     not_here = set() if device.type == "cuda" else {"_epilogue_kernel", "_linear_hopper_kernel"}
@@ -67,7 +72,8 @@ def _every_op(device):
     h = layer_norm(h, torch.ones(48, device=device), bias, 1e-12, residual=h)
     qkv = h[:36].reshape(2, 18, 3, 1, 16).unbind(2)
     mask = torch.arange(18, device=device)[None, :] < torch.tensor([[18], [7]], device=device)
-    out = attention(*qkv, key_padding_mask=mask)
+    rotary = tuple(torch.randn(18, 16, device=device) for _ in range(2))
+    out = attention(*qkv, key_padding_mask=mask) + attention(*qkv, key_padding_mask=mask, window=4, rotary=rotary)
     indices = mask.flatten().nonzero()[:, 0]
     out = pad(unpad(out, indices), indices, 2, 18)
     out.square().sum().backward()

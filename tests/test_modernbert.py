@@ -181,7 +181,8 @@ def test_sparse_prediction_matches_transformers(unpad, torch_backend, plans):
 def test_triton_kernels_match_transformers(triton_backend, kernel_launches, plans, monkeypatch):
     """The kernels (interpreted) on a short padding-free batch: windows of 16 keys each way crossing
     the attention's 16- and 32-row tiles, rows shorter than a window; outputs and every gradient.
-    The GeGLU op (the linear kernel with its gate) runs once per layer."""
+    The GeGLU op (the linear kernel with its gate) runs once per layer, and so do the attention
+    kernels, rotary embeddings and windows inside them."""
     geglu_calls = []
     geglu_linear = submodules.geglu_linear
     monkeypatch.setattr(submodules, "geglu_linear", lambda *args: geglu_calls.append(1) or geglu_linear(*args))
@@ -197,6 +198,9 @@ def test_triton_kernels_match_transformers(triton_backend, kernel_launches, plan
     assert_same_grads(ours, reference)
     assert plans[0] is not None and len(geglu_calls) == config.num_hidden_layers
     assert {"_linear_kernel", "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_pad_kernel"} <= set(kernel_launches)
+    # every layer's attention (its window and rotary embeddings included) ran in the kernels
+    for kernel in ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"):
+        assert kernel_launches.count(kernel) == config.num_hidden_layers, kernel
 
 
 @pytest.mark.parametrize("unpad", [False, True], ids=["padded", "padding-free"])

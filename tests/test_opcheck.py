@@ -85,19 +85,30 @@ def _detached(arguments):
 
 @pytest.mark.parametrize("dtype", DTYPES + [BF16_WITH_DOT])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("optional", ["bare", "mask+bias+dropout", "mask+relative+dropout"])
+def _rotary_tables(positions, head_dim, device):
+    """cos, sin float32 [positions, D] of rotary embeddings (the op takes any such tables)."""
+    angles = torch.arange(positions, device=device)[:, None] * torch.rand(head_dim, device=device)[None, :]
+    return angles.cos(), angles.sin()
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [BF16_WITH_DOT])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("optional", ["bare", "mask+bias+dropout", "mask+relative+dropout", "mask+window+rotary"])
 def test_attention_padded(device, triton_backend, dtype, layout, optional):
     q, k, v = _attention_inputs(dtype, device, layout)
-    mask = bias = relative = seed = None
+    mask = bias = relative = seed = window = cos = sin = None
     dropout_p = 0.0
-    if optional != "bare":
+    if "mask" in optional:
         mask = torch.arange(19, device=device)[None, :] < torch.tensor([[19], [6]], device=device)
+    if "dropout" in optional:
         seed, dropout_p = attention._draw_dropout_seed(), 0.2
+    if "rotary" in optional:
+        window, (cos, sin) = 4, _rotary_tables(21, 16, device)
     if optional == "mask+bias+dropout":
         bias = torch.randn(2, 1, 19, 19, device=device).to(dtype)
     elif optional == "mask+relative+dropout":
         relative = _grad(torch.randn(2, 37, device=device), True)
-    arguments = (mask, bias, relative, None, seed, 19, 0.3, dropout_p, False)
+    arguments = (mask, bias, relative, None, seed, 19, 0.3, dropout_p, False, window, cos, sin)
     torch.library.opcheck(attention._attention_fwd, tuple(_grad(t.detach().clone(), True) for t in (q, k, v)) + arguments)
     out, stats = attention._attention_fwd(q, k, v, *arguments)
     do = _attention_inputs(dtype, device, layout)[0]
@@ -106,20 +117,22 @@ def test_attention_padded(device, triton_backend, dtype, layout, optional):
 
 @pytest.mark.parametrize("dtype", DTYPES + [BF16_WITH_DOT])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("optional", ["bare", "bias+dropout", "relative+dropout"])
+@pytest.mark.parametrize("optional", ["bare", "bias+dropout", "relative+dropout", "window+rotary"])
 def test_attention_packed(device, triton_backend, dtype, layout, optional):
     lengths = [7, 0, 12]
     cu_seqlens = torch.tensor([0, 7, 7, 19], dtype=torch.int32, device=device)
     q, k, v = (t[0] for t in _attention_inputs(dtype, device, layout, batch=1))  # [T = 19, H, D]
-    bias = relative = seed = None
+    bias = relative = seed = window = cos = sin = None
     dropout_p = 0.0
-    if optional != "bare":
+    if "dropout" in optional:
         seed, dropout_p = attention._draw_dropout_seed(), 0.2
+    if "rotary" in optional:
+        window, (cos, sin) = 3, _rotary_tables(12, 16, device)
     if optional == "bias+dropout":
         bias = torch.randn(1, 2, max(lengths), max(lengths), device=device).to(dtype)
     elif optional == "relative+dropout":
         relative = _grad(torch.randn(2, 2 * max(lengths) - 1, device=device), True)
-    arguments = (None, bias, relative, cu_seqlens, seed, max(lengths), 0.3, dropout_p, False)
+    arguments = (None, bias, relative, cu_seqlens, seed, max(lengths), 0.3, dropout_p, False, window, cos, sin)
     torch.library.opcheck(attention._attention_fwd, tuple(_grad(t.detach().clone(), True) for t in (q, k, v)) + arguments)
     out, stats = attention._attention_fwd(q, k, v, *arguments)
     do = _attention_inputs(dtype, device, layout, batch=1)[0][0]

@@ -181,10 +181,10 @@ def test_the_report_compiles_what_the_ops_launch(device, triton_backend, launch_
     or divisible by 16 (an alignment fact the compiler uses) unless the kernel says not to. At
     lengths, head counts and token counts that are multiples of 16 (as BERT's S = 128 or 512 with 16
     heads, B x S tokens) and that are not, every op's every launch (attention padded, masked, with a
-    mask of stride 2 over keys, packed, biased, with a relative bias, with dropout; linear with
-    GELU, residual and both backward products; LayerNorm with a residual; pad and unpad), forward
-    and backward, runs a specialisation that one of the report's cases of that kernel compiles
-    exactly."""
+    mask of stride 2 over keys, packed, biased, with a relative bias, with dropout, with a sliding
+    window and rotary embeddings; linear with GELU, residual and both backward products; LayerNorm
+    with a residual; pad and unpad), forward and backward, runs a specialisation that one of the
+    report's cases of that kernel compiles exactly."""
     from fastencoder.kernels.attention import attention
 
     torch.manual_seed(0)
@@ -202,6 +202,10 @@ def test_the_report_compiles_what_the_ops_launch(device, triton_backend, launch_
                   relative_bias=torch.randn(16, 63, device=device, requires_grad=True)))
     run(attention(*packed, cu_seqlens=torch.tensor([0, 32, 45], dtype=torch.int32, device=device),
                   max_seqlen=32, dropout_p=0.1))
+    rotary = tuple(torch.randn(32, 16, device=device) for _ in range(2))  # cos, sin: any fp32 [P, D] tables
+    run(attention(q, k, v, key_padding_mask=mask, window=5, rotary=rotary))
+    run(attention(*packed, cu_seqlens=torch.tensor([0, 32, 45], dtype=torch.int32, device=device),
+                  max_seqlen=32, window=16, rotary=rotary, dropout_p=0.1))
     weight = torch.randn(128, 128, device=device, requires_grad=True)
     bias = torch.randn(128, device=device, requires_grad=True)
     for tokens in (64, 37):

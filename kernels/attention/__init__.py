@@ -18,6 +18,11 @@ the S×S score matrix is never materialised. A query row whose keys are all mask
 alike. float32 inputs run in the kernels too, with fp32 dot products ("ieee"), or TF32 where torch's
 settings allow it for cuBLAS matmuls (`backend.allows_tf32`).
 
+A bidirectional sliding window (window=: query i sees key j iff |i - j| <= window) and rotary
+position embeddings (rotary=(cos, sin), ModernBERT's) run in the kernels too: key blocks that no
+window of a query block reaches are skipped by the loops' bounds, the window's edge blocks masked,
+its interior ones not; q and k tiles are rotated as they load, the gradients turned back.
+
 Dropout (dropout_p > 0) is applied to the probabilities in the kernels with Philox random numbers
 (tl.philox's, each draw's four outputs deciding four adjacent keys): one 64-bit seed per call,
 drawn from torch's default CPU generator (so `torch.manual_seed` reproduces it, and gradient
@@ -29,7 +34,7 @@ mask on every replay: the kernels refuse dropout while a graph captures (the PyT
 dropout, SDPA's, draws anew per replay).
 """
 
-# One op, one concern a file: tiles.py (block helpers), dropout.py, forward.py, backward.py (the
+# One op, one concern a file: tiles.py (block helpers), dropout.py, rotary.py, forward.py, backward.py (the
 # kernels), configs.py (launch configurations), checks.py, op.py (the public op, custom ops and
 # autograd), reference.py (the reference and the PyTorch path), cases.py (the report's compile cases).
 from .cases import compile_cases

@@ -13,7 +13,7 @@ from .forward import _attention_fwd_kernel
 
 _TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _POINTER_TYPES = dict(Stats="*fp32", Delta="*fp32", KeyMask="*u8", KeyLengths="*i32", CuSeqlens="*i32", Keep="*i8",
-                      DBias="*fp32")
+                      DBias="*fp32", Cos="*fp32", Sin="*fp32")
 _SCALAR_TYPES = dict(scale="fp32", scale_log2="fp32", dropout_p="fp32", seed="i64")
 
 
@@ -62,9 +62,9 @@ def _launches(head_dim, dtype, allow_tf32):
     cu_seqlens before the tiles."""
     every = dtype != torch.float32 and head_dim in _EVERY_VARIANT_HEAD_DIMS
 
-    def flags(layout, has_bias, has_dropout, relative=False):
+    def flags(layout, has_bias, has_dropout, relative=False, window=False, rotary=False):
         return dict(PACKED=layout == "packed", HAS_KEY_MASK=layout == "mask", HAS_BIAS=has_bias,
-                    RELATIVE_BIAS=relative, HAS_DROPOUT=has_dropout)
+                    RELATIVE_BIAS=relative, HAS_DROPOUT=has_dropout, WINDOW=window, ROTARY=rotary)
 
     launches = {}  # keyed by (kernel, config) alone where one variant stands for the config
     for has_bias in (False, True):  # a config serving both keeps the heavier flags, with the bias
@@ -90,12 +90,33 @@ def _launches(head_dim, dtype, allow_tf32):
                     if has_bias:
                         launches[kernel, relative_config, "relative"] = flags("mask", True, has_dropout,
                                                                              relative=True)
+    # ModernBERT's: rotary embeddings in every layer, a sliding window in most. At its precisions and
+    # head dims: a window alone (padded), inference's layers (packed, with and without a window),
+    # training's heaviest (a mask, dropout, both) and the same with a bias; elsewhere that heaviest
+    # variant once a config.
+    for has_dropout in (False, True):
+        for has_bias in (False, True) if every else (False,):
+            fwd = _fwd_config(head_dim, dtype, allow_tf32, has_bias, has_dropout, rotary=True)
+            dkdv, dq = _bwd_configs(head_dim, dtype, allow_tf32, has_bias, rotary=True)
+            window_fwd = _fwd_config(head_dim, dtype, allow_tf32, has_bias, has_dropout)
+            window_dkdv, window_dq = _bwd_configs(head_dim, dtype, allow_tf32, has_bias)
+            for kernel, config, window_config in ((_attention_fwd_kernel, fwd, window_fwd),
+                                                  (_attention_bwd_dkdv_kernel, dkdv, window_dkdv),
+                                                  (_attention_bwd_dq_kernel, dq, window_dq)):
+                if has_dropout:
+                    launches[kernel, config, "training", has_bias] = flags(
+                        "mask", has_bias, True, window=True, rotary=True)
+                elif every and not has_bias:
+                    launches[kernel, window_config, "window"] = flags("padded", False, False, window=True)
+                    for window in (False, True):
+                        launches[kernel, config, "inference", window] = flags(
+                            "packed", False, False, window=window, rotary=True)
     return [(key[0], key[1], variant) for key, variant in launches.items()]
 
 
 def _flags_name(flags):
     names = dict(PACKED=" +packed", HAS_KEY_MASK=" +mask", HAS_BIAS=" +bias", RELATIVE_BIAS=" relative",
-                 HAS_DROPOUT=" +dropout")
+                 HAS_DROPOUT=" +dropout", WINDOW=" +window", ROTARY=" +rotary")
     return "".join(names[flag] for flag, on in flags.items() if on)
 
 

@@ -78,6 +78,27 @@ _RELATIVE_BWD_CONFIGS = {
     ("ieee", 128): ((16, 16, 8, 1), (16, 16, 8, 1)),
     ("tf32", 128): ((16, 16, 8, 1), (32, 32, 4, 1)),
 }
+# Rotary embeddings: the kernels rotate each k tile (q's in dK/dV) as they load it, with fp32 cos
+# and sin tiles, and on sm_80 (mma.sync, both operands in registers) every warp rotates the whole
+# tile in the dot operand's layout (per use: the dQ and dK/dV kernels use it twice). 16x16 dK/dV
+# and dQ tiles keep that small enough (larger ones spill 24-1000 B with dropout; fp32 dQ, "ieee"
+# dK/dV and TF32 dK/dV at D > 64 with 8 warps: 4 spill 8-24 B); the forward takes 32-key blocks with 16-bit inputs (64
+# queries at D > 64: 128 spill 16 B on sm_80), 32x32 tiles with TF32 (64x32 spills 56 B at D = 64)
+# and 16x16 "ieee" (32x32 spills 16-800 B). Keyed as _FWD_CONFIGS and _BWD_CONFIGS.
+_ROTARY_FWD_CONFIGS = {
+    **{("16", 64, has_bias): (128, 32, 8, 2) for has_bias in (False, True)},
+    **{("16", 128, has_bias): (64, 32, 4, 2) for has_bias in (False, True)},
+    **{("tf32", bucket, has_bias): (32, 32, 4, 2) for bucket in (64, 128) for has_bias in (False, True)},
+    **{("ieee", bucket, has_bias): (16, 16, 4, 1) for bucket in (64, 128) for has_bias in (False, True)},
+}
+_ROTARY_BWD_CONFIGS = {
+    (precision, bucket, has_bias): configs
+    for precision, bucket, configs in (
+        ("16", 64, ((16, 16, 4, 1), (16, 16, 4, 1))), ("16", 128, ((16, 16, 4, 1), (16, 16, 4, 1))),
+        ("tf32", 64, ((16, 16, 4, 1), (16, 16, 8, 1))), ("tf32", 128, ((16, 16, 8, 1), (16, 16, 8, 1))),
+        ("ieee", 64, ((16, 16, 8, 1), (16, 16, 8, 1))), ("ieee", 128, ((16, 16, 8, 1), (16, 16, 8, 1))))
+    for has_bias in (False, True)
+}
 _DELTA_BLOCK_M = 64
 
 
@@ -86,15 +107,19 @@ def _config_key(head_dim, dtype, allow_tf32, has_bias):
     return precision, 64 if head_dim <= 64 else 128, has_bias
 
 
-def _fwd_config(head_dim, dtype, allow_tf32, has_bias, has_dropout, relative=False):
+def _fwd_config(head_dim, dtype, allow_tf32, has_bias, has_dropout, relative=False, rotary=False):
     key = _config_key(head_dim, dtype, allow_tf32, has_bias)
+    if rotary and key in _ROTARY_FWD_CONFIGS:
+        return _ROTARY_FWD_CONFIGS[key]
     if relative and key[:2] in _RELATIVE_FWD_CONFIGS:
         return _RELATIVE_FWD_CONFIGS[key[:2]]
     return _FWD_DROPOUT_CONFIGS.get(key, _FWD_CONFIGS[key]) if has_dropout else _FWD_CONFIGS[key]
 
 
-def _bwd_configs(head_dim, dtype, allow_tf32, has_bias, relative=False):
+def _bwd_configs(head_dim, dtype, allow_tf32, has_bias, relative=False, rotary=False):
     key = _config_key(head_dim, dtype, allow_tf32, has_bias)
+    if rotary and key in _ROTARY_BWD_CONFIGS:
+        return _ROTARY_BWD_CONFIGS[key]
     if relative:
         precision, bucket, _ = key
         return _RELATIVE_BWD_CONFIGS.get((precision, head_dim), _RELATIVE_BWD_CONFIGS.get(

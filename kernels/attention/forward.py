@@ -7,36 +7,46 @@ except ImportError:  # triton ships for Linux only; elsewhere every op runs its 
 
 from .._launch import batch_generic
 from .dropout import _dropout_keep, _keep_threshold
+from .rotary import _half_dims, _load_rotated
 from .tiles import (
-    _byte_masked, _exp2_shifted, _load_rows, _scores_init, _sequence, _visible_keys,
+    _byte_masked, _edge_block, _edge_blocks, _exp2_shifted, _in_window, _load_rows, _scores_init, _sequence,
+    _visible_keys, _window_blocks,
 )
 
 
 # One key block of the forward's online softmax on raw scores (masked keys get r = -inf; m_i is
-# the running max of r). TAIL: the block may run past n_keys. With a dense bias or a key padding
-# mask a row may have seen no visible key yet (max -inf: shift by 0 instead, -inf - -inf being
-# nan); otherwise every block holds a visible key for every row (a tail block starts below
-# n_keys; a relative bias's table is finite, `_relative_bias_rows`).
+# the running max of r). TAIL: the block may run past n_keys. BAND: a window's edge block, keys
+# outside a row's window masked too. With a dense bias, a key padding mask or a band a row may have
+# seen no visible key yet (max -inf: shift by 0 instead, -inf - -inf being nan); otherwise every
+# block holds a visible key for every row (a tail block starts below n_keys; a relative bias's
+# table is finite, `_relative_bias_rows`).
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims,
-               key_start, n_keys, byte_mask, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2,
+def _fwd_block(acc, l_i, m_i, q, q2, K, V, KeyMask, Bias, Cos, Sin, seed, batch_head, rows, bias_rows, dims,
+               key_start, n_keys, byte_mask, window, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2,
                inv_scale, bias_floor, groups_per_row, threshold,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, TAIL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+               BLOCK_N: tl.constexpr, TAIL: tl.constexpr, BAND: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
                HAS_BIAS: tl.constexpr, RELATIVE_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               precision: tl.constexpr):
+               ROTARY: tl.constexpr, precision: tl.constexpr):
     cols = key_start + tl.arange(0, BLOCK_N)
     key_ok = cols < n_keys
-    k = _load_rows(K, cols, dims, key_ok, stride_ks, HEAD_DIM, BLOCK_D, TAIL)
     init = _scores_init(Bias, bias_rows[:, None], cols[None, :], key_ok[None, :], stride_bm,
                         inv_scale, bias_floor, HAS_BIAS, RELATIVE_BIAS, TAIL, BLOCK_M, BLOCK_N)
     if HAS_KEY_MASK:
         init = _byte_masked(init, KeyMask, cols, key_ok, stride_mk, byte_mask, TAIL)
-    qk = tl.dot(q, tl.trans(k), init, input_precision=precision)
+    if ROTARY:  # q holds the rotated q's first half, q2 its second: two dot products over D/2
+        k, k2 = _load_rotated(K, Cos, Sin, cols, _half_dims(BLOCK_D), key_ok, stride_ks, HEAD_DIM, TAIL)
+        qk = tl.dot(q2, tl.trans(k2), tl.dot(q, tl.trans(k), init, input_precision=precision),
+                    input_precision=precision)
+    else:
+        k = _load_rows(K, cols, dims, key_ok, stride_ks, HEAD_DIM, BLOCK_D, TAIL)
+        qk = tl.dot(q, tl.trans(k), init, input_precision=precision)
     if TAIL:
         qk = tl.where(key_ok[None, :], qk, float("-inf"))
+    if BAND:
+        qk = tl.where(_in_window(rows[:, None], cols[None, :], window), qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-    if HAS_BIAS and not RELATIVE_BIAS or HAS_KEY_MASK:
+    if HAS_BIAS and not RELATIVE_BIAS or HAS_KEY_MASK or BAND:
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_shift = m_new
@@ -56,48 +66,64 @@ def _fwd_block(acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bi
     return acc, l_i, m_new
 
 
-# The forward's loop over the keys below n_keys: full blocks unmasked, then one masked tail block.
+# The forward's loop over the keys below n_keys: whole blocks unmasked, then one masked tail
+# block. With a window (WINDOW) only the blocks some row's window reaches: its edges masked by the
+# band (whole blocks, one loop for both edges), the interior unmasked (`_window_blocks`).
 @triton.jit
-def _fwd_keys(acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims,
-              n_keys, byte_mask, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2, inv_scale,
+def _fwd_keys(acc, l_i, m_i, q, q2, K, V, KeyMask, Bias, Cos, Sin, seed, batch_head, rows, bias_rows, dims,
+              n_keys, byte_mask, window, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2, inv_scale,
               bias_floor, groups_per_row, threshold,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-              RELATIVE_BIAS: tl.constexpr,
-              HAS_DROPOUT: tl.constexpr, precision: tl.constexpr):
-    # With a dense bias tile to load, or accumulators wider than 64, registers are short (sm_80
-    # spills with a second copy of the block code): one loop, every block bounds-checked. A
-    # relative bias's rows load as aligned vectors and fit both loops.
-    if HAS_BIAS and not RELATIVE_BIAS or BLOCK_D > 64:
-        for key_start in range(0, n_keys, BLOCK_N):
-            acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims,
-                key_start, n_keys, byte_mask, stride_ks, stride_vs, stride_mk, stride_bm,
-                scale_log2, inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM, BLOCK_D,
-                BLOCK_M, BLOCK_N, True, HAS_KEY_MASK, HAS_BIAS, RELATIVE_BIAS, HAS_DROPOUT, precision)
-        return acc, l_i, m_i
+              RELATIVE_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, WINDOW: tl.constexpr,
+              ROTARY: tl.constexpr, precision: tl.constexpr):
     full_end = n_keys - n_keys % BLOCK_N
-    # two loops, one of which runs: the keys bounded by a length only, or the mask's bytes read
-    bytes_from = tl.where(byte_mask, 0, full_end)
-    for key_start in range(0, bytes_from, BLOCK_N):
-        acc, l_i, m_i = _fwd_block(
-            acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims,
-            key_start, n_keys, False, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2,
-            inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
-            False, False, HAS_BIAS, RELATIVE_BIAS, HAS_DROPOUT, precision)
-    if HAS_KEY_MASK:
-        for key_start in range(bytes_from, full_end, BLOCK_N):
+    if WINDOW:
+        lo, inner_lo, inner_hi, whole, tail = _window_blocks(tl.program_id(0) * BLOCK_M, n_keys, full_end,
+                                                             window, BLOCK_M, BLOCK_N)
+    else:
+        lo, inner_lo, inner_hi, whole, tail = 0, 0, full_end, full_end, full_end < n_keys
+    # With a dense bias tile to load, or accumulators wider than 64, registers are short (sm_80
+    # spills with a second copy of the block code): one loop, every block bounds-checked (and
+    # banded). A relative bias's rows load as aligned vectors and fit the loops below.
+    if HAS_BIAS and not RELATIVE_BIAS or BLOCK_D > 64:
+        for key_start in range(lo, tl.where(tail, n_keys, whole), BLOCK_N):
             acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims,
-                key_start, n_keys, True, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2,
-                inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM, BLOCK_D, BLOCK_M,
-                BLOCK_N, False, True, HAS_BIAS, RELATIVE_BIAS, HAS_DROPOUT, precision)
-    if full_end < n_keys:
+                acc, l_i, m_i, q, q2, K, V, KeyMask, Bias, Cos, Sin, seed, batch_head, rows, bias_rows, dims,
+                key_start, n_keys, byte_mask, window, stride_ks, stride_vs, stride_mk, stride_bm,
+                scale_log2, inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM, BLOCK_D,
+                BLOCK_M, BLOCK_N, True, WINDOW, HAS_KEY_MASK, HAS_BIAS, RELATIVE_BIAS, HAS_DROPOUT, ROTARY, precision)
+        return acc, l_i, m_i
+    if WINDOW:
+        for edge in range(0, _edge_blocks(lo, inner_lo, inner_hi, whole, BLOCK_N)):
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, q, q2, K, V, KeyMask, Bias, Cos, Sin, seed, batch_head, rows, bias_rows, dims,
+                _edge_block(edge, lo, inner_lo, inner_hi, BLOCK_N), n_keys, byte_mask, window, stride_ks,
+                stride_vs, stride_mk, stride_bm, scale_log2, inv_scale, bias_floor, groups_per_row, threshold,
+                HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, True, HAS_KEY_MASK, HAS_BIAS, RELATIVE_BIAS,
+                HAS_DROPOUT, ROTARY, precision)
+    # two loops over the interior, one of which runs: the keys bounded by a length only, or the
+    # mask's bytes read
+    bytes_from = tl.where(byte_mask, inner_lo, inner_hi)
+    for key_start in range(inner_lo, bytes_from, BLOCK_N):
         acc, l_i, m_i = _fwd_block(
-            acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims,
-            full_end, n_keys, byte_mask, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2,
+            acc, l_i, m_i, q, q2, K, V, KeyMask, Bias, Cos, Sin, seed, batch_head, rows, bias_rows, dims,
+            key_start, n_keys, False, window, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2,
             inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
-            True, HAS_KEY_MASK, HAS_BIAS, RELATIVE_BIAS, HAS_DROPOUT, precision)
+            False, False, False, HAS_BIAS, RELATIVE_BIAS, HAS_DROPOUT, ROTARY, precision)
+    if HAS_KEY_MASK:
+        for key_start in range(bytes_from, inner_hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, q, q2, K, V, KeyMask, Bias, Cos, Sin, seed, batch_head, rows, bias_rows, dims,
+                key_start, n_keys, True, window, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2,
+                inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM, BLOCK_D, BLOCK_M,
+                BLOCK_N, False, False, True, HAS_BIAS, RELATIVE_BIAS, HAS_DROPOUT, ROTARY, precision)
+    if tail:
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, q2, K, V, KeyMask, Bias, Cos, Sin, seed, batch_head, rows, bias_rows, dims,
+            full_end, n_keys, byte_mask, window, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2,
+            inv_scale, bias_floor, groups_per_row, threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
+            True, WINDOW, HAS_KEY_MASK, HAS_BIAS, RELATIVE_BIAS, HAS_DROPOUT, ROTARY, precision)
     return acc, l_i, m_i
 
 
@@ -111,16 +137,16 @@ def _fwd_keys(acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bia
 # e.g. a row masked everywhere by a finfo.min bias, and P with it.) Rows with no visible key
 # (l = 0) store out = 0, m = 0 and 1/l = 0, so that their P is 0 in the backward. Rows past the
 # sequence's end are computed on zero queries (finite: the loop has no row mask) and never stored.
-@batch_generic("seed", "num_heads", "max_seqlen", "stride_mb")
+@batch_generic("seed", "num_heads", "max_seqlen", "stride_mb", "window")
 def _attention_fwd_kernel(
-    Q, K, V, Out, Stats, KeyMask, KeyLengths, Bias, CuSeqlens, seed,
+    Q, K, V, Out, Stats, KeyMask, KeyLengths, Bias, Cos, Sin, CuSeqlens, seed,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
     stride_mb, stride_mk, stride_bb, stride_bh, stride_bm,
-    num_heads, max_seqlen, scale_log2, dropout_p,
+    num_heads, max_seqlen, scale_log2, dropout_p, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PACKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, RELATIVE_BIAS: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WINDOW: tl.constexpr, ROTARY: tl.constexpr, ALLOW_TF32: tl.constexpr,
 ):
     precision: tl.constexpr = "tf32" if ALLOW_TF32 else "ieee"
     batch_head = tl.program_id(1)
@@ -143,7 +169,11 @@ def _attention_fwd_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < seqlen
-    q = _load_rows(Q, rows, dims, row_ok, stride_qs, HEAD_DIM, BLOCK_D, True)
+    if ROTARY:  # rotated once, as its two halves
+        q, q2 = _load_rotated(Q, Cos, Sin, rows, _half_dims(BLOCK_D), row_ok, stride_qs, HEAD_DIM, True)
+    else:
+        q = _load_rows(Q, rows, dims, row_ok, stride_qs, HEAD_DIM, BLOCK_D, True)
+        q2 = q
     inv_scale = tl.fdiv(1.4426950408889634, scale_log2)  # approximate: no slow-path call
     bias_floor = -2.3e38 * tl.minimum(scale_log2 / 1.4426950408889634, 1.0)
     bias_rows = tl.minimum(rows, seqlen - 1)  # rows past the end read the last row's bias
@@ -153,10 +183,10 @@ def _attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc, l_i, m_i = _fwd_keys(
-        acc, l_i, m_i, q, K, V, KeyMask, Bias, seed, batch_head, rows, bias_rows, dims, n_keys,
-        byte_mask, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2, inv_scale, bias_floor,
+        acc, l_i, m_i, q, q2, K, V, KeyMask, Bias, Cos, Sin, seed, batch_head, rows, bias_rows, dims, n_keys,
+        byte_mask, window, stride_ks, stride_vs, stride_mk, stride_bm, scale_log2, inv_scale, bias_floor,
         groups_per_row, threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_KEY_MASK, HAS_BIAS, RELATIVE_BIAS,
-        HAS_DROPOUT, precision)
+        HAS_DROPOUT, WINDOW, ROTARY, precision)
     has_keys = l_i > 0.0
     # l >= 1 where a row has keys (its max term is 1): the approximate reciprocal is exact to 2 ulp
     inv_l = tl.where(has_keys, tl.fdiv(1.0, tl.where(has_keys, l_i, 1.0)), 0.0)

@@ -32,6 +32,14 @@ def _unused(device, dtype):
     return torch.empty(0, dtype=dtype, device=device)
 
 
+def _rotary_args(cos, sin, q):
+    """The rotary tables as the kernels read them (fp32 [P, D], rows of D contiguous values), or
+    placeholders."""
+    if cos is None:
+        return _unused(q.device, torch.float32), _unused(q.device, torch.float32)
+    return cos.contiguous(), sin.contiguous()
+
+
 def _mask_bias_args(q, key_padding_mask, bias, relative_bias, batch, heads, max_seqlen, scale):
     """(key mask bytes, key lengths, bias, their strides) as the kernels take them; a relative
     bias goes in the bias's place (`_relative_bias_rows`)."""
@@ -132,6 +140,7 @@ def _attention_fwd_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
     bias: torch.Tensor | None, relative_bias: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
     seed: torch.Tensor | None, max_seqlen: int, scale: float, dropout_p: float, allow_tf32: bool,
+    window: int | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     packed = cu_seqlens is not None
     batch, heads, _ = _layout(q, cu_seqlens, max_seqlen)
@@ -143,18 +152,20 @@ def _attention_fwd_impl(
     mask, lengths, bias, mask_bias_strides = _mask_bias_args(q, key_padding_mask, bias, relative_bias, batch,
                                                              heads, max_seqlen, scale)
     block_m, block_n, num_warps, num_stages = _fwd_config(
-        head_dim, q.dtype, allow_tf32, bias.numel() > 0, seed is not None, relative_bias is not None)
+        head_dim, q.dtype, allow_tf32, bias.numel() > 0, seed is not None, relative_bias is not None,
+        cos is not None)
     q, scale = _positive_scale(q, scale)
     _attention_fwd_kernel[(cdiv(max_seqlen, block_m), batch * heads)](
-        q, k, v, out, stats, mask, lengths, bias,
+        q, k, v, out, stats, mask, lengths, bias, *_rotary_args(cos, sin, q),
         cu_seqlens if packed else _unused(q.device, torch.int32), _seed_argument(seed, q),
         *_bsh_strides(q, packed), *_bsh_strides(k, packed), *_bsh_strides(v, packed),
         *_bsh_strides(out, packed), *mask_bias_strides,
-        heads, max_seqlen, _scale_log2(scale), dropout_p,
+        heads, max_seqlen, _scale_log2(scale), dropout_p, 0 if window is None else window,
         HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), BLOCK_M=block_m,
         BLOCK_N=block_n, PACKED=packed, HAS_KEY_MASK=key_padding_mask is not None,
         HAS_BIAS=bias.numel() > 0, RELATIVE_BIAS=relative_bias is not None, HAS_DROPOUT=seed is not None,
-        ALLOW_TF32=allow_tf32, num_warps=num_warps, num_stages=num_stages,
+        WINDOW=window is not None, ROTARY=cos is not None, ALLOW_TF32=allow_tf32, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out, stats
 
@@ -164,7 +175,7 @@ _attention_fwd = torch.library.custom_op("fastencoder::attention_fwd", _attentio
 
 @_attention_fwd.register_fake
 def _(q, k, v, key_padding_mask, bias, relative_bias, cu_seqlens, seed, max_seqlen, scale, dropout_p,
-      allow_tf32):
+      allow_tf32, window, cos, sin):
     batch, heads, _ = _layout(q, cu_seqlens, max_seqlen)
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
         (batch, heads, 2, max_seqlen), dtype=torch.float32
@@ -176,7 +187,8 @@ def _attention_bwd_impl(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     stats: torch.Tensor, key_padding_mask: torch.Tensor | None, bias: torch.Tensor | None,
     relative_bias: torch.Tensor | None, cu_seqlens: torch.Tensor | None, seed: torch.Tensor | None,
-    max_seqlen: int, scale: float, dropout_p: float, allow_tf32: bool,
+    max_seqlen: int, scale: float, dropout_p: float, allow_tf32: bool, window: int | None,
+    cos: torch.Tensor | None, sin: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     packed = cu_seqlens is not None
     batch, heads, _ = _layout(q, cu_seqlens, max_seqlen)
@@ -197,8 +209,10 @@ def _attention_bwd_impl(
     flags = dict(
         HEAD_DIM=head_dim, BLOCK_D=block_d, PACKED=packed,
         HAS_KEY_MASK=key_padding_mask is not None, HAS_BIAS=bias.numel() > 0, RELATIVE_BIAS=relative,
-        HAS_DROPOUT=seed is not None, ALLOW_TF32=allow_tf32,
+        HAS_DROPOUT=seed is not None, WINDOW=window is not None, ROTARY=cos is not None, ALLOW_TF32=allow_tf32,
     )
+    window = 0 if window is None else window
+    cos, sin = _rotary_args(cos, sin, q)
     qkv_do_strides = (*_bsh_strides(q, packed), *_bsh_strides(k, packed),
                       *_bsh_strides(v, packed), *_bsh_strides(do, packed))
 
@@ -212,17 +226,17 @@ def _attention_bwd_impl(
     dk = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dv = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     (dkdv_m, dkdv_n, dkdv_warps, dkdv_stages), (dq_m, dq_n, dq_warps, dq_stages) = _bwd_configs(
-        head_dim, q.dtype, allow_tf32, bias.numel() > 0, relative)
+        head_dim, q.dtype, allow_tf32, bias.numel() > 0, relative, cos is not None)
     _attention_bwd_dkdv_kernel[(cdiv(max_seqlen, dkdv_n), batch * heads)](
-        q, k, v, do, dk, dv, stats, delta, mask, lengths, bias, dbias, cu_seqlens, seed_arg,
+        q, k, v, do, dk, dv, stats, delta, mask, lengths, bias, dbias, cos, sin, cu_seqlens, seed_arg,
         *qkv_do_strides, *_bsh_strides(dk, packed), *_bsh_strides(dv, packed), *mask_bias_strides,
-        heads, max_seqlen, scale, _scale_log2(scale), dropout_p,
+        heads, max_seqlen, scale, _scale_log2(scale), dropout_p, window,
         BLOCK_M=dkdv_m, BLOCK_N=dkdv_n, **flags, num_warps=dkdv_warps, num_stages=dkdv_stages,
     )
     _attention_bwd_dq_kernel[(cdiv(max_seqlen, dq_m), batch * heads)](
-        q, k, v, do, dq, stats, delta, mask, lengths, bias, cu_seqlens, seed_arg,
+        q, k, v, do, dq, stats, delta, mask, lengths, bias, cos, sin, cu_seqlens, seed_arg,
         *qkv_do_strides, *_bsh_strides(dq, packed), *mask_bias_strides,
-        heads, max_seqlen, scale, _scale_log2(scale), dropout_p,
+        heads, max_seqlen, scale, _scale_log2(scale), dropout_p, window,
         BLOCK_M=dq_m, BLOCK_N=dq_n, **flags, num_warps=dq_warps, num_stages=dq_stages,
     )
     if negative_scale:  # the kernels' dQ is the gradient of -q
@@ -240,7 +254,7 @@ _attention_bwd = torch.library.custom_op("fastencoder::attention_bwd", _attentio
 
 @_attention_bwd.register_fake
 def _(do, q, k, v, out, stats, key_padding_mask, bias, relative_bias, cu_seqlens, seed, max_seqlen,
-      scale, dropout_p, allow_tf32):
+      scale, dropout_p, allow_tf32, window, cos, sin):
     grads = tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
     drelative = q.new_empty((0,), dtype=torch.float32) if relative_bias is None else torch.empty_like(
         relative_bias, memory_format=torch.contiguous_format)
@@ -249,19 +263,19 @@ def _(do, q, k, v, out, stats, key_padding_mask, bias, relative_bias, cu_seqlens
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, key_padding_mask, bias, relative_bias, cu_seqlens, seed, max_seqlen, scale, dropout_p,
-     allow_tf32) = inputs
+     allow_tf32, window, cos, sin) = inputs
     out, stats = output
-    ctx.save_for_backward(q, k, v, out, stats, key_padding_mask, bias, relative_bias, cu_seqlens, seed)
-    ctx.arguments = (max_seqlen, scale, dropout_p, allow_tf32)
+    ctx.save_for_backward(q, k, v, out, stats, key_padding_mask, bias, relative_bias, cu_seqlens, seed, cos, sin)
+    ctx.arguments = (max_seqlen, scale, dropout_p, allow_tf32, window)
 
 
 def _backward(ctx, dout, _dstats):
-    q, k, v, out, stats, key_padding_mask, bias, relative_bias, cu_seqlens, seed = ctx.saved_tensors
+    q, k, v, out, stats, key_padding_mask, bias, relative_bias, cu_seqlens, seed, cos, sin = ctx.saved_tensors
     dq, dk, dv, drelative = _call_attention_bwd(
-        dout, q, k, v, out, stats, key_padding_mask, bias, relative_bias, cu_seqlens, seed, *ctx.arguments
+        dout, q, k, v, out, stats, key_padding_mask, bias, relative_bias, cu_seqlens, seed, *ctx.arguments, cos, sin
     )
     drelative = None if relative_bias is None else drelative
-    return dq, dk, dv, None, None, drelative, None, None, None, None, None, None
+    return dq, dk, dv, None, None, drelative, None, None, None, None, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -325,8 +339,7 @@ def attention(q, k, v, *, key_padding_mask=None, bias=None, relative_bias=None, 
     if window is not None and window >= (q.shape[1] if cu_seqlens is None else max_seqlen) - 1:
         window = None  # every key of every sequence is in every window
     rotary = None if rotary is None else tuple(rotary)
-    if (not backend.use_triton(q.device, q.dtype) or head_dim not in SUPPORTED_HEAD_DIMS
-            or window is not None or rotary is not None):
+    if not backend.use_triton(q.device, q.dtype) or head_dim not in SUPPORTED_HEAD_DIMS:
         return attention_torch(q, k, v, key_padding_mask=key_padding_mask, bias=bias, relative_bias=relative_bias,
                                scale=scale, dropout_p=dropout_p, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                window=window, rotary=rotary)
@@ -348,14 +361,16 @@ def attention(q, k, v, *, key_padding_mask=None, bias=None, relative_bias=None, 
         raise ValueError(f"the Triton attention takes at most {MAX_BATCH_HEADS} heads, got {heads}")
     if batch * heads > MAX_BATCH_HEADS:
         return _in_batch_chunks(q, k, v, key_padding_mask, bias, relative_bias, scale, dropout_p, cu_seqlens,
-                                max_seqlen)
+                                max_seqlen, window, rotary)
     seed = _draw_dropout_seed() if dropout_p > 0 else None
     allow_tf32 = q.dtype == torch.float32 and backend.allows_tf32()
+    cos, sin = (None, None) if rotary is None else rotary
     return _call_attention_fwd(q, k, v, key_padding_mask, bias, relative_bias, cu_seqlens, seed, max_seqlen,
-                               scale, dropout_p, allow_tf32)[0]
+                               scale, dropout_p, allow_tf32, window, cos, sin)[0]
 
 
-def _in_batch_chunks(q, k, v, key_padding_mask, bias, relative_bias, scale, dropout_p, cu_seqlens, max_seqlen):
+def _in_batch_chunks(q, k, v, key_padding_mask, bias, relative_bias, scale, dropout_p, cu_seqlens, max_seqlen,
+                     window, rotary):
     """`attention` over chunks of at most MAX_BATCH_HEADS // heads sequences, concatenated."""
     batch, heads, _ = _layout(q, cu_seqlens, max_seqlen)
     per_bias_batch = bias is not None and bias.dim() == 4 and bias.shape[0] > 1
@@ -370,7 +385,7 @@ def _in_batch_chunks(q, k, v, key_padding_mask, bias, relative_bias, scale, drop
         last = min(first + per_chunk, batch)
         sequences = slice(first, last)
         options = dict(scale=scale, dropout_p=dropout_p, bias=bias[sequences] if per_bias_batch else bias,
-                       relative_bias=relative_bias)
+                       relative_bias=relative_bias, window=window, rotary=rotary)
         if cu_seqlens is None:
             rows = sequences
             options["key_padding_mask"] = None if key_padding_mask is None else key_padding_mask[sequences]

@@ -113,3 +113,48 @@ def _exp2_shifted(qk, m, scale_log2, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         return tl.math.exp2((qk - m) * scale_log2)
     return tl.math.exp2(tl.fma(qk, scale_log2, -m))
+
+
+# Whether query q sees key k under a sliding window, |q - k| <= window: `q_idx` and `k_idx` are
+# positions within the sequence, broadcast against each other (either way round). One unsigned
+# compare: k - q + window is in [0, 2·window] exactly when |k - q| <= window.
+@triton.jit
+def _in_window(q_idx, k_idx, window):
+    shifted = (k_idx - q_idx + window).to(tl.uint32, bitcast=True)
+    return shifted <= (2 * window).to(tl.uint32, bitcast=True)
+
+
+# The blocks of OTHER positions (keys for a block of queries, or queries for a block of keys,
+# blocks at multiples of OTHER from the sequence's start) that the OWN positions first..first+OWN-1
+# reach through a window, below `limit` (the visible keys, or the sequence's queries; full_end:
+# where its last, partial block starts): (lo, inner_lo, inner_hi, whole, tail). The whole blocks
+# from lo below inner_lo and from inner_hi below `whole` hold pairs outside the window (the edges,
+# masked); those from inner_lo below inner_hi are in every OWN position's window (the interior,
+# unmasked); tail: whether the partial block is reached (masked, bounds-checked). Blocks outside
+# these hold no pair in a window and are never visited.
+@triton.jit
+def _window_blocks(first, limit, full_end, window, OWN: tl.constexpr, OTHER: tl.constexpr):
+    lo = tl.maximum(first - window, 0)
+    lo = lo - lo % OTHER
+    end = tl.minimum(first + OWN + window, limit)
+    tail = (full_end >= lo) & (full_end < end)
+    whole = tl.maximum(tl.minimum(end, full_end), lo)
+    # interior: blocks [t, t + OTHER) with first + OWN - 1 - window <= t and t + OTHER - 1 <= first + window
+    inner_lo = tl.maximum(first + OWN - 1 - window, lo)
+    inner_lo = tl.minimum((inner_lo + OTHER - 1) // OTHER * OTHER, whole)
+    inner_hi = tl.maximum(tl.minimum((first + window + 1) // OTHER * OTHER, whole), inner_lo)
+    return lo, inner_lo, inner_hi, whole, tail
+
+
+# The start of the i-th edge block of `_window_blocks` (the blocks below inner_lo, then those
+# from inner_hi): both edges in one loop, one copy of the masked block's code.
+@triton.jit
+def _edge_block(i, lo, inner_lo, inner_hi, OTHER: tl.constexpr):
+    below = (inner_lo - lo + OTHER - 1) // OTHER
+    return tl.where(i < below, lo + i * OTHER, inner_hi + (i - below) * OTHER)
+
+
+# How many edge blocks `_window_blocks` gives.
+@triton.jit
+def _edge_blocks(lo, inner_lo, inner_hi, whole, OTHER: tl.constexpr):
+    return (inner_lo - lo + OTHER - 1) // OTHER + (whole - inner_hi + OTHER - 1) // OTHER
