@@ -47,8 +47,9 @@ def main(argv=None):
                         add_help=False)
     compare_parser = commands.add_parser(
         "compare", help="pretrain BERT (MLM+NSP) and ALBERT (MLM+SOP), fine-tune both, compare them")
-    compare_parser.add_argument("--preset", choices=("tiny", "small", "base"), default="tiny",
-                                help="model and run size: tiny (a CPU), small, base (BERT-base; a GPU)")
+    compare_parser.add_argument("--preset", choices=("tiny", "cpu", "small", "base"), default="tiny",
+                                help="model and run size: tiny (a quick look), cpu (every task learned on a "
+                                     "CPU), small, base (BERT-base; a GPU)")
     compare_parser.add_argument("--corpus", type=Path, nargs="+", default=(),
                                 help="text files, documents separated by blank lines (default: Python's "
                                      "standard library docstrings)")

@@ -1,4 +1,5 @@
 """`fastencoder compare` end to end at smoke size: a couple of pretraining steps, then every output."""
+import dataclasses
 import json
 import statistics
 
@@ -123,8 +124,28 @@ def test_compare_on_user_files(tmp_path):
                      "--classification", str(tmp_path / "labels.jsonl"), "--qa", str(tmp_path / "qa.json"),
                      "--steps", "1", "--out", str(tmp_path / "again")]) == 0
     assert not (tmp_path / "again" / "tokenizer").exists()
-    # a corpus of four sentences repeated cannot yield the odd-word task: a clear error, not a crash
     with pytest.raises(ValueError, match="seeds must be at least 1"):
         cli.main(["compare", "--corpus", str(tmp_path / "corpus.txt"), "--seeds", "0", "--out", str(tmp_path / "x")])
+    # a corpus of four sentences repeated cannot yield the odd-word task: a clear error, not a crash
     with pytest.raises(ValueError, match="too small"):
         cli.main(["compare", "--corpus", str(tmp_path / "corpus.txt"), "--steps", "1", "--out", str(tmp_path / "x")])
+
+
+def test_compare_cpu_preset_is_offered_and_valid(monkeypatch):
+    """The cpu preset (its training takes minutes: only its wiring and settings are checked here)."""
+    from fastencoder import compare
+    from fastencoder.compare import experiment
+
+    calls = []
+    monkeypatch.setattr(compare, "run", lambda **arguments: calls.append(arguments))
+    assert cli.main(["compare", "--preset", "cpu", "--seeds", "3"]) == 0
+    assert calls[0]["preset"] == "cpu" and calls[0]["seeds"] == 3
+    cpu, tiny = compare.PRESETS["cpu"], compare.PRESETS["tiny"]
+    assert cpu.steps * cpu.batch_size > tiny.steps * tiny.batch_size  # more pretraining than the quick look
+    assert cpu.embedding_size < cpu.hidden_size  # ALBERT's embeddings factorised
+    with pytest.raises(ValueError, match="multiple of num_attention_heads"):
+        dataclasses.replace(cpu, num_attention_heads=3)
+    with pytest.raises(ValueError, match="steps must be a positive integer.*warmup_share must be in"):
+        dataclasses.replace(cpu, steps=0, warmup_share=1.0)
+    with pytest.raises(ValueError, match="preset must be one of"):
+        experiment.run(preset="gpu")
