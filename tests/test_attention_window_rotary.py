@@ -7,6 +7,7 @@ adds one rounding of the rotated q and k to q's dtype (2^-11 relative in fp16, a
 inputs themselves), inside them."""
 import importlib
 import math
+import operator
 
 import pytest
 import torch
@@ -235,6 +236,26 @@ def test_kernels_match_float64(triton_backend, kernel_launches, poisoned_allocat
             kwargs["key_padding_mask"] = _lengths_mask([seqlen, 4, seqlen - 17], seqlen, True, "cpu")
             kwargs["key_padding_mask"][0] = torch.rand(seqlen) < 0.7
     _kernels_against_float64(kernel_launches, qkv, dtype, **kwargs)
+
+
+@pytest.mark.parametrize("with_rotary", [False, True], ids=["window", "window-rotary"])
+def test_kernels_run_their_configurations(triton_backend, launch_arguments, with_rotary):
+    """A rotary call runs the rotary tiles in all three kernels; a window alone runs the plain ones."""
+    configs = importlib.import_module("fastencoder.kernels.attention.configs")
+    names = ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel")
+    torch.manual_seed(2)
+    qkv = _qkv((2, 20, 2, 16), torch.float16)
+    kwargs = dict(window=5, rotary=rotary_tables(20, 16)) if with_rotary else dict(window=5)
+    attention(*qkv.unbind(-3), **kwargs).sum().backward()
+    expected = dict(zip(names, (
+        configs._fwd_config(16, torch.float16, False, False, False, rotary=with_rotary),
+        *configs._bwd_configs(16, torch.float16, False, False, rotary=with_rotary))))
+    launched = {name: (arguments["BLOCK_M"], arguments["BLOCK_N"], arguments["num_warps"], arguments["num_stages"])
+                for name, arguments in launch_arguments if name in names}
+    assert launched == expected
+    key = ("16", 64, False)  # the two tables differ in every kernel, so the comparison tells them apart
+    assert all(map(operator.ne, (configs._ROTARY_FWD_CONFIGS[key], *configs._ROTARY_BWD_CONFIGS[key]),
+                   (configs._FWD_CONFIGS[key], *configs._BWD_CONFIGS[key])))
 
 
 @pytest.mark.parametrize("extra", ["bias", "relative-bias", "dropout"])

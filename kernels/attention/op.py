@@ -226,7 +226,7 @@ def _attention_bwd_impl(
     dk = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dv = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     (dkdv_m, dkdv_n, dkdv_warps, dkdv_stages), (dq_m, dq_n, dq_warps, dq_stages) = _bwd_configs(
-        head_dim, q.dtype, allow_tf32, bias.numel() > 0, relative, cos is not None)
+        head_dim, q.dtype, allow_tf32, bias.numel() > 0, relative, flags["ROTARY"])
     _attention_bwd_dkdv_kernel[(cdiv(max_seqlen, dkdv_n), batch * heads)](
         q, k, v, do, dk, dv, stats, delta, mask, lengths, bias, dbias, cos, sin, cu_seqlens, seed_arg,
         *qkv_do_strides, *_bsh_strides(dk, packed), *_bsh_strides(dv, packed), *mask_bias_strides,
