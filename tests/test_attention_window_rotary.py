@@ -193,6 +193,23 @@ def test_torch_path_windows_run_in_chunks_of_queries(torch_backend, monkeypatch,
                      rotary=rotary)
 
 
+@pytest.mark.parametrize("window, queries_per_call", [(5, 32), (40, 40)])
+def test_torch_path_windows_on_the_cpu_run_in_chunks_of_a_window(torch_backend, monkeypatch, window,
+                                                                 queries_per_call):
+    """On the CPU a chunk holds about a window's queries (at least 32): the keys outside every
+    window of a chunk are not computed at all, against the float64 reference."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *args, **kwargs: calls.append(q.shape[-2]) or sdpa(q, *args, **kwargs))
+    torch.manual_seed(5)
+    seqlen = 100
+    qkv = _qkv((2, seqlen, 2, 16), torch.float32)
+    _against_float64(qkv, torch.float32, window=window)
+    chunks = [min(queries_per_call, seqlen - first) for first in range(0, seqlen, queries_per_call)]
+    assert calls == chunks
+
+
 KERNELS = {"_attention_fwd_kernel", "_attention_bwd_delta_kernel", "_attention_bwd_dkdv_kernel",
            "_attention_bwd_dq_kernel"}
 
