@@ -144,12 +144,17 @@ _IN_PLACE_ACTIVATIONS = {
 
 
 def linear_torch(x, weight, bias=None, activation=None, residual=None):
-    """The fast PyTorch path of `linear`: one GEMM with the bias added in it (cuBLAS, oneDNN),
+    """The fast PyTorch path of `linear`: one GEMM with the bias added in it (cuBLAS, MKL),
     then the activation and the residual add in place on its output when autograd keeps no
     reference to it (inference), so no further buffer is allocated. On the CPU, large fp32
-    inference GEMMs run in oneDNN with the activation and residual fused (kernels/onednn.py)."""
+    inference GEMMs run in oneDNN with the activation and residual fused where that is faster
+    (kernels/onednn.py)."""
     if onednn.takes(x, weight, bias, residual):
-        return onednn.linear(x, weight, bias, activation, residual)
+        return onednn.fastest(_linear_then_epilogue, x, weight, bias, activation, residual)
+    return _linear_then_epilogue(x, weight, bias, activation, residual)
+
+
+def _linear_then_epilogue(x, weight, bias, activation, residual):
     y = torch.nn.functional.linear(x, weight, bias)
     if y.requires_grad:
         y = TORCH_ACTIVATIONS[activation](y)
@@ -311,9 +316,9 @@ def geglu_linear_torch(x, weight, bias=None, activation="gelu"):
     """The fast PyTorch path of `geglu_linear`: one GEMM (bias added in it), then, when autograd
     keeps no reference to its output (inference), the activation and the gate in place on its
     first half: the result is a view of the GEMM's output (rows 2·I elements apart), no further
-    buffer allocated. Large fp32 CPU inference GEMMs run in oneDNN, as in `linear_torch`."""
+    buffer allocated. Large fp32 CPU inference GEMMs run in oneDNN where faster, as in `linear_torch`."""
     if onednn.takes(x, weight, bias, None):
-        u, gate = onednn.linear(x, weight, bias).chunk(2, -1)
+        u, gate = onednn.fastest(_linear_then_epilogue, x, weight, bias).chunk(2, -1)
     else:
         u, gate = torch.nn.functional.linear(x, weight, bias).chunk(2, -1)
     if u.requires_grad:

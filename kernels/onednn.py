@@ -1,14 +1,18 @@
 """The CPU's fp32 linear layer in one oneDNN call: act(x · Wᵀ + b) (+ residual) with the activation
 and the residual add as post-ops of the GEMM.
 
-oneDNN's fp32 GEMM runs BERT-sized projections 5-15 % faster than the MKL `addmm` behind
-`F.linear` on AVX-512 CPUs, and its post-ops apply GELU, ReLU and the residual add while the output
-tile is still in cache instead of in a second pass over memory. It has no autograd formula, so it
-serves inference only (no input requiring grad, or grad off); below MIN_MULTIPLY_ADDS its per-call
-setup (~15 µs) costs more than it saves; under torch.compile Inductor plans the GEMMs itself.
+Its post-ops apply GELU, ReLU and the residual add while the output tile is still in cache instead
+of in a second pass over memory. Whether that wins depends on the CPU: on one AVX-512 Xeon
+oneDNN's GEMM ran BERT-sized projections 5-15 % faster than the MKL `addmm` behind `F.linear`, on
+another 2-9 % slower, GELU fused included. So `fastest` times both once per shape on the first
+call's inputs and keeps the faster. oneDNN has no autograd formula, so it serves inference only
+(no input requiring grad, or grad off); below MIN_MULTIPLY_ADDS its per-call setup (~15 µs) costs
+more than it saves; under torch.compile Inductor plans the GEMMs itself.
 Numerics: fp32 products and sums as `F.linear` (a different summation order: ~1e-6 relative),
 GELU in fp32 to within a few ulps of PyTorch's.
 """
+import time
+
 import torch
 
 # activation -> (oneDNN post-op, its algorithm)
@@ -44,3 +48,28 @@ def linear(x, weight, bias=None, activation=None, residual=None):
     post_op, algorithm = _POST_OPS[activation]
     y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op, [], algorithm)
     return y if residual is None else y.add_(residual)
+
+
+# (rows rounded up to a power of two, K, N, activation, residual layout, bias) -> oneDNN was faster
+_ONEDNN_FASTER = {}
+TIMED_RUNS = 3
+
+
+def fastest(plain, x, weight, bias=None, activation=None, residual=None):
+    """linear(...) or plain(...) (the same result another way: F.linear and the epilogue in place),
+    whichever ran faster at this shape on this CPU. A shape seen first is timed on its inputs, each
+    way warmed up once and then the best of TIMED_RUNS kept; the last run's output is returned."""
+    layout = None if residual is None else residual.is_contiguous()
+    key = (1 << (x.numel() // x.shape[-1] - 1).bit_length(), *weight.shape, activation, layout, bias is None)
+    if key in _ONEDNN_FASTER:
+        run = linear if _ONEDNN_FASTER[key] else plain
+        return run(x, weight, bias, activation, residual)
+    seconds = {}
+    for run in (linear, plain):
+        out = run(x, weight, bias, activation, residual)
+        for _ in range(TIMED_RUNS):
+            start = time.perf_counter()
+            out = run(x, weight, bias, activation, residual)
+            seconds[run] = min(seconds.get(run, float("inf")), time.perf_counter() - start)
+    _ONEDNN_FASTER[key] = seconds[linear] < seconds[plain]
+    return out

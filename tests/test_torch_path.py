@@ -4,6 +4,7 @@ tests/test_attention.py, test_linear.py and test_layer_norm.py): the same checks
 These run on the CPU without the interpreter, so shapes can be those of real models."""
 import importlib
 import math
+import time
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from fastencoder.kernels.padding import pad_reference, pad_torch, unpad_referenc
 
 # the module, not the function fastencoder.kernels exports under the same name
 attention_module = importlib.import_module("fastencoder.kernels.attention.reference")
+linear_module = importlib.import_module("fastencoder.kernels.linear")
 
 # as for the kernels (tests/test_attention.py): fp32 ~1e-6 measured, 1e-4 with margin; 16-bit from
 # the rounding of P and of the outputs
@@ -247,11 +249,44 @@ def test_linear_matches_float64(no_kernels, activation, with_grad):
 
 @pytest.fixture
 def onednn_calls(monkeypatch):
-    """The calls that linear_torch hands to oneDNN (kernels/onednn.py)."""
+    """The calls that linear_torch hands to oneDNN (kernels/onednn.py), oneDNN taken as the faster."""
     calls = []
     run = onednn.linear
-    monkeypatch.setattr(onednn, "linear", lambda *args: calls.append(args) or run(*args))
+    monkeypatch.setattr(onednn, "fastest", lambda plain, *args: calls.append(args) or run(*args))
     return calls
+
+
+@pytest.mark.skipif(not onednn._AVAILABLE, reason="this torch is built without oneDNN")
+@pytest.mark.parametrize("slower", ["onednn", "plain"])
+def test_onednn_or_f_linear_whichever_was_faster_at_the_shape(no_kernels, monkeypatch, slower):
+    """The first call at a shape times oneDNN and F.linear (with the epilogue in place) and keeps the
+    faster for that shape; other shapes are timed on their own. Here one way is slowed down by 20 ms."""
+    monkeypatch.setattr(onednn, "_ONEDNN_FASTER", {})
+    calls = {"onednn": 0, "plain": 0}
+
+    def counted(name, run):
+        def wrapper(*args):
+            calls[name] += 1
+            if name == slower:
+                time.sleep(0.02)
+            return run(*args)
+        return wrapper
+
+    monkeypatch.setattr(onednn, "linear", counted("onednn", onednn.linear))
+    monkeypatch.setattr(linear_module, "_linear_then_epilogue", counted("plain", linear_module._linear_then_epilogue))
+    x, weight, bias, residual = torch.randn(2, 129, 768), torch.randn(1024, 768) / 768**0.5, torch.randn(1024), \
+        torch.randn(2, 129, 1024)
+    expected = linear_reference(x.double(), weight.double(), bias.double(), "gelu", residual.double())
+    with torch.no_grad():
+        for _ in range(3):
+            _check_close("y", linear(x, weight, bias, "gelu", residual=residual), expected, (1e-4, 1e-4))
+        timed = dict(calls)
+        linear(x, weight, bias)  # another shape (no epilogue): timed anew
+    runs = 1 + onednn.TIMED_RUNS
+    faster = "plain" if slower == "onednn" else "onednn"
+    assert timed == {slower: runs, faster: runs + 2}
+    assert calls == {slower: 2 * runs, faster: 2 * runs + 2}
+    assert set(onednn._ONEDNN_FASTER.values()) == {faster == "onednn"}
 
 
 @pytest.mark.skipif(not onednn._AVAILABLE, reason="this torch is built without oneDNN")
