@@ -223,11 +223,13 @@ def _kernels_against_float64(kernel_launches, qkv, dtype, **kwargs):
     return out
 
 
-# Tiles: fp32 ("ieee") 32x32 forward, 16x16 backward blocks; fp16 128x64 forward, 16x64 dK/dV,
-# 128x32 dQ blocks. fp32 at 45 tokens and fp16 at 150 cross every block edge of each kernel (D = 16:
-# each rotated half padded to 16 dims in the kernels); the windows: the diagonal only, narrower than
-# a block, crossing several, wider than the sequence (no window: rotary embeddings alone); the
-# packed and masked rows include sequences shorter than a window and an empty one.
+# Tiles (kernels/attention/configs.py): fp32 ("ieee") 32x32 forward, 16x16 backward blocks, 16x16
+# everywhere with rotary embeddings; fp16 128x64 forward, 16x64 dK/dV, 128x32 dQ blocks, 128x32
+# forward and 16x16 backward with rotary embeddings. fp32 at 45 tokens and fp16 at 150 cross every
+# block edge of each kernel (D = 16: each rotated half padded to 16 dims in the kernels); the
+# windows: the diagonal only, narrower than a block, crossing several, wider than the sequence (no
+# window: rotary embeddings alone); the packed and masked rows include sequences shorter than a
+# window and an empty one.
 KERNEL_CASES = [(torch.float32, 16, 45), (torch.float16, 32, 150)]
 
 
