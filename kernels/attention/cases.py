@@ -56,18 +56,19 @@ def _launches(head_dim, dtype, allow_tf32):
     At the BERT-family precisions and head dims: each layout (padded without a mask, with a key
     padding mask, packed) with and without dropout, with a bias its heaviest variant, and with a
     relative bias (MPNet's) that and the packed one without dropout (inference's). Elsewhere one
-    variant per config, with the key mask, dropout and (if it serves a bias) the bias, and the same
-    with a relative bias: every flag only adds to the same tiles (a mask or bias load, Philox rounds), and the padded layout
-    with a key mask is heavier than the packed one, which differs only in two scalar loads of
-    cu_seqlens before the tiles."""
+    variant per config and bias: with the key mask and dropout, with and without the bias, and the
+    same with a relative bias. A flag adds to the same tiles (a mask or bias load, Philox rounds),
+    and the padded layout with a key mask is heavier than the packed one, which differs only in two
+    scalar loads of cu_seqlens before the tiles; but a bias also changes the loops' structure (one
+    loop where registers are short, see forward.py), so a config serving both runs both."""
     every = dtype != torch.float32 and head_dim in _EVERY_VARIANT_HEAD_DIMS
 
     def flags(layout, has_bias, has_dropout, relative=False, window=False, rotary=False):
         return dict(PACKED=layout == "packed", HAS_KEY_MASK=layout == "mask", HAS_BIAS=has_bias,
                     RELATIVE_BIAS=relative, HAS_DROPOUT=has_dropout, WINDOW=window, ROTARY=rotary)
 
-    launches = {}  # keyed by (kernel, config) alone where one variant stands for the config
-    for has_bias in (False, True):  # a config serving both keeps the heavier flags, with the bias
+    launches = {}  # keyed by (kernel, config, has_bias) where one variant stands for the config
+    for has_bias in (False, True):
         dkdv, dq = _bwd_configs(head_dim, dtype, allow_tf32, has_bias)
         relative_dkdv, relative_dq = _bwd_configs(head_dim, dtype, allow_tf32, has_bias, relative=True)
         for has_dropout in (False, True):
@@ -85,8 +86,8 @@ def _launches(head_dim, dtype, allow_tf32):
                     # a relative bias: training's heaviest, and inference's padding-free default
                     launches[kernel, relative_config, "relative", has_dropout] = flags(
                         "mask" if has_dropout else "packed", True, has_dropout, relative=True)
-                elif has_dropout or (kernel, config) not in launches:
-                    launches[kernel, config] = flags("mask", has_bias, has_dropout)
+                elif has_dropout or (kernel, config, has_bias) not in launches:
+                    launches[kernel, config, has_bias] = flags("mask", has_bias, has_dropout)
                     if has_bias:
                         launches[kernel, relative_config, "relative"] = flags("mask", True, has_dropout,
                                                                              relative=True)

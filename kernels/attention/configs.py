@@ -7,13 +7,12 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 # Launch configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages), keyed by (precision, head-dim
 # bucket, has bias). Every one is listed in compile_cases() and checked there to compile without
 # register spills for sm_80 and sm_90a, for every head dim it serves, under the Triton releases
-# that supported torches pin (3.6, 3.8, 3.9: register allocation differs between them; under 3.6,
-# a few fp32 "ieee" dK/dV and dQ variants with a bias (or a relative bias's dQ) and dropout keep
-# 8 B of stack at some head dims whatever the tile, see the README). What the registers must hold
-# grows with the head dim (the [rows, D] fp32 accumulators), with fp32 operands, with a bias tile (loaded, then moved into
-# the dot's layout) and with dropout's Philox rounds; the biggest tiles that stay spill-free with
-# all of them are below. Precision "16" is fp16/bf16 (tensor cores), "tf32" is fp32 on tensor
-# cores, "ieee" is fp32 on the FMA units (no wgmma, so small tiles).
+# that supported torches pin (3.6, 3.8, 3.9: register allocation differs between them). What the
+# registers must hold grows with the head dim (the [rows, D] fp32 accumulators), with fp32
+# operands, with a bias tile (loaded, then moved into the dot's layout) and with dropout's Philox
+# rounds; the biggest tiles that stay spill-free with all of them are below. Precision "16" is
+# fp16/bf16 (tensor cores), "tf32" is fp32 on tensor cores, "ieee" is fp32 on the FMA units (no
+# wgmma, so small tiles).
 _FWD_CONFIGS = {
     ("16", 64, False): (128, 64, 8, 2),
     ("16", 64, True): (128, 64, 8, 2),
@@ -53,24 +52,34 @@ _BWD_CONFIGS = {  # (dK/dV kernel config, dQ kernel config)
     # dK/dV with a bias at D >= 80: 4 warps spill 16-24 B on sm_90a under Triton 3.8 (255 registers
     # on sm_80); 8 warps, one CTA per SM, keep as many warps resident as two CTAs of 4
     ("16", 128, True): ((16, 64, 8, 2), (64, 32, 4, 1)),
-    ("tf32", 64, False): ((16, 64, 4, 1), (64, 16, 4, 1)),
+    # dK/dV without a bias on 8 warps: 4 keep 16 B of stack at D = 64 on sm_80 with dropout under 3.6
+    ("tf32", 64, False): ((16, 64, 8, 1), (64, 16, 4, 1)),
     ("tf32", 64, True): ((16, 64, 4, 1), (64, 16, 4, 1)),
     # TF32 at D >= 80. dK/dV: 64-key tiles (wgmma's minimum) spill, fp32 K, V, dK and dV tiles
     # being 4x as many registers as fp16 K, V: 32-key tiles run on mma.sync instead of wgmma, and
     # with a bias 16-key ones (16x32 spills 16 B on sm_90a under Triton 3.6). dQ: 64x16 spills
-    # 128 B (216-224 B with a bias) on sm_90a under Triton 3.8; 32x32 holds the same tile.
-    ("tf32", 128, False): ((16, 32, 4, 1), (32, 32, 4, 1)),
+    # 128 B (216-224 B with a bias) on sm_90a under Triton 3.8; 32x32 holds the same tile (without a
+    # bias in two stages: one keeps 32 B of stack at D = 80, 96 on sm_80 with dropout under 3.6).
+    ("tf32", 128, False): ((16, 32, 4, 1), (32, 32, 4, 2)),
     ("tf32", 128, True): ((16, 16, 8, 1), (32, 32, 4, 1)),
     # dK/dV: 32-key tiles spill with dropout (D = 64 on sm_90a; with a bias, D = 32 on sm_80), and
     # 4 warps spill under Triton 3.8 (8 B at D = 16 on sm_80, 16 B with a bias at D = 32 on sm_90a)
-    # dQ without a bias: 4 warps hold 720 B of stack with the key mask and dropout
-    ("ieee", 64, False): ((16, 16, 8, 1), (16, 16, 8, 1)),
-    # dQ with a bias and dropout: one stage keeps 8 B of stack on sm_80 under Triton 3.8
-    ("ieee", 64, True): ((16, 16, 8, 1), (16, 16, 4, 2)),
+    # dQ without a bias: 4 warps hold 720 B of stack with the key mask and dropout; dK/dV without a
+    # bias in two stages: one keeps 8 B at D = 16 on sm_90a under 3.9 (16x32 and 32x16: 630-720 B)
+    ("ieee", 64, False): ((16, 16, 8, 2), (16, 16, 8, 1)),
+    # with a bias and dropout: dQ in one stage keeps 8 B of stack on sm_80 under Triton 3.8; dK/dV
+    # 16x16 on 8 warps 8 B at D = 64 on sm_80 under 3.6 (4 warps: 16 B at D = 32 on sm_90a under 3.8)
+    ("ieee", 64, True): ((32, 16, 8, 1), (16, 16, 4, 2)),
     # dQ: with 4 warps, dropout's draws spill at D = 80, 96 (on sm_90a with a bias; on sm_80 without
-    # one, under Triton 3.6)
+    # one, under Triton 3.6). dK/dV with a bias and dropout: one stage keeps 8 B of stack at D = 80,
+    # 96 on sm_80 under 3.6 (8 warps: 8-16 B at D >= 80 there)
     ("ieee", 128, False): ((16, 16, 4, 1), (16, 16, 8, 1)),
-    ("ieee", 128, True): ((16, 16, 4, 1), (16, 16, 8, 1)),
+    ("ieee", 128, True): ((16, 16, 4, 2), (16, 16, 8, 1)),
+}
+# Head dims whose variants spill in their bucket's configs, keyed by (precision, head dim, has bias):
+# 16-bit dQ at D = 16 without a bias, where 128x32 keeps 8 B of stack on sm_80 with dropout.
+_HEAD_DIM_BWD_CONFIGS = {
+    ("16", 16, False): ((16, 64, 4, 2), (64, 32, 4, 2)),
 }
 # A relative bias (MPNet's) runs the bias's configs, but where its fp32 table's loads and its
 # gradient's atomic adds in dK/dV need other ones: keyed by (precision, head dim) or (precision,
@@ -79,6 +88,7 @@ _BWD_CONFIGS = {  # (dK/dV kernel config, dQ kernel config)
 # under 3.6 (8 warps hold).
 _RELATIVE_BWD_CONFIGS = {
     ("ieee", 32): ((32, 16, 8, 1), (16, 16, 4, 1)),
+    ("ieee", 64): ((16, 16, 8, 1), (16, 16, 4, 2)),  # the bias's 32x16 dK/dV: 8 B at D = 64 on sm_80 (3.8, 3.9)
     ("ieee", 128): ((16, 16, 8, 1), (16, 16, 8, 1)),
     ("tf32", 128): ((16, 16, 8, 1), (32, 32, 4, 1)),
 }
@@ -88,7 +98,9 @@ _RELATIVE_BWD_CONFIGS = {
 # and dQ tiles keep that small enough (larger ones spill 24-1000 B with dropout; fp32 dQ, "ieee"
 # dK/dV and TF32 dK/dV at D > 64 with 8 warps: 4 spill 8-24 B); the forward takes 32-key blocks with 16-bit inputs (64
 # queries at D > 64: 128 spill 16 B on sm_80), 32x32 tiles with TF32 (64x32 spills 56 B at D = 64)
-# and 16x16 "ieee" (32x32 spills 16-800 B). Keyed as _FWD_CONFIGS and _BWD_CONFIGS.
+# and 16x16 "ieee" (32x32 spills 16-800 B). 16-bit dQ at D <= 64 on 8 warps: with a bias and
+# dropout, 4 keep 8 B of stack at D = 64 on sm_90a under Triton 3.6. Keyed as _FWD_CONFIGS and
+# _BWD_CONFIGS.
 _ROTARY_FWD_CONFIGS = {
     **{("16", 64, has_bias): (128, 32, 8, 2) for has_bias in (False, True)},
     **{("16", 128, has_bias): (64, 32, 4, 2) for has_bias in (False, True)},
@@ -98,7 +110,7 @@ _ROTARY_FWD_CONFIGS = {
 _ROTARY_BWD_CONFIGS = {
     (precision, bucket, has_bias): configs
     for precision, bucket, configs in (
-        ("16", 64, ((16, 16, 4, 1), (16, 16, 4, 1))), ("16", 128, ((16, 16, 4, 1), (16, 16, 4, 1))),
+        ("16", 64, ((16, 16, 4, 1), (16, 16, 8, 1))), ("16", 128, ((16, 16, 4, 1), (16, 16, 4, 1))),
         ("tf32", 64, ((16, 16, 4, 1), (16, 16, 8, 1))), ("tf32", 128, ((16, 16, 8, 1), (16, 16, 8, 1))),
         ("ieee", 64, ((16, 16, 8, 1), (16, 16, 8, 1))), ("ieee", 128, ((16, 16, 8, 1), (16, 16, 8, 1))))
     for has_bias in (False, True)
@@ -128,4 +140,4 @@ def _bwd_configs(head_dim, dtype, allow_tf32, has_bias, relative=False, rotary=F
         precision, bucket, _ = key
         return _RELATIVE_BWD_CONFIGS.get((precision, head_dim), _RELATIVE_BWD_CONFIGS.get(
             (precision, bucket), _BWD_CONFIGS[key]))
-    return _BWD_CONFIGS[key]
+    return _HEAD_DIM_BWD_CONFIGS.get((key[0], head_dim, key[2]), _BWD_CONFIGS[key])

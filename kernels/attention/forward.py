@@ -83,10 +83,11 @@ def _fwd_keys(acc, l_i, m_i, q, q2, K, V, KeyMask, Bias, Cos, Sin, seed, batch_h
                                                              window, BLOCK_M, BLOCK_N)
     else:
         lo, inner_lo, inner_hi, whole, tail = 0, 0, full_end, full_end, full_end < n_keys
-    # With a dense bias tile to load, or accumulators wider than 64, registers are short (sm_80
-    # spills with a second copy of the block code): one loop, every block bounds-checked (and
+    # With a dense bias tile to load, accumulators wider than 64 or fp32 dot products on the FMA
+    # units ("ieee": the operands in registers), registers are short (a second copy of the block
+    # code spills, up to 1.3 KB for "ieee" at D = 64): one loop, every block bounds-checked (and
     # banded). A relative bias's rows load as aligned vectors and fit the loops below.
-    if HAS_BIAS and not RELATIVE_BIAS or BLOCK_D > 64:
+    if HAS_BIAS and not RELATIVE_BIAS or BLOCK_D > 64 or precision == "ieee" and not RELATIVE_BIAS:
         for key_start in range(lo, tl.where(tail, n_keys, whole), BLOCK_N):
             acc, l_i, m_i = _fwd_block(
                 acc, l_i, m_i, q, q2, K, V, KeyMask, Bias, Cos, Sin, seed, batch_head, rows, bias_rows, dims,
