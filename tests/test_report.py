@@ -237,3 +237,31 @@ def test_the_report_compiles_what_the_ops_launch(device, triton_backend, launch_
     assert {"_attention_fwd_kernel", "_attention_bwd_delta_kernel", "_attention_bwd_dkdv_kernel",
             "_attention_bwd_dq_kernel", "_linear_kernel", "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel",
             "_unpad_kernel", "_pad_kernel"} <= launched
+
+
+def test_every_attention_config_compiles_with_and_without_a_bias():
+    """A config that serves calls with and without a dense bias is compiled both ways, with the key
+    mask and dropout: the flags change the loops' structure, not only what a tile loads (the no-bias
+    variants of such configs once spilled unseen behind their bias variant)."""
+    import importlib
+
+    configs = importlib.import_module("fastencoder.kernels.attention.configs")
+    kernels = importlib.import_module("fastencoder.kernels.attention.cases")
+    compiled = {(case["fn"], case["constexprs"]["HEAD_DIM"], case["name"].split()[5], case["constexprs"]["ALLOW_TF32"],
+                 case["constexprs"]["BLOCK_M"], case["constexprs"]["BLOCK_N"], case["num_warps"], case["num_stages"],
+                 case["constexprs"]["HAS_BIAS"])
+                for case in report.all_cases() if case["name"].startswith("attention_")
+                and "HAS_BIAS" in case["constexprs"] and case["constexprs"]["HAS_KEY_MASK"]
+                and case["constexprs"]["HAS_DROPOUT"] and not case["constexprs"]["RELATIVE_BIAS"]
+                and not case["constexprs"]["ROTARY"]}
+    for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        for allow_tf32 in (False, True) if dtype == torch.float32 else (False,):
+            for head_dim in configs.SUPPORTED_HEAD_DIMS:
+                for has_bias in (False, True):
+                    dkdv, dq = configs._bwd_configs(head_dim, dtype, allow_tf32, has_bias)
+                    fwd = configs._fwd_config(head_dim, dtype, allow_tf32, has_bias, True)
+                    for kernel, config in ((kernels._attention_fwd_kernel, fwd),
+                                           (kernels._attention_bwd_dkdv_kernel, dkdv),
+                                           (kernels._attention_bwd_dq_kernel, dq)):
+                        assert (kernel, head_dim, name, allow_tf32, *config, has_bias) in compiled, \
+                            (kernel.fn.__name__, head_dim, name, allow_tf32, config, has_bias)
