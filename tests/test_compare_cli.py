@@ -80,7 +80,7 @@ def test_compare_smoke_on_the_default_corpus_with_two_seeds(tmp_path, capsys):
     check_schema(result, "tiny", steps=2, seeds=2)
     bert = result["models"]["bert"]
     assert bert["runs"][0]["pretraining"]["loss"] != bert["runs"][1]["pretraining"]["loss"], "seeds differ"
-    assert set(bert["qa"]["trivial_baselines"]) == {"rarest_word", "first_word"}
+    assert set(bert["qa"]["trivial_baselines"]) == {"first_sentence", "last_sentence", "longest_sentence"}
     table = (tmp_path / "compare.md").read_text()
     assert "| parameters: total |" in table and "majority baseline" in table and "unigram baseline" in table
     assert " ± " in table
@@ -126,9 +126,11 @@ def test_compare_on_user_files(tmp_path):
     assert not (tmp_path / "again" / "tokenizer").exists()
     with pytest.raises(ValueError, match="seeds must be at least 1"):
         cli.main(["compare", "--corpus", str(tmp_path / "corpus.txt"), "--seeds", "0", "--out", str(tmp_path / "x")])
-    # a corpus of four sentences repeated cannot yield the odd-word task: a clear error, not a crash
-    with pytest.raises(ValueError, match="too small"):
-        cli.main(["compare", "--corpus", str(tmp_path / "corpus.txt"), "--steps", "1", "--out", str(tmp_path / "x")])
+    # a corpus of sentences longer than the backwards-sentence task takes: a clear error, not a crash
+    long = "The parser reads one token at a time and checks each of them against the grammar it was given."
+    (tmp_path / "long.txt").write_text("\n\n".join([f"{long} {long}"] * 20))
+    with pytest.raises(ValueError, match="too small to build the question-answering task"):
+        cli.main(["compare", "--corpus", str(tmp_path / "long.txt"), "--steps", "1", "--out", str(tmp_path / "x")])
 
 
 def test_compare_cpu_preset_is_offered_and_valid(monkeypatch):

@@ -36,23 +36,28 @@ def test_word_order_examples_hold_the_same_words_in_another_order():
             assert collections.Counter(text.split()) == collections.Counter(original.split())
 
 
-def test_odd_word_examples():
-    documents = [[sentence] for sentence in SENTENCES]
-    counts = collections.Counter({"window": 5, "gadget": 3, "the": 50})
-    examples = tasks.odd_word_examples(documents, counts, count=10, max_words=40, seed=0)
-    assert len(examples) == sum(len(s.split()) >= 12 for s in SENTENCES) == 3  # passages of 12 words or more
+def test_backwards_sentence_examples():
+    documents = [[sentence] for sentence in SENTENCES] + [["One two three four.", "Five six seven eight nine."]]
+    examples = tasks.backwards_sentence_examples(documents, count=50, max_words=40, seed=0)
+    assert len(examples) == 50
+    pool = [s for document in documents for s in document if 4 <= len(s.split()) <= 14]
     for example in examples:
         answer = example["answers"][0]
-        start, inserted = answer["answer_start"], answer["text"]
+        start, text = answer["answer_start"], answer["text"]
         context = example["context"]
-        assert example["question"] == tasks.ODD_WORD_QUESTION
-        assert context[start:start + len(inserted)] == inserted
-        original = next(s for s in SENTENCES if s[:start] == context[:start])
-        # one word replaced, by a word the passage did not hold
-        assert context[start + len(inserted):] == original[start + len(original) - len(context) + len(inserted):]
-        assert inserted not in original.lower().split() and inserted in counts
-    baselines = tasks.odd_word_baselines(examples, counts)
-    assert set(baselines) == {"rarest_word", "first_word"} and all(0 <= v <= 1 for v in baselines.values())
+        assert example["question"] == tasks.BACKWARDS_QUESTION
+        assert context[start:start + len(text)] == text
+        sentences = example["sentences"]
+        assert context == " ".join(f"({n}) {s}" for n, s in enumerate(sentences, 1))
+        assert sum(len(s.split()) for s in sentences) <= 40
+        # one sentence of the pool reversed word by word, the others as written, all distinct
+        original = " ".join(reversed(text.split()))
+        assert [s == text for s in sentences].count(True) == 1 and original in pool and original != text
+        assert all(s in pool for s in sentences if s != text) and len(set(sentences)) == len(sentences)
+    baselines = tasks.backwards_sentence_baselines(examples)
+    assert set(baselines) == {"first_sentence", "last_sentence", "longest_sentence"}
+    assert all(0 < v < 1 for v in baselines.values())
+    assert abs(baselines["first_sentence"] + baselines["last_sentence"] - 2 / 3) < 0.3  # the reversed one's place: uniform
 
 
 def test_classification_features(tokenizer):

@@ -220,16 +220,15 @@ def prepare_data(preset, corpus_paths, tokenizer_dir, classification_file, qa_fi
         train, evaluation = tasks.load_squad(qa_file, seed)
         data["qa"] = dict(name=Path(qa_file).name, baselines={})
     else:
-        counts = tasks.word_counts(train_documents)
         passage_words = preset.qa_max_length // 2
-        train = tasks.odd_word_examples(train_documents, counts, preset.qa_examples, passage_words, seed)
-        evaluation = tasks.odd_word_examples(held_out_documents, counts, max(1, preset.qa_examples // 4),
-                                             passage_words, seed)
+        train = tasks.backwards_sentence_examples(train_documents, preset.qa_examples, passage_words, seed)
+        evaluation = tasks.backwards_sentence_examples(held_out_documents, max(1, preset.qa_examples // 4),
+                                                       passage_words, seed)
         if not train or not evaluation:
             raise ValueError("the corpus is too small to build the question-answering task from it; "
                              "give one with --qa")
-        data["qa"] = dict(name="odd word out (built from the corpus)",
-                          baselines=tasks.odd_word_baselines(evaluation, counts))
+        data["qa"] = dict(name="backwards sentence (built from the corpus)",
+                          baselines=tasks.backwards_sentence_baselines(evaluation))
     train_tensors, _ = tasks.qa_features(tokenizer, train, vocabulary, preset.qa_max_length, training=True)
     eval_tensors, eval_offsets = tasks.qa_features(tokenizer, evaluation, vocabulary, preset.qa_max_length,
                                                    training=False)
