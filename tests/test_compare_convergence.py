@@ -64,8 +64,8 @@ def corpus_data():
 
 
 def pretraining_losses(model, batches, before_step=None):
-    """Train `model` on `batches` with compare's step; `before_step(model, batch, loss)` sees every
-    step's weights and clipped gradients just before the optimiser applies them."""
+    """Train `model` on `batches` with compare's step; `before_step()` runs at every step just before
+    the optimiser applies the clipped gradients."""
     model.train()
     optimizer, schedule = training.optimizer_and_schedule(model, LEARNING_RATE, STEPS, warmup_share=0.1)
     if before_step is not None:
@@ -73,12 +73,20 @@ def pretraining_losses(model, batches, before_step=None):
     return [training.train_step(model, dict(batch), optimizer, schedule).item() for batch in batches]
 
 
+def weights(model):
+    return {name: value.clone() for name, value in model.state_dict().items()}
+
+
+def gradients(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
 def clipped_loss_and_gradients(model, batch):
     model.zero_grad(set_to_none=True)
     loss = model(**batch).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), training.MAX_GRAD_NORM)
-    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), gradients(model)
 
 
 @pytest.mark.parametrize("kind", MODELS)
@@ -91,23 +99,22 @@ def test_pretraining_converges_like_hugging_face(kind, corpus_data, triton_backe
     config = tiny_config(kind, vocabulary.size)
     torch.manual_seed(0)
     reference = hf_class(config)
-    initial = {name: value.clone() for name, value in reference.state_dict().items()}
+    initial = weights(reference)
     fused = fused_class(config, unpad=unpad)
 
     # 1. along Hugging Face's trajectory: each step's weights, gradients and loss
     trajectory = []
-    expected = pretraining_losses(reference, batches, before_step=lambda: trajectory.append((
-        {name: value.clone() for name, value in reference.state_dict().items()},
-        {name: p.grad.clone() for name, p in reference.named_parameters() if p.grad is not None})))
+    expected = pretraining_losses(reference, batches,
+                                  before_step=lambda: trajectory.append((weights(reference), gradients(reference))))
     assert not kernel_launches
-    for step, (batch, loss, (weights, gradients)) in enumerate(zip(batches, expected, trajectory)):
-        fused.load_state_dict(weights)
+    for step, (batch, loss, (step_weights, step_gradients)) in enumerate(zip(batches, expected, trajectory)):
+        fused.load_state_dict(step_weights)
         got_loss, got_gradients = clipped_loss_and_gradients(fused, dict(batch))
         assert abs(got_loss - loss) <= RTOL_LOSS * loss, f"{kind} step {step}: loss {got_loss} against {loss}"
-        assert got_gradients.keys() == gradients.keys(), f"{kind}: other parameters have gradients"
-        total = torch.linalg.vector_norm(torch.stack([g.norm() for g in gradients.values()])).item()
-        worst = max(gradients, key=lambda name: (got_gradients[name] - gradients[name]).norm())
-        gap = (got_gradients[worst] - gradients[worst]).norm().item()
+        assert got_gradients.keys() == step_gradients.keys(), f"{kind}: other parameters have gradients"
+        total = torch.linalg.vector_norm(torch.stack([g.norm() for g in step_gradients.values()])).item()
+        worst = max(step_gradients, key=lambda name: (got_gradients[name] - step_gradients[name]).norm())
+        gap = (got_gradients[worst] - step_gradients[worst]).norm().item()
         assert gap <= RTOL_GRAD * total, f"{kind} step {step}: {worst}'s gradient {gap:.1e} off (total norm {total:.2e})"
     kernels = {"_linear_kernel", "_attention_fwd_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel",
                "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel"} | ({"_unpad_kernel", "_pad_kernel"} if unpad else set())

@@ -246,7 +246,7 @@ def test_every_attention_config_compiles_with_and_without_a_bias():
     import importlib
 
     configs = importlib.import_module("fastencoder.kernels.attention.configs")
-    kernels = importlib.import_module("fastencoder.kernels.attention.cases")
+    cases = importlib.import_module("fastencoder.kernels.attention.cases")
     compiled = {(case["fn"], case["constexprs"]["HEAD_DIM"], case["name"].split()[5], case["constexprs"]["ALLOW_TF32"],
                  case["constexprs"]["BLOCK_M"], case["constexprs"]["BLOCK_N"], case["num_warps"], case["num_stages"],
                  case["constexprs"]["HAS_BIAS"])
@@ -260,8 +260,8 @@ def test_every_attention_config_compiles_with_and_without_a_bias():
                 for has_bias in (False, True):
                     dkdv, dq = configs._bwd_configs(head_dim, dtype, allow_tf32, has_bias)
                     fwd = configs._fwd_config(head_dim, dtype, allow_tf32, has_bias, True)
-                    for kernel, config in ((kernels._attention_fwd_kernel, fwd),
-                                           (kernels._attention_bwd_dkdv_kernel, dkdv),
-                                           (kernels._attention_bwd_dq_kernel, dq)):
+                    for kernel, config in ((cases._attention_fwd_kernel, fwd),
+                                           (cases._attention_bwd_dkdv_kernel, dkdv),
+                                           (cases._attention_bwd_dq_kernel, dq)):
                         assert (kernel, head_dim, name, allow_tf32, *config, has_bias) in compiled, \
                             (kernel.fn.__name__, head_dim, name, allow_tf32, config, has_bias)
