@@ -36,7 +36,7 @@ from transformers.models.modernbert import modeling_modernbert
 
 from fastencoder.kernels import backend, padding
 from fastencoder.kernels.attention import attention, attention_torch
-from fastencoder.kernels.attention.reference import rotate, window_band
+from fastencoder.kernels.attention.reference import rotate, rotate_by, window_band
 
 from .distilbert import PoolerlessHeadsMixin
 from .inputs import (
@@ -409,11 +409,8 @@ class TokenRotation(NamedTuple):
     sin: torch.Tensor
 
     def apply(self, x):
-        """Hugging Face's apply_rotary_pos_emb: x·cos + rotate_half(x)·sin in fp32, rounded to x's dtype."""
-        wide = x.float()
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-wide[..., half:], wide[..., :half]), -1)
-        return (wide * self.cos.unsqueeze(-2) + rotated * self.sin.unsqueeze(-2)).to(x.dtype)
+        """Hugging Face's apply_rotary_pos_emb in fp32, rounded to x's dtype."""
+        return rotate_by(x, self.cos.unsqueeze(-2), self.sin.unsqueeze(-2)).to(x.dtype)
 
 
 def attention_with_probabilities(q, k, v, mask, dropout_p, rotary, window):

@@ -87,7 +87,7 @@ def _fwd_keys(acc, l_i, m_i, q, q2, K, V, KeyMask, Bias, Cos, Sin, seed, batch_h
     # units ("ieee": the operands in registers), registers are short (a second copy of the block
     # code spills, up to 1.3 KB for "ieee" at D = 64): one loop, every block bounds-checked (and
     # banded). A relative bias's rows load as aligned vectors and fit the loops below.
-    if HAS_BIAS and not RELATIVE_BIAS or BLOCK_D > 64 or precision == "ieee" and not RELATIVE_BIAS:
+    if (HAS_BIAS or precision == "ieee") and not RELATIVE_BIAS or BLOCK_D > 64:
         for key_start in range(lo, tl.where(tail, n_keys, whole), BLOCK_N):
             acc, l_i, m_i = _fwd_block(
                 acc, l_i, m_i, q, q2, K, V, KeyMask, Bias, Cos, Sin, seed, batch_head, rows, bias_rows, dims,

@@ -24,14 +24,19 @@ def window_band(query_start, queries, key_start, keys, window, device):
     return (rows[:, None] - cols[None, :]).abs() <= window
 
 
-def rotate(x, rotary, positions, compute):
-    """Hugging Face's apply_rotary_pos_emb (rotate_half, pairs (d, d + D/2)) on x [..., P, H, D]
-    (padded) or [T, H, D] (packed), its rows at `positions` (a slice or int64 indices) of the
-    tables cos, sin = rotary ([P, D]), computed in `compute`: x·cos + rotate_half(x)·sin."""
-    cos, sin = (table[positions][:, None, :].to(compute) for table in rotary)
-    x = x.to(compute)
+def rotate_by(x, cos, sin):
+    """Hugging Face's apply_rotary_pos_emb (rotate_half, pairs (d, d + D/2)) in cos's dtype, cos and
+    sin broadcast over x's heads: x·cos + rotate_half(x)·sin."""
+    x = x.to(cos.dtype)
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def rotate(x, rotary, positions, compute):
+    """rotate_by on x [..., P, H, D] (padded) or [T, H, D] (packed) with the rows at `positions` (a
+    slice or int64 indices) of the tables cos, sin = rotary ([P, D]), computed in `compute`."""
+    cos, sin = (table[positions][:, None, :].to(compute) for table in rotary)
+    return rotate_by(x, cos, sin)
 
 
 def _padded_reference(q, k, v, key_padding_mask, bias, scale, dropout_p, dropout_mask, band=None, rotary=None):
