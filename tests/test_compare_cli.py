@@ -6,7 +6,7 @@ import statistics
 import pytest
 
 from fastencoder import cli
-from fastencoder.compare import seeds
+from fastencoder.compare import experiment, seeds
 
 PRETRAINING_FIELDS = {"objective", "steps", "loss", "mlm_accuracy", "pair_accuracy", "tokens_per_s",
                       "peak_memory_bytes", "mlm_unigram_baseline", "pair_baseline"}
@@ -24,7 +24,7 @@ def metric(entry, name):
     return entry
 
 
-def check_run(model, kind, objective, steps):
+def check_run(model, kind, objective, preset, steps):
     """One run's entry (or their mean), every field present and typed."""
     assert set(model) >= {"config", "parameters", "pretraining", "classification", "qa"}
     assert model["config"]["model_type"] == kind
@@ -40,11 +40,14 @@ def check_run(model, kind, objective, steps):
     assert pretraining["peak_memory_bytes"] is None or isinstance(pretraining["peak_memory_bytes"], int)
     assert_fraction(pretraining["mlm_unigram_baseline"])
     assert_fraction(pretraining["pair_baseline"])
-    assert set(model["classification"]) == {"accuracy", "majority_baseline"}
-    assert set(model["qa"]) == {"exact_match", "f1", "trivial_baselines"}
-    for value in (*model["classification"].values(), model["qa"]["exact_match"], model["qa"]["f1"],
-                  *model["qa"]["trivial_baselines"].values()):
+    assert set(model["classification"]) == {"accuracy", "majority_baseline", "steps"}
+    assert set(model["qa"]) == {"exact_match", "f1", "trivial_baselines", "steps"}
+    for value in (model["classification"]["accuracy"], model["classification"]["majority_baseline"],
+                  model["qa"]["exact_match"], model["qa"]["f1"], *model["qa"]["trivial_baselines"].values()):
         assert_fraction(value)
+    settings = experiment.PRESETS[preset]  # each task's fine-tuning steps: the preset's, scaled with --steps
+    for task, preset_steps in (("classification", settings.fine_tune_steps), ("qa", settings.qa_fine_tune_steps)):
+        assert model[task]["steps"] == max(1, round(preset_steps * steps / settings.steps))
 
 
 def check_schema(result, preset, steps, seeds=1):
@@ -57,11 +60,11 @@ def check_schema(result, preset, steps, seeds=1):
     for kind, objective in (("bert", "mlm+nsp"), ("albert", "mlm+sop")):
         model = result["models"][kind]
         assert set(model) == {"config", "parameters", "pretraining", "classification", "qa", "runs", "spread"}
-        check_run(model, kind, objective, steps)
+        check_run(model, kind, objective, preset, steps)
         assert len(model["runs"]) == seeds
         for run in model["runs"]:
             assert set(run) == {"config", "parameters", "pretraining", "classification", "qa"}
-            check_run(run, kind, objective, steps)
+            check_run(run, kind, objective, preset, steps)
         assert set(model["spread"]) == set(METRICS)
         for name in METRICS:
             values = [metric(run, name) for run in model["runs"]]

@@ -107,9 +107,11 @@ def markdown(result, data, preset, seconds):
         f"{preset.num_attention_heads} heads, FFN {preset.intermediate_size}; ALBERT's embeddings "
         f"{preset.embedding_size} wide and one layer's parameters shared by all layers.",
         f"- Classification: {classification['name']}, {classification['sizes'][0]} training and "
-        f"{classification['sizes'][1]} evaluation examples.",
+        f"{classification['sizes'][1]} evaluation examples; fine-tuned {bert['classification']['steps']} steps.",
         f"- Question answering: {qa['name']}, {qa['sizes'][0]} training and {qa['sizes'][1]} evaluation "
-        f"questions.",
+        f"questions; fine-tuned {bert['qa']['steps']} steps.",
+        f"- Fine-tuning: batches of {preset.fine_tune_batch_size}, AdamW, learning rate "
+        f"{preset.fine_tune_learning_rate:g}, the same warm-up and decay as pretraining.",
         f"- Seeds: {', '.join(map(str, result['seeds']))} (initialisation and data order; the data is the same "
         "for every seed); the table gives the mean ± the standard deviation over the seeds.",
         "",
