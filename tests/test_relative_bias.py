@@ -121,6 +121,17 @@ def test_matrix_indexes_by_key_minus_query():
     table = torch.arange(7.0)[None]  # S = 4: distances -3..3 at 0..6
     matrix = relative_bias_matrix(table, 3)[0, 0]
     assert matrix.tolist() == [[3.0, 4.0, 5.0], [2.0, 3.0, 4.0], [1.0, 2.0, 3.0]]
+    seqlen, heads = 6, 3  # every length up to S, every head, and the table's gradient (summed per distance)
+    table = torch.randn(heads, 2 * seqlen - 1, dtype=torch.float64, requires_grad=True)
+    for length in range(1, seqlen + 1):
+        matrix = relative_bias_matrix(table, length)
+        expected = torch.stack([torch.stack([table[:, j - i + seqlen - 1] for j in range(length)], -1)
+                                for i in range(length)], -2)[None]
+        assert matrix.shape == (1, heads, length, length) and torch.equal(matrix, expected)
+        weights = torch.randn_like(matrix)
+        grad, = torch.autograd.grad((matrix * weights).sum(), table)
+        expected_grad, = torch.autograd.grad((expected * weights).sum(), table)
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("case", ["shape", "with bias", "dtype"])
