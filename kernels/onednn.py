@@ -29,14 +29,16 @@ def _plain_fp32(tensor):
 def takes(x, weight, bias, residual):
     """True when `linear` below computes this call: fp32 on the CPU, inference, a large enough GEMM,
     oneDNN built in and enabled (torch.backends.mkldnn.enabled), outside torch.compile."""
-    if not (_AVAILABLE and x.device.type == "cpu" and _plain_fp32(x) and _plain_fp32(weight) and _plain_fp32(bias)):
+    # the size first: small calls (where host time is what counts) are answered by one product
+    if x.numel() * weight.shape[0] < MIN_MULTIPLY_ADDS or not _AVAILABLE or x.device.type != "cpu":
+        return False
+    if not (_plain_fp32(x) and _plain_fp32(weight) and _plain_fp32(bias)):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return False
     if residual is not None and not (_plain_fp32(residual) and residual.shape == (*x.shape[:-1], weight.shape[0])):
         return False
-    return (x.numel() * weight.shape[0] >= MIN_MULTIPLY_ADDS and torch.backends.mkldnn.enabled
-            and not torch.compiler.is_compiling())
+    return torch.backends.mkldnn.enabled and not torch.compiler.is_compiling()
 
 
 def linear(x, weight, bias=None, activation=None, residual=None):
