@@ -247,14 +247,14 @@ def test_every_attention_config_compiles_with_and_without_a_bias():
 
     configs = importlib.import_module("fastencoder.kernels.attention.configs")
     cases = importlib.import_module("fastencoder.kernels.attention.cases")
-    compiled = {(case["fn"], case["constexprs"]["HEAD_DIM"], case["name"].split()[5], case["constexprs"]["ALLOW_TF32"],
+    compiled = {(case["fn"], case["constexprs"]["HEAD_DIM"], case["signature"]["Q"], case["constexprs"]["ALLOW_TF32"],
                  case["constexprs"]["BLOCK_M"], case["constexprs"]["BLOCK_N"], case["num_warps"], case["num_stages"],
                  case["constexprs"]["HAS_BIAS"])
                 for case in report.all_cases() if case["name"].startswith("attention_")
                 and "HAS_BIAS" in case["constexprs"] and case["constexprs"]["HAS_KEY_MASK"]
                 and case["constexprs"]["HAS_DROPOUT"] and not case["constexprs"]["RELATIVE_BIAS"]
                 and not case["constexprs"]["ROTARY"]}
-    for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+    for dtype, name in ((torch.float16, "*fp16"), (torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):  # q's pointer
         for allow_tf32 in (False, True) if dtype == torch.float32 else (False,):
             for head_dim in configs.SUPPORTED_HEAD_DIMS:
                 for has_bias in (False, True):
